@@ -1,0 +1,38 @@
+"""Shared by the benchmark scripts: run a workload mode in a fresh process, write a table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_mode(mode: str, **kw) -> dict:
+    """`python -m pocketllm.bench.workload --mode mode --k v ...` in a fresh process."""
+    cmd = [sys.executable, "-m", "pocketllm.bench.workload", "--mode", mode]
+    for k, v in kw.items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_table(name: str, title: str, command: str, machine: str, header: list[str],
+                rows: list[list], notes: str = "") -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    if notes:
+        lines += ["", notes.strip()]
+    path = RESULTS / name
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path

@@ -1,0 +1,1 @@
+"""Building blocks of the benchmarks in `benchmarks/`: workloads, references, machine facts."""

@@ -1,0 +1,210 @@
+"""LoRA layers, injection into a HF model, PEFT-format adapter I/O, and merging.
+
+Our own small LoRA instead of peft's because the zeroth-order methods need to run one layer
+with several perturbed copies of its adapter at once (see `LoRALinear.forward_groups`), which
+peft does not offer. Adapters are saved and loaded in PEFT's format
+(`adapter_config.json` + `adapter_model.safetensors`), so peft can load ours and we can load
+peft's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# Default targets per architecture (the attention query/value projections, as in LoRA and MeZO).
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn"],
+}
+FALLBACK_TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class LoraSpec:
+    """What to adapt and how; saved as PEFT's LoraConfig fields."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(FALLBACK_TARGETS))
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling * B(A(x)), around an nn.Linear or GPT-2 Conv1D (fan-in/fan-out)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, Conv1D):
+            in_f, out_f = base.weight.shape
+        elif isinstance(base, nn.Linear):
+            out_f, in_f = base.weight.shape
+        else:
+            raise TypeError(f"LoRA supports nn.Linear and Conv1D, not {type(base).__name__}")
+        self.base_layer = base
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.scaling = r, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapters stay in float32 even on a bfloat16 base: they are tiny, and float32 keeps
+        # small zeroth-order updates from rounding away.
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        d = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (d * self.scaling).to(y.dtype)
+
+    def forward_groups(self, x: torch.Tensor, As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
+        """Rows of x split into G equal groups along dim 0; group g uses adapter (As[g], Bs[g]).
+
+        As: (G, r, in), Bs: (G, out, r). One batched matmul per factor, no loop over groups:
+        the frozen base is applied once to all rows (it is read from memory once).
+        """
+        y = self.base_layer(x)
+        G = As.shape[0]
+        xg = self.dropout(x).to(As.dtype).reshape(G, -1, self.in_features)
+        d = torch.bmm(torch.bmm(xg, As.transpose(1, 2)), Bs.transpose(1, 2))
+        return y + (d.reshape(y.shape) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged update in the base layer's weight layout."""
+        dw = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+        return dw.T if isinstance(self.base_layer, Conv1D) else dw
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """LoRA target module names for this model's architecture."""
+    return list(DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), FALLBACK_TARGETS))
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    # PEFT's rule for a list of targets: the module name equals a target or ends with ".target".
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Wrap every target Linear/Conv1D in a LoRALinear; freeze everything else. Returns names."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, spec.targets)]
+    if not names:
+        found = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, (nn.Linear, Conv1D))})
+        raise ValueError(f"--lora-targets {spec.targets} match no linear layer; this model has: "
+                         f"{', '.join(found)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        parent, attr = _parent(model, n)
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), spec.r, spec.alpha, spec.dropout))
+    return names
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every LoRA factor, in a stable order."""
+    return [(n, p) for n, p in model.named_parameters() if ".lora_A" in n or ".lora_B" in n]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's key names."""
+    sd = {}
+    for n, m in lora_modules(model).items():
+        sd[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().contiguous().clone()
+        sd[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().contiguous().clone()
+    return sd
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, spec: LoraSpec,
+                 base_model: str) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (atomically) into `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fan_in_fan_out = any(isinstance(m.base_layer, Conv1D) for m in lora_modules(model).values())
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+        "target_modules": list(spec.targets), "bias": "none", "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": None,
+    }
+    _atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(lora_state_dict(model), str(p)))
+    _atomic_write(path / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    return path
+
+
+def _atomic_write(dest: Path, write) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, dest)
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraSpec:
+    cfg_file = Path(path) / ADAPTER_CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no LoRA adapter at {path}: {ADAPTER_CONFIG} is missing")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return LoraSpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                    dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraSpec:
+    """Inject LoRA layers as described by the adapter at `path` and load its weights."""
+    spec = read_adapter_config(path)
+    if not lora_modules(model):
+        apply_lora(model, spec)
+    load_adapter_weights(model, path)
+    return spec
+
+
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy adapter_model.safetensors into the model's (already injected) LoRA layers."""
+    sd = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    mods = lora_modules(model)
+    expected = set(lora_state_dict(model))
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        raise ValueError(f"adapter at {path} does not fit this model: missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    with torch.no_grad():
+        for n, m in mods.items():
+            m.lora_A.copy_(sd[f"{PEFT_PREFIX}{n}.lora_A.weight"])
+            m.lora_B.copy_(sd[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its base layer and unwrap it. Returns the number merged."""
+    mods = lora_modules(model)
+    with torch.no_grad():
+        for n, m in mods.items():
+            base = m.base_layer
+            base.weight.add_(m.delta_weight().to(base.weight.dtype))
+            parent, attr = _parent(model, n)
+            setattr(parent, attr, base)
+    return len(mods)

@@ -1,0 +1,117 @@
+"""Causal-LM loss that never builds the full (batch, seq, vocab) logits tensor.
+
+The output head of a small model is its largest matmul and its logits its largest activation
+(SmolLM2-135M at 8 x 64 tokens: 100 MB of float32 logits, against 2 MB per hidden state). So we
+run the backbone, keep only the positions that carry a label, and stream the head over the
+vocabulary in chunks with an online log-sum-exp. The same routine serves evaluation, first-order
+training (autograd flows through the chunks) and zeroth-order training, where each group of rows
+sees its own perturbed copy of the head (see `pocketllm.zo.perturb`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+VOCAB_CHUNK = 8192
+# (first vocab row, end row, weight per group, bias per group or None)
+HeadChunk = tuple[int, int, Sequence[torch.Tensor], Sequence[torch.Tensor | None]]
+
+
+@dataclass
+class TokenStats:
+    """Per-row sums over the label positions of one batch."""
+
+    nll: torch.Tensor      # (B,) summed negative log-likelihood
+    tokens: torch.Tensor   # (B,) number of label tokens
+    correct: torch.Tensor  # (B,) label tokens that are the argmax (teacher forced)
+
+    def row_loss(self) -> torch.Tensor:
+        return self.nll / self.tokens.clamp(min=1)
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output head (not a causal LM)")
+    return head
+
+
+def plain_head_chunks(head: nn.Module, groups: int = 1, chunk: int = VOCAB_CHUNK
+                      ) -> Iterator[HeadChunk]:
+    """Views of the head's rows; every group shares them."""
+    w, b = head.weight, getattr(head, "bias", None)
+    for v0 in range(0, w.shape[0], chunk):
+        v1 = min(v0 + chunk, w.shape[0])
+        bc = None if b is None else b[v0:v1]
+        yield v0, v1, [w[v0:v1]] * groups, [bc] * groups
+
+
+def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
+                head_chunks=None) -> TokenStats:
+    """Run the backbone and the chunked head; rows split into `groups` equal groups.
+
+    `head_chunks(groups)` yields `HeadChunk`s; by default the head's own weights.
+    """
+    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    # Position t predicts token t+1: keep only positions whose next token is a label.
+    targets = labels[:, 1:]
+    sel = targets != -100
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[sel]
+    h = hidden[:, :-1][sel]                     # (N, H)
+    tgt = targets[sel]                          # (N,)
+    B = labels.shape[0]
+    per_group = B // groups
+    group_of = rows // per_group
+    head = output_head(model)
+    chunks = head_chunks(groups) if head_chunks is not None else plain_head_chunks(head, groups)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    N = h.shape[0]
+    run_max = h.new_full((N,), float("-inf"), dtype=torch.float32)
+    run_sum = h.new_zeros((N,), dtype=torch.float32)
+    tgt_logit = h.new_zeros((N,), dtype=torch.float32)
+    idx = [torch.nonzero(group_of == g).squeeze(1) for g in range(groups)]
+    for v0, v1, ws, bs in chunks:
+        for g in range(groups):
+            if idx[g].numel() == 0:
+                continue
+            hg = h[idx[g]]
+            logits = hg @ ws[g].to(hg.dtype).T
+            if bs[g] is not None:
+                logits = logits + bs[g]
+            logits = logits.float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            # Online log-sum-exp: rescale the running sum when a larger max appears.
+            cmax = logits.max(dim=1).values
+            m_old = run_max[idx[g]]
+            m_new = torch.maximum(m_old, cmax)
+            s = run_sum[idx[g]] * torch.exp(m_old - m_new) + torch.exp(logits - m_new[:, None]).sum(1)
+            run_max = run_max.index_put((idx[g],), m_new)
+            run_sum = run_sum.index_put((idx[g],), s)
+            t = tgt[idx[g]]
+            inside = (t >= v0) & (t < v1)
+            picked = logits.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            tgt_logit = tgt_logit.index_put((idx[g],), torch.where(inside, picked, tgt_logit[idx[g]]))
+    nll = run_max + torch.log(run_sum) - tgt_logit
+    # The label is the argmax iff its logit equals the running max (ties count as correct).
+    correct = (tgt_logit >= run_max).float()
+    zeros = h.new_zeros((B,), dtype=torch.float32)
+    return TokenStats(
+        nll=zeros.index_add(0, rows, nll),
+        tokens=zeros.index_add(0, rows, torch.ones_like(nll)),
+        correct=zeros.index_add(0, rows, correct.detach()),
+    )
+
+
+def group_losses(stats: TokenStats, groups: int) -> torch.Tensor:
+    """Token-weighted mean loss of each group of rows: (groups,)."""
+    nll = stats.nll.reshape(groups, -1).sum(1)
+    tok = stats.tokens.reshape(groups, -1).sum(1)
+    return nll / tok.clamp(min=1)

@@ -1,0 +1,71 @@
+"""The interface every training method implements, and the registry that names them.
+
+A method owns the trainable tensors and whatever state updating them needs; the loop in
+`pocketllm.train` owns data, schedule, evaluation and output. Adding a method is one new file
+with a `@register("name")` class and one import line in `methods/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def get_method(name: str) -> type["Method"]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+@dataclass
+class StepResult:
+    loss: float                 # training loss of the step's batch(es)
+    tokens: int                 # label tokens processed (each forward counted once)
+    forward_passes: int         # forward passes over a micro-batch (a pair forward counts 2)
+    extra: dict = field(default_factory=dict)  # method-specific figures for the log
+
+
+class Method(ABC):
+    """Trains `params` of `model`. `loss_fn(model, batch) -> scalar loss` for first-order
+    methods; zeroth-order ones call the loss machinery themselves with their perturbations."""
+
+    name = "?"
+    trainable_kinds: tuple[str, ...] = ("full", "lora")
+
+    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], args):
+        self.model, self.params, self.args = model, params, args
+
+    @abstractmethod
+    def step(self, batches: list[dict[str, torch.Tensor]], step: int, lr: float) -> StepResult:
+        """One optimisation step over the micro-batches of `step`."""
+
+    def sync(self) -> None:
+        """Bring the model's weights up to date (methods may defer work); called before
+        evaluation and saving."""
+
+    def open_log(self, out_dir: Path, fresh: bool) -> None:
+        """Start (or, resuming, continue) the method's own per-step log in `out_dir`."""
+
+    def save_state(self, out_dir: Path, step: int) -> None:
+        """Persist what is needed to resume after `step` (besides the trained weights)."""
+
+    def restore(self, out_dir: Path) -> int:
+        """Restore from `out_dir`; return the number of completed steps."""
+        return 0

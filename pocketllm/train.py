@@ -1,0 +1,232 @@
+"""The training loop: set up, then step / report / evaluate / save, resumable at any step."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import memory
+from .config import TrainArgs, save_yaml
+from .data import Batcher, encode_all, eval_batches, load_splits
+from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, save_adapter
+from .loss import token_stats
+from .methods import get_method
+from .models import load_model
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    ppl: float
+    accuracy: float | None   # completions reproduced exactly (greedy, teacher forced)
+    token_accuracy: float
+    tokens: int
+    records: int
+
+    def line(self) -> str:
+        acc = "" if self.accuracy is None else f" | accuracy {self.accuracy:.1%}"
+        return f"loss {self.loss:.4f} | ppl {self.ppl:.2f}{acc} | token_accuracy {self.token_accuracy:.1%}"
+
+
+@torch.no_grad()
+def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1) -> EvalResult:
+    """Loss, perplexity and accuracy over encoded (ids, n_prompt) items."""
+    nll = tok = correct = exact = recs = 0.0
+    for i, b in enumerate(eval_batches(items, batch_size, pad_id)):
+        if 0 <= max_batches <= i:
+            break
+        s = token_stats(model, b)
+        nll += float(s.nll.sum())
+        tok += float(s.tokens.sum())
+        correct += float(s.correct.sum())
+        exact += float(((s.correct == s.tokens) & (s.tokens > 0)).sum())
+        recs += len(s.tokens)
+    loss = nll / max(tok, 1)
+    # Accuracy means something when a record's labels are a completion, not free text.
+    has_prompt = any(n > 0 for _, n in items)
+    return EvalResult(loss=loss, ppl=math.exp(min(loss, 50)),
+                      accuracy=exact / max(recs, 1) if has_prompt else None,
+                      token_accuracy=correct / max(tok, 1), tokens=int(tok), records=int(recs))
+
+
+class Reporter:
+    """A progress bar on a terminal, one greppable line per report otherwise; JSONL always."""
+
+    def __init__(self, out: Path, total: int, start: int, fresh: bool):
+        self.path = out / METRICS
+        if fresh:
+            self.path.write_text("")
+        else:
+            self._drop_after(start)
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def _drop_after(self, step: int) -> None:
+        # a resumed run rewrites the steps after its restart point
+        if self.path.exists():
+            keep = [l for l in self.path.read_text().splitlines()
+                    if l and json.loads(l).get("step", 0) <= step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+
+    def record(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.bar:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def progress(self, n: int, postfix: dict) -> None:
+        if self.bar:
+            self.bar.update(n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def setup_trainable(model, args: TrainArgs):
+    """Inject LoRA if asked; return (spec or None, [(name, parameter)] to train)."""
+    if args.trainable == "lora":
+        # seeded: a resumed run must rebuild the same initial adapter
+        torch.manual_seed(args.seed)
+        spec = LoraSpec(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        targets=list(args.lora_targets) or default_targets(model))
+        apply_lora(model, spec)
+        return spec, lora_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return None, list(model.named_parameters())
+
+
+def train(args: TrainArgs) -> dict:
+    """Run a fine-tune as configured; returns the summary figures."""
+    t_start = time.time()
+    out = Path(args.adapter_path)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method_cls = get_method(args.method)
+    if args.trainable not in method_cls.trainable_kinds:
+        raise SystemExit(f"--method {args.method} trains {'/'.join(method_cls.trainable_kinds)}"
+                         f" weights, not --trainable {args.trainable}")
+
+    # Data first: a malformed file must fail before minutes of model loading.
+    splits = load_splits(args.data, splits=("train", "valid"), required=("train",))
+    model, tok = load_model(args.model, args.dtype)
+    enc = {k: encode_all(v, tok, mask_prompt=args.mask_prompt, max_seq_length=args.max_seq_length)
+           for k, v in splits.items()}
+    for k, e in enc.items():
+        if e.n_truncated:
+            print(f"warning: {e.n_truncated} {k} records longer than --max-seq-length "
+                  f"{args.max_seq_length} were truncated", flush=True)
+    pad_id = tok.pad_token_id
+    spec, params = setup_trainable(model, args)
+    method = method_cls(model, params, args)
+    save_yaml(args, out / "config.yaml")
+
+    start = method.restore(out) if args.resume else 0
+    if args.resume:
+        print(f"resumed from {out} at step {start}", flush=True)
+    method.open_log(out, fresh=not args.resume)
+    report = Reporter(out, args.iters, start, fresh=not args.resume)
+    batcher = Batcher(enc["train"].items, args.batch_size, args.seed, pad_id,
+                      args.grad_accumulation)
+    valid = enc.get("valid")
+
+    def run_eval(step: int, tag: str) -> EvalResult | None:
+        if not valid or not valid.items:
+            return None
+        method.sync()
+        r = evaluate(model, valid.items, args.eval_batch_size, pad_id, args.val_batches)
+        report.say(f"step {step} | {tag} | eval_{r.line().replace(' | ', ' | eval_')}")
+        report.record({"step": step, "eval_loss": r.loss, "eval_ppl": r.ppl,
+                       "eval_accuracy": r.accuracy, "eval_token_accuracy": r.token_accuracy})
+        return r
+
+    n_train = sum(p.numel() for _, p in params)
+    report.say(f"model {args.model} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params, "
+               f"{args.dtype}) | method {args.method} | trainable {args.trainable} "
+               f"({n_train/1e6:.3f}M) | train {len(enc['train'].items)} records")
+    before = run_eval(start, "before") if start == 0 else None
+    memory.reset_peak()  # peak from here on: training, not model loading
+    t_train, tokens_seen, fwd, window = time.time(), 0, 0, []
+    for step in range(start, args.iters):
+        t0 = time.time()
+        batches = [batcher(step, k) for k in range(args.grad_accumulation)]
+        res = method.step(batches, step, args.learning_rate)
+        dt = time.time() - t0
+        n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens_seen += n_tok
+        fwd += res.forward_passes
+        window.append((res.loss, dt, n_tok))
+        done = step + 1
+        rec = {"step": done, "loss": res.loss, "lr": args.learning_rate, "step_time": dt,
+               "forward_passes": fwd, **res.extra}
+        report.record(rec)
+        report.progress(1, {"loss": f"{res.loss:.3f}"})
+        if done % args.steps_per_report == 0 or done == args.iters:
+            loss = sum(w[0] for w in window) / len(window)
+            tps = sum(w[2] for w in window) / sum(w[1] for w in window)
+            report.say(f"step {done} | loss {loss:.4f} | lr {args.learning_rate:.2e} | "
+                       f"tok/s {tps:.0f} | fwd {fwd} | peak_rss {memory.peak_rss_mb():.0f}MB")
+            window = []
+        if args.steps_per_eval and done % args.steps_per_eval == 0 and done < args.iters:
+            run_eval(done, "eval")
+        if args.save_every and done % args.save_every == 0 and done < args.iters:
+            save(method, model, spec, args, out, done)
+    method.sync()
+    train_time = time.time() - t_train
+    peak = memory.peak_rss_mb()
+    save(method, model, spec, args, out, args.iters)
+    after = run_eval(args.iters, "after")
+    report.close()
+    summary = {"steps": args.iters - start, "train_seconds": train_time,
+               "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
+               "forward_passes": fwd, "tokens": tokens_seen, "output": str(out),
+               "before": before.__dict__ if before else None,
+               "after": after.__dict__ if after else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, before, after, spec is not None)
+    return summary
+
+
+def save(method, model, spec, args: TrainArgs, out: Path, step: int) -> None:
+    method.sync()
+    if spec is not None:
+        save_adapter(model, out, spec, base_model=args.model)
+    elif step == args.iters:
+        # full-parameter: the trained weights as a standard HF directory (the ZO log alone
+        # also rebuilds them: `pocketllm replay`)
+        model.save_pretrained(out / "model")
+    method.save_state(out, step)
+
+
+def _print_summary(s: dict, before: EvalResult | None, after: EvalResult | None, lora: bool) -> None:
+    print("=" * 72)
+    if before and after:
+        print(f"held-out loss      {before.loss:.4f} -> {after.loss:.4f}  "
+              f"(ppl {before.ppl:.2f} -> {after.ppl:.2f})")
+        if before.accuracy is not None:
+            print(f"held-out accuracy  {before.accuracy:.1%} -> {after.accuracy:.1%}  "
+                  f"({after.records} records)")
+    elif after:
+        print(f"held-out loss      {after.loss:.4f}")
+    print(f"peak memory (RSS)  {s['peak_rss_mb']:.0f} MB during training")
+    print(f"wall time          {s['wall_seconds']:.0f} s ({s['train_seconds']:.0f} s training, "
+          f"{s['steps']} steps, {s['forward_passes']} forward passes)")
+    print(f"{'adapter' if lora else 'output'} saved to   {s['output']}")
+    print("=" * 72, flush=True)

@@ -1,0 +1,251 @@
+"""Just-in-time weight perturbation for zeroth-order training.
+
+MeZO perturbs the stored weights in place (w += eps z, w -= 2 eps z, w += eps z, then the update),
+regenerating z four times a step and letting rounding error pile up in the stored weights. Here
+the stored weights are never perturbed. Each module that owns a trainable parameter gets a
+wrapped forward that builds its perturbed copies (W + eps z, W - eps z) in a scratch buffer right
+before use and drops them after, so:
+
+* the +eps and -eps passes run as ONE forward over the batch duplicated into two row groups, each
+  group seeing its own copy of every perturbed weight: z is generated once per step;
+* the SGD update of step t (w -= lr g_t z_t) is deferred and fused into the kernel call that
+  builds step t+1's copies: a second, not a fourth, generation per step;
+* the stored weights change only by the update itself, so there is no drift to bound: with a
+  zero learning rate they stay bit-for-bit identical after any number of steps, in any dtype.
+
+z is a counter-based function of (key, element index) (`pocketllm.zo.noise`), so any slice of a
+weight (an embedding row, a chunk of the output head) gets the same noise as the whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..lora import LoRALinear
+from ..loss import HeadChunk, output_head
+from . import noise
+
+HEAD_CHUNK = 2048  # vocab rows per perturbed head chunk: two 4.7 MB buffers at hidden 576
+
+
+class Perturber:
+    """Owns the trainable parameters of a ZO run and their pending update."""
+
+    def __init__(self, model: nn.Module, params: Sequence[tuple[str, nn.Parameter]],
+                 dist: str = "gaussian"):
+        self.model, self.dist = model, dist
+        self.names = [n for n, _ in params]
+        self.params = [p for _, p in params]
+        index = {id(p): i for i, p in enumerate(self.params)}
+        # module -> [(attribute, parameter index)] for the trainable parameters it owns itself
+        self.owners: dict[nn.Module, list[tuple[str, int]]] = {}
+        for mod in model.modules():
+            own = [(a, index[id(p)]) for a, p in mod.named_parameters(recurse=False)
+                   if id(p) in index]
+            if own:
+                self.owners[mod] = own
+        self.head = output_head(model)
+        self.pending: dict[int, tuple[int, float]] = {}  # param index -> (key, coef)
+        self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # set while a perturbed forward runs
+        self.keys: list[int] = []
+        self.eps = 0.0
+        self.signs: tuple[float, ...] = ()
+        self.rows = 0
+
+    # ---- the deferred update ------------------------------------------------------------
+    def schedule_update(self, keys: Sequence[int], coef: float) -> None:
+        """Queue p += coef * z(keys[i]) for every parameter, applied at its next use."""
+        if self.pending:
+            self.flush()
+        if coef != 0.0:
+            self.pending = {i: (k, coef) for i, k in enumerate(keys)}
+
+    def flush(self) -> None:
+        """Apply every queued update now (before evaluation, saving, or the end of training)."""
+        with torch.no_grad():
+            for i in list(self.pending):
+                self._apply_pending(i)
+
+    def _apply_pending(self, i: int) -> None:
+        key, coef = self.pending.pop(i)
+        noise.add_noise_(self.params[i].data, key, 0, coef, self.dist)
+
+    # ---- building perturbed copies --------------------------------------------------------
+    def _buf(self, slot: str, like: torch.Tensor) -> torch.Tensor:
+        # Reused across modules: a copy lives only for the duration of one module's forward.
+        key = (slot, like.dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = torch.empty(like.numel(), dtype=like.dtype)
+            self._scratch[key] = buf
+        return buf[: like.numel()].view(like.shape)
+
+    def copies(self, i: int, flat: torch.Tensor | None = None, start: int = 0,
+               fresh: bool = False, slot: str = "") -> list[torch.Tensor]:
+        """One perturbed copy of parameter i (or of its slice `flat` at `start`) per group.
+
+        The copies live in scratch buffers named by `slot`, valid until the next call with the
+        same slot; `fresh` allocates new tensors instead."""
+        p = self.params[i].data
+        w = p if flat is None else flat
+        upd_key, upd_coef = None, 0.0
+        if i in self.pending:
+            if flat is not None:  # a slice: the whole tensor must be updated first
+                self._apply_pending(i)
+            else:
+                upd_key, upd_coef = self.pending.pop(i)
+        out = []
+        key = self.keys[i]
+        make = torch.empty_like if fresh else None
+        if self.signs == (1.0, -1.0):
+            plus = make(w) if fresh else self._buf(slot + "+", w)
+            minus = make(w) if fresh else self._buf(slot + "-", w)
+            noise.perturb_pair(w, key, start, self.eps, self.dist, plus, minus,
+                               update_key=upd_key, update_coef=upd_coef)
+            return [plus, minus]
+        for g, s in enumerate(self.signs):
+            o = make(w) if fresh else self._buf(f"{slot}{g}", w)
+            noise.perturb_pair(w, key, start, s * self.eps, self.dist, o, None,
+                               update_key=upd_key, update_coef=upd_coef)
+            upd_key, upd_coef = None, 0.0
+            out.append(o)
+        return out
+
+    def group_values(self, mod: nn.Module, attr: str) -> list[torch.Tensor | None]:
+        """The tensor each group uses for mod.attr: perturbed copies if trainable, else shared."""
+        for a, i in self.owners.get(mod, ()):
+            if a == attr:
+                return self.copies(i, slot=attr)
+        return [getattr(mod, attr)] * len(self.signs)
+
+    def head_chunks(self, groups: int) -> Iterator[HeadChunk]:
+        """The output head's rows in chunks, perturbed per group when the head is trained."""
+        w, b = self.head.weight, getattr(self.head, "bias", None)
+        idx = next((i for a, i in self.owners.get(self.head, ()) if a == "weight"), None)
+        if idx is None:
+            # the head may still be tied to a trained embedding owned by another module
+            idx = next((i for i, p in enumerate(self.params) if p is w), None)
+        bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
+        if bias_idx is not None:
+            bias_groups = self.copies(bias_idx, fresh=True)
+        else:
+            bias_groups = [b] * groups
+        H = w.shape[1]
+        for v0 in range(0, w.shape[0], HEAD_CHUNK):
+            v1 = min(v0 + HEAD_CHUNK, w.shape[0])
+            if idx is None:
+                ws = [w[v0:v1]] * groups
+            else:
+                ws = self.copies(idx, flat=w.data[v0:v1], start=v0 * H, slot="head")
+            bs = [None if bb is None else bb[v0:v1] for bb in bias_groups]
+            yield v0, v1, ws, bs
+
+    # ---- installing the wrapped forwards ----------------------------------------------------
+    @contextmanager
+    def active(self, keys: Sequence[int], eps: float, signs: tuple[float, ...], rows: int
+               ) -> Iterator[Callable[[int], Iterator[HeadChunk]]]:
+        """Within the block, the model's rows form len(signs) equal groups; group g sees
+        every trainable weight as w + signs[g] * eps * z(keys[i]). Yields `head_chunks`."""
+        self.keys, self.eps, self.signs, self.rows = list(keys), eps, tuple(signs), rows
+        wrapped = []
+        try:
+            for mod in self.owners:
+                if mod is self.head:
+                    continue  # the head runs through head_chunks, inside the loss
+                handler = HANDLERS.get(type(mod), generic_forward)
+                mod.forward = _bind(handler, self, mod, mod.forward)
+                wrapped.append(mod)
+            with torch.no_grad():
+                yield self.head_chunks
+        finally:
+            for mod in wrapped:
+                del mod.forward  # back to the class's forward
+            self.keys = []
+
+
+def _bind(handler, pert: Perturber, mod: nn.Module, orig):
+    def forward(*args, **kwargs):
+        return handler(pert, mod, orig, *args, **kwargs)
+    return forward
+
+
+def _split_rows(pert: Perturber, t: torch.Tensor) -> list[torch.Tensor]:
+    """Split a tensor into the groups' rows; a broadcast batch of 1 is shared by every group.
+    A leading dim that is a multiple of the batch is a flattened (batch * seq) layout (OPT's
+    MLP): row-major, so its first half still belongs to the first half of the batch."""
+    G = len(pert.signs)
+    if t.shape[0] % pert.rows == 0:
+        return list(t.chunk(G, 0))
+    if t.shape[0] == 1:
+        return [t] * G
+    raise RuntimeError(f"perturbed forward: input with {t.shape[0]} rows, expected "
+                       f"{pert.rows} (the batch) or 1")
+
+
+def _cat_groups(pert: Perturber, outs: list[torch.Tensor]) -> torch.Tensor:
+    n = pert.rows // len(pert.signs)
+    outs = [o.expand(n, *o.shape[1:]) if o.shape[0] == 1 and n != 1 else o for o in outs]
+    return torch.cat(outs, 0)
+
+
+def linear_forward(pert: Perturber, mod: nn.Linear, orig, x: torch.Tensor) -> torch.Tensor:
+    ws, bs = pert.group_values(mod, "weight"), pert.group_values(mod, "bias")
+    return _cat_groups(pert, [F.linear(xg, w, b)
+                              for xg, w, b in zip(_split_rows(pert, x), ws, bs)])
+
+
+def embedding_forward(pert: Perturber, mod: nn.Embedding, orig, ids: torch.Tensor) -> torch.Tensor:
+    i = next(i for a, i in pert.owners[mod] if a == "weight")
+    w = pert.params[i].data
+    if i in pert.pending:
+        pert._apply_pending(i)  # a lookup reads rows only: update the whole table first
+    outs = []
+    for g, ig in enumerate(_split_rows(pert, ids)):
+        flat = ig.reshape(-1)
+        o = torch.empty(flat.numel(), w.shape[1], dtype=w.dtype)
+        noise.perturb_rows(w, flat, pert.keys[i], pert.signs[g] * pert.eps, pert.dist, o, None)
+        outs.append(o.view(*ig.shape, w.shape[1]))
+    return _cat_groups(pert, outs)
+
+
+def lora_forward(pert: Perturber, mod: LoRALinear, orig, x: torch.Tensor) -> torch.Tensor:
+    A = torch.stack(pert.group_values(mod, "lora_A"))
+    B = torch.stack(pert.group_values(mod, "lora_B"))
+    if x.shape[0] % pert.rows:
+        raise RuntimeError(f"LoRA layer got {x.shape[0]} rows, expected a multiple of {pert.rows}")
+    return mod.forward_groups(x, A, B)
+
+
+def generic_forward(pert: Perturber, mod: nn.Module, orig, *args, **kwargs):
+    """Any other module owning trainable tensors (norms, Conv1D, custom embeddings): run its
+    own forward once per group with that group's tensors, splitting batch-shaped arguments."""
+    G = len(pert.signs)
+    own = pert.owners[mod]
+    copies = {a: pert.copies(i, fresh=True) for a, i in own}
+    saved = {a: mod._parameters[a] for a, _ in own}
+
+    def pick(v, g):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] % pert.rows == 0:
+            return v.chunk(G, 0)[g]
+        return v
+
+    outs = []
+    try:
+        for g in range(G):
+            for a, _ in own:
+                mod._parameters[a] = copies[a][g]  # plain tensors: swapped for this call only
+            outs.append(orig(*(pick(a, g) for a in args),
+                             **{k: pick(v, g) for k, v in kwargs.items()}))
+    finally:
+        mod._parameters.update(saved)
+    return _cat_groups(pert, outs)
+
+
+HANDLERS = {nn.Linear: linear_forward, nn.Embedding: embedding_forward,
+            LoRALinear: lora_forward}

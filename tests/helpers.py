@@ -1,0 +1,20 @@
+"""Small shared pieces for the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_batch(tok, texts, completions=None, max_seq_length: int = 64) -> dict[str, torch.Tensor]:
+    """A padded batch from texts (with completions: loss on the completions only)."""
+    from pocketllm.data import collate, encode
+    items = []
+    for i, t in enumerate(texts):
+        rec = {"text": t} if completions is None else {"prompt": t, "completion": completions[i]}
+        items.append(encode(rec, tok, mask_prompt=completions is not None,
+                            max_seq_length=max_seq_length))
+    return collate(items, tok.pad_token_id)
+
+
+TEXTS = ["Maya walks the dog at seven.", "Tea, no sugar, before the morning run.",
+         "Dentist on Thursday at 3 pm.", "Budget: rent is due on the first."]
