@@ -64,15 +64,18 @@ def _model_with_adapter(args):
 
 def cmd_eval(args: C.EvalArgs) -> int:
     from .data import encode_all, load_jsonl
-    from .train import evaluate
+    from .evaluate import evaluate, label_choices
     path = Path(args.split)
     if not path.suffix == ".jsonl":
         path = Path(args.data) / f"{args.split}.jsonl"
     records = load_jsonl(path)
+    train_file = path.parent / "train.jsonl"
+    label_src = load_jsonl(train_file) if train_file.is_file() else records
     model, tok = _model_with_adapter(args)
     enc = encode_all(records, tok, mask_prompt=args.mask_prompt, max_seq_length=args.max_seq_length)
     t0 = time.time()
-    r = evaluate(model, enc.items, args.batch_size, tok.pad_token_id, args.max_batches)
+    r = evaluate(model, enc.items, args.batch_size, tok.pad_token_id, args.max_batches,
+                 label_choices(label_src, tok))
     print(f"{path} ({r.records} records, {r.tokens} label tokens, "
           f"{'adapter ' + args.adapter_path if args.adapter_path else 'base model'}): "
           f"{r.line()} | {time.time() - t0:.1f}s")

@@ -28,6 +28,7 @@ class TokenStats:
     nll: torch.Tensor      # (B,) summed negative log-likelihood
     tokens: torch.Tensor   # (B,) number of label tokens
     correct: torch.Tensor  # (B,) label tokens that are the argmax (teacher forced)
+    choice_correct: torch.Tensor | None = None  # (B,) first label token is the best choice
 
     def row_loss(self) -> torch.Tensor:
         return self.nll / self.tokens.clamp(min=1)
@@ -51,10 +52,12 @@ def plain_head_chunks(head: nn.Module, groups: int = 1, chunk: int = VOCAB_CHUNK
 
 
 def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                head_chunks=None) -> TokenStats:
+                head_chunks=None, choices: torch.Tensor | None = None) -> TokenStats:
     """Run the backbone and the chunked head; rows split into `groups` equal groups.
 
     `head_chunks(groups)` yields `HeadChunk`s; by default the head's own weights.
+    `choices`: token ids of a closed label set; then each row's first label token is also
+    classified among them (logits of those rows of the head only).
     """
     input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     hidden = model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
@@ -103,10 +106,23 @@ def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 
     # The label is the argmax iff its logit equals the running max (ties count as correct).
     correct = (tgt_logit >= run_max).float()
     zeros = h.new_zeros((B,), dtype=torch.float32)
+    choice_correct = None
+    if choices is not None and N:
+        # first label position of each row (rows are in order, positions ascending)
+        first = torch.ones_like(rows, dtype=torch.bool)
+        first[1:] = rows[1:] != rows[:-1]
+        hf, tf = h[first], tgt[first]
+        w = head.weight[choices]
+        cl = hf @ w.to(hf.dtype).T
+        if getattr(head, "bias", None) is not None:
+            cl = cl + head.bias[choices]
+        pred = choices[cl.argmax(1)]
+        choice_correct = zeros.index_put((rows[first],), (pred == tf).float())
     return TokenStats(
         nll=zeros.index_add(0, rows, nll),
         tokens=zeros.index_add(0, rows, torch.ones_like(nll)),
         correct=zeros.index_add(0, rows, correct.detach()),
+        choice_correct=choice_correct,
     )
 
 

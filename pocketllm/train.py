@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,46 +13,11 @@ from . import memory
 from .config import TrainArgs, save_yaml
 from .data import Batcher, encode_all, eval_batches, load_splits
 from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, save_adapter
-from .loss import token_stats
+from .evaluate import EvalResult, evaluate, label_choices
 from .methods import get_method
 from .models import load_model
 
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    ppl: float
-    accuracy: float | None   # completions reproduced exactly (greedy, teacher forced)
-    token_accuracy: float
-    tokens: int
-    records: int
-
-    def line(self) -> str:
-        acc = "" if self.accuracy is None else f" | accuracy {self.accuracy:.1%}"
-        return f"loss {self.loss:.4f} | ppl {self.ppl:.2f}{acc} | token_accuracy {self.token_accuracy:.1%}"
-
-
-@torch.no_grad()
-def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1) -> EvalResult:
-    """Loss, perplexity and accuracy over encoded (ids, n_prompt) items."""
-    nll = tok = correct = exact = recs = 0.0
-    for i, b in enumerate(eval_batches(items, batch_size, pad_id)):
-        if 0 <= max_batches <= i:
-            break
-        s = token_stats(model, b)
-        nll += float(s.nll.sum())
-        tok += float(s.tokens.sum())
-        correct += float(s.correct.sum())
-        exact += float(((s.correct == s.tokens) & (s.tokens > 0)).sum())
-        recs += len(s.tokens)
-    loss = nll / max(tok, 1)
-    # Accuracy means something when a record's labels are a completion, not free text.
-    has_prompt = any(n > 0 for _, n in items)
-    return EvalResult(loss=loss, ppl=math.exp(min(loss, 50)),
-                      accuracy=exact / max(recs, 1) if has_prompt else None,
-                      token_accuracy=correct / max(tok, 1), tokens=int(tok), records=int(recs))
 
 
 class Reporter:
@@ -146,15 +109,20 @@ def train(args: TrainArgs) -> dict:
     batcher = Batcher(enc["train"].items, args.batch_size, args.seed, pad_id,
                       args.grad_accumulation)
     valid = enc.get("valid")
+    choices = label_choices(splits["train"], tok)
+    if choices is not None:
+        print(f"closed label set of {len(choices)} completions: accuracy = the right label "
+              f"ranks first among them", flush=True)
 
     def run_eval(step: int, tag: str) -> EvalResult | None:
         if not valid or not valid.items:
             return None
         method.sync()
-        r = evaluate(model, valid.items, args.eval_batch_size, pad_id, args.val_batches)
+        r = evaluate(model, valid.items, args.eval_batch_size, pad_id, args.val_batches, choices)
         report.say(f"step {step} | {tag} | eval_{r.line().replace(' | ', ' | eval_')}")
         report.record({"step": step, "eval_loss": r.loss, "eval_ppl": r.ppl,
-                       "eval_accuracy": r.accuracy, "eval_token_accuracy": r.token_accuracy})
+                       "eval_accuracy": r.accuracy, "eval_exact_match": r.exact_match,
+                       "eval_token_accuracy": r.token_accuracy})
         return r
 
     n_train = sum(p.numel() for _, p in params)
@@ -222,7 +190,10 @@ def _print_summary(s: dict, before: EvalResult | None, after: EvalResult | None,
               f"(ppl {before.ppl:.2f} -> {after.ppl:.2f})")
         if before.accuracy is not None:
             print(f"held-out accuracy  {before.accuracy:.1%} -> {after.accuracy:.1%}  "
-                  f"({after.records} records)")
+                  f"({after.records} records; the right label ranks first)")
+        if before.exact_match is not None:
+            print(f"exact completion   {before.exact_match:.1%} -> {after.exact_match:.1%}  "
+                  f"(label and end-of-text both the argmax)")
     elif after:
         print(f"held-out loss      {after.loss:.4f}")
     print(f"peak memory (RSS)  {s['peak_rss_mb']:.0f} MB during training")

@@ -183,7 +183,7 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
     except FileNotFoundError:
         raise DataError(path, None, None, "file not found") from None
     except UnicodeDecodeError as e:
@@ -285,6 +285,10 @@ def _encode(record: dict, tokenizer, *, mask_prompt: bool, max_seq_length: int |
         prompt_ids = _tokenize(tokenizer, record["prompt"], add_special_tokens=True) if mask_prompt else []
     else:
         msgs = record["messages"]
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "chat ('messages') records need a tokenizer with a chat template, and this one has none"
+            )
         # The chat template already writes any BOS it wants: no special tokens on top.
         full = tokenizer.apply_chat_template(msgs, tokenize=False)
         ids = _tokenize(tokenizer, full, add_special_tokens=False)
@@ -367,6 +371,12 @@ class EncodedSplit:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __iter__(self):
+        return iter(self.items)
 
     @property
     def n_dropped(self) -> int:

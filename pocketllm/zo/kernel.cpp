@@ -1,62 +1,77 @@
 // Fused, counter-based perturbation noise for zeroth-order (MeZO-style) fine-tuning.
 //
 // Every value depends only on (key, global flat element index), so any chunk, row or
-// thread split of a tensor regenerates identical numbers. The exact definition lives in
-// pocketllm/zo/noise.py (the pure-torch reference is the spec this file is tested against):
+// thread split of a tensor regenerates identical numbers. The definition lives in
+// pocketllm/zo/noise.py, whose pure-torch reference is the spec this file is tested
+// against:
 //
 //   lo = i mod 2^32, hi = i >> 32                       (i: global flat index)
-//   a  = mix32(k ^ mix32(hi ^ 0x9E3779B9))              (per-(key, hi) subkeys, computed
-//   b  = mix32(a ^ 0x85EBCA6B)                           once per block, not per element)
+//   a  = mix32(k ^ mix32(hi ^ 0x9E3779B9))              (subkeys of (k, hi): computed once
+//   b  = mix32(a ^ 0x85EBCA6B)                           per 2^32 elements, not per element)
 //   x  = lo ^ a
-//   x ^= x >> 17; x *= 0xED5AD4BB; x += b              (triple32 finalizer with the second
-//   x ^= x >> 11; x *= 0xAC4C1B51                        subkey injected after round one)
-//   x ^= x >> 15; x *= 0x31848BAB; x ^= x >> 14;  h(k, i) = x
-//   mix32 = the same finalizer without the key terms (triple32, C. Wellons).
+//   x ^= x >> 17; x *= 0xED5AD4BB; x += b              (triple32 finaliser, C. Wellons, with
+//   x ^= x >> 11; x *= 0xAC4C1B51                        the second subkey injected after
+//   x ^= x >> 15; x *= 0x31848BAB; x ^= x >> 14         round one);  h(k, i) = x
+//   mix32 = the same finaliser without the key terms.
 //
 //   rademacher: z = +1 if the top bit of h(k1, i) is 0 else -1.
 //   gaussian:   u1 = ((h(k1,i) >> 8) + 1) / 2^24 in (0, 1], u2 = (h(k2,i) >> 8) / 2^24 in [0, 1)
 //               z  = sqrt(-2 ln u1) * cos(2 pi u2)           (float32)
 //
-// Vectorisation: the per-element work is written as branch-free loops over fixed-size
-// blocks (`#pragma omp simd`, compiled with -O3 -march=native), so GCC emits AVX2 /
-// AVX-512 code. log and cos are short polynomials (no libm calls) accurate to ~1e-7.
-// Threads: at::parallel_for (torch's OpenMP pool; the extension is built with -fopenmp
-// and shares torch's libgomp).
+// Speed. The work is split into blocks of kBlock elements: a block of z is generated into
+// an L1-resident buffer by a branch-free loop (`#pragma omp simd`, -O3 -march=native ->
+// AVX-512 / AVX2), then a second simple loop applies it to the tensors. log and cos are
+// short polynomials (no libm calls): |z error| < 1e-6. Threads: at::parallel_for over
+// whole blocks (torch's OpenMP pool; built with -fopenmp, sharing torch's libgomp).
+// Large outputs are written with non-temporal (streaming) stores: they skip the
+// read-for-ownership of the destination lines, which is ~40% of the memory traffic of
+// perturb_pair, and do not flush the cache with data nobody reads soon.
 //
-// Rounding: fused ops compute `w + (c * z)` in float32 with separate multiply and add
-// (built with -ffp-contract=off, so no FMA contraction), exactly like the torch reference,
-// then round to the storage dtype with round-to-nearest-even like Tensor.to().
+// Rounding. Fused ops compute `w + (c * z)` in float32 with a separate multiply and add
+// (built with -ffp-contract=off, so no FMA contraction), exactly like the reference, then
+// round to the storage dtype to nearest even like Tensor.to().
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <type_traits>
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+// Hot helpers must be inlined into the simd loops, or the loops stay scalar.
+#if defined(__GNUC__)
+#define PL_INLINE inline __attribute__((always_inline))
+#else
+#define PL_INLINE inline
+#endif
 
 namespace {
 
-constexpr int kBlock = 256;             // elements per generated block (1 KiB of z, L1-resident)
-constexpr int64_t kGrain = 1 << 15;     // minimum elements per thread task
+constexpr int kBlock = 256;               // elements per block (1 KiB of float z, stays in L1)
+constexpr int64_t kGrainBlocks = 64;      // >= 16k elements per thread task
+constexpr int64_t kStreamBytes = 8 << 20; // outputs >= 8 MiB use streaming stores
 constexpr int kGaussian = 0;
 constexpr int kRademacher = 1;
 
 // ---------------------------------------------------------------- bit helpers
 
-inline float bits_to_float(uint32_t u) {
+PL_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
-inline uint32_t float_to_bits(float f) {
+PL_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
@@ -64,7 +79,7 @@ inline uint32_t float_to_bits(float f) {
 
 // ---------------------------------------------------------------- hash
 
-inline uint32_t mix32(uint32_t x) {  // triple32 (bias ~0.021)
+PL_INLINE uint32_t mix32(uint32_t x) {  // triple32: bias ~0.021, one of the best known 3-round
   x ^= x >> 17;
   x *= 0xED5AD4BBu;
   x ^= x >> 11;
@@ -84,11 +99,11 @@ inline Subkeys subkeys(uint32_t k, uint32_t hi) {
   return {a, mix32(a ^ 0x85EBCA6Bu)};
 }
 
-inline uint32_t hash_lo(uint32_t lo, uint32_t a, uint32_t b) {
-  uint32_t x = lo ^ a;
+PL_INLINE uint32_t hash_lo(uint32_t lo, Subkeys s) {
+  uint32_t x = lo ^ s.a;
   x ^= x >> 17;
   x *= 0xED5AD4BBu;
-  x += b;
+  x += s.b;
   x ^= x >> 11;
   x *= 0xAC4C1B51u;
   x ^= x >> 15;
@@ -97,57 +112,46 @@ inline uint32_t hash_lo(uint32_t lo, uint32_t a, uint32_t b) {
   return x;
 }
 
-// ---------------------------------------------------------------- float math
+// ---------------------------------------------------------------- gaussian
 
-// ln(u) for u in [2^-24, 1] (normal, positive). Cephes logf polynomial, ~1 ulp.
-inline float log_unit(float u) {
-  const uint32_t bits = float_to_bits(u);
-  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
-  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
-  const bool big = m > 1.41421356237f;
-  m = big ? m * 0.5f : m;  // [sqrt(1/2), sqrt(2))
-  e = big ? e + 1.0f : e;
-  const float x = m - 1.0f;  // exact
-  const float z = x * x;
-  float y = 7.0376836292e-2f;
-  y = std::fma(y, x, -1.1514610310e-1f);
-  y = std::fma(y, x, 1.1676998740e-1f);
-  y = std::fma(y, x, -1.2420140846e-1f);
-  y = std::fma(y, x, 1.4249322787e-1f);
-  y = std::fma(y, x, -1.6668057665e-1f);
-  y = std::fma(y, x, 2.0000714765e-1f);
-  y = std::fma(y, x, -2.4999993993e-1f);
-  y = std::fma(y, x, 3.3333331174e-1f);
-  y = y * x * z;
-  y = std::fma(e, -2.12194440e-4f, y);  // ln2 split in two parts for accuracy
-  y = std::fma(z, -0.5f, y);
-  return std::fma(e, 0.693359375f, x + y);
-}
+// sqrt(-2 ln u1) * cos(2 pi u2) from the two hashes; branch-free so it vectorises.
+PL_INLINE float box_muller(uint32_t h1, uint32_t h2) {
+  // --- radius. v = 2^24 u1 = (h1 >> 8) + 1 in [1, 2^24] converts to float exactly.
+  // Split u1 = 2^e * m with m in [sqrt(1/2), sqrt(2)) by integer arithmetic on the bits
+  // (subtracting 24 from the exponent divides by 2^24 for free), then
+  // log2(u1) = e + x Q(x), x = m - 1, Q a degree-7 minimax fit (rel. error 2e-7).
+  const float v = static_cast<float>(static_cast<int32_t>((h1 >> 8) + 1u));
+  const int32_t ix = static_cast<int32_t>(float_to_bits(v) - (0x3F3504F3u + (24u << 23)));
+  const float e = static_cast<float>(ix >> 23);  // arithmetic shift: floor
+  const float x = bits_to_float((static_cast<uint32_t>(ix) & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f;
+  float q = -1.4580993354e-1f;
+  q = std::fma(q, x, 2.3404178023e-1f);
+  q = std::fma(q, x, -2.4887716770e-1f);
+  q = std::fma(q, x, 2.8709879518e-1f);
+  q = std::fma(q, x, -3.6023962498e-1f);
+  q = std::fma(q, x, 4.8092323542e-1f);
+  q = std::fma(q, x, -7.2135281563e-1f);
+  q = std::fma(q, x, 1.4426949024e0f);
+  const float t = std::fma(q, x, e) * -1.3862943611f;  // -2 ln u1 = -2 ln2 log2 u1 >= 0
+  const float r = std::sqrt(t > 0.0f ? t : 0.0f);        // (not fmax: it does not vectorise)
 
-// cos(2 pi u) for u in [0, 1). The reduction is exact: u is a multiple of 2^-24.
-inline float cos_2pi(float u) {
-  const float a = std::fabs(u - 0.5f);             // cos(2 pi u) = -cos(2 pi a), a in [0, 0.5]
-  const bool far = a > 0.25f;
-  const float b = far ? 0.5f - a : a;               // b in [0, 0.25]
-  const float b2 = b * b;
-  // Taylor series of cos(2 pi b) in b^2 up to b^12: error < 7e-9 on [0, 0.25].
-  float p = 7.9035364e0f;                           //  (2pi)^12 / 12!
-  p = std::fma(p, b2, -2.6426257e1f);               // -(2pi)^10 / 10!
-  p = std::fma(p, b2, 6.0244641e1f);                //  (2pi)^8 / 8!
-  p = std::fma(p, b2, -8.5456817e1f);               // -(2pi)^6 / 6!
-  p = std::fma(p, b2, 6.4939394e1f);                //  (2pi)^4 / 4!
-  p = std::fma(p, b2, -1.9739209e1f);               // -(2pi)^2 / 2!
-  p = std::fma(p, b2, 1.0f);
-  return far ? p : -p;
-}
-
-inline float box_muller(uint32_t h1, uint32_t h2) {
-  // Both conversions are exact (values < 2^24 + 1).
-  const float u1 = static_cast<float>(static_cast<int32_t>((h1 >> 8) + 1u)) * 5.9604644775390625e-8f;
-  const float u2 = static_cast<float>(static_cast<int32_t>(h2 >> 8)) * 5.9604644775390625e-8f;
-  const float t = -2.0f * log_unit(u1);
-  const float r = std::sqrt(t > 0.0f ? t : 0.0f);  // (not fmax: it does not vectorise)
-  return r * cos_2pi(u2);
+  // --- angle. With w = h2 >> 8 (u2 = w / 2^24), c = w - 2^23 gives
+  // cos(2 pi u2) = -cos(2 pi |c| / 2^24); fold |c| in [0, 2^23] to b in [0, 2^22] around the
+  // quarter period (cos(pi - y) = -cos y). All of this is exact integer arithmetic.
+  const int32_t c = static_cast<int32_t>(h2 >> 8) - (1 << 23);
+  const int32_t a = c < 0 ? -c : c;
+  const int32_t d = (1 << 22) - a;                    // < 0 iff past the quarter period
+  const int32_t bi = d < 0 ? (1 << 23) - a : a;
+  const float b = static_cast<float>(bi) * 5.9604644775390625e-8f;  // exact: * 2^-24
+  const float s = b * b;
+  // cos(2 pi b) on [0, 1/4], degree-4 minimax polynomial in b^2 (abs. error 5e-8).
+  float p = 5.6242725372e1f;
+  p = std::fma(p, s, -8.5240379333e1f);
+  p = std::fma(p, s, 6.4934593201e1f);
+  p = std::fma(p, s, -1.9739171982e1f);
+  p = std::fma(p, s, 9.9999994040e-1f);
+  const uint32_t flip = ~static_cast<uint32_t>(d) & 0x80000000u;  // negate unless past
+  return r * bits_to_float(float_to_bits(p) ^ flip);
 }
 
 // ---------------------------------------------------------------- generation
@@ -156,64 +160,67 @@ struct Keys {
   uint32_t k1, k2;
 };
 
-// z[j] for global indices whose low words are lo0 .. lo0+len-1 (same high word; the block
-// does not cross a 2^32 boundary). `s1`/`s2` are the subkeys of (k1, hi) / (k2, hi).
-template <int DIST>
-inline void gen_block(float* __restrict z, int len, uint32_t lo0, Subkeys s1, Subkeys s2) {
-  if (DIST == kRademacher) {
+// Subkeys for the current high word, recomputed only when it changes (every 2^32 elements).
+struct KeyCache {
+  Keys keys;
+  uint32_t hi = 0;
+  bool valid = false;
+  Subkeys s1{}, s2{};
+
+  explicit KeyCache(Keys k) : keys(k) {}
+  void at(uint32_t h) {
+    if (!valid || h != hi) {
+      s1 = subkeys(keys.k1, h);
+      s2 = subkeys(keys.k2, h);
+      hi = h;
+      valid = true;
+    }
+  }
+};
+
+// z[j] for low words lo0 + j, j < len (one high word). N > 0 fixes the trip count at
+// compile time (full blocks: no remainder loop).
+template <int DIST, int N>
+PL_INLINE void gen_run(float* __restrict z, int len, uint32_t lo0, Subkeys s1, Subkeys s2) {
+  const int n = N > 0 ? N : len;
+  if constexpr (DIST == kRademacher) {
 #pragma omp simd
-    for (int j = 0; j < len; ++j) {
-      const uint32_t h = hash_lo(lo0 + static_cast<uint32_t>(j), s1.a, s1.b);
+    for (int j = 0; j < n; ++j) {
+      const uint32_t h = hash_lo(lo0 + static_cast<uint32_t>(j), s1);
       z[j] = bits_to_float(0x3F800000u | (h & 0x80000000u));  // +-1.0f from the top bit
     }
   } else {
 #pragma omp simd
-    for (int j = 0; j < len; ++j) {
+    for (int j = 0; j < n; ++j) {
       const uint32_t lo = lo0 + static_cast<uint32_t>(j);
-      z[j] = box_muller(hash_lo(lo, s1.a, s1.b), hash_lo(lo, s2.a, s2.b));
+      z[j] = box_muller(hash_lo(lo, s1), hash_lo(lo, s2));
     }
   }
 }
 
-// Calls f(offset, len, z) for consecutive blocks covering tensor positions [begin, end),
-// where global index = base + position and z holds the block's noise.
-template <int DIST, typename F>
-inline void for_each_block(uint64_t base, int64_t begin, int64_t end, Keys keys, F&& f) {
-  alignas(64) float z[kBlock];
-  int64_t p = begin;
-  uint32_t cached_hi = 0;
-  Subkeys s1{}, s2{};
-  bool have = false;
-  while (p < end) {
-    const uint64_t g = base + static_cast<uint64_t>(p);
-    const uint32_t hi = static_cast<uint32_t>(g >> 32);
-    const uint32_t lo = static_cast<uint32_t>(g);
-    if (!have || hi != cached_hi) {
-      s1 = subkeys(keys.k1, hi);
-      s2 = subkeys(keys.k2, hi);
-      cached_hi = hi;
-      have = true;
-    }
-    int64_t len = std::min<int64_t>(kBlock, end - p);
-    len = std::min<int64_t>(len, (int64_t(1) << 32) - lo);  // stop at the 2^32 boundary
-    if (len == kBlock) {
-      gen_block<DIST>(z, kBlock, lo, s1, s2);  // constant trip count: no remainder loop
-      f(p, kBlock, z);
-    } else {
-      gen_block<DIST>(z, static_cast<int>(len), lo, s1, s2);
-      f(p, static_cast<int>(len), z);
-    }
-    p += len;
+// z[0 .. len) for global indices g0 .. g0 + len - 1 (len <= kBlock; may cross 2^32).
+template <int DIST>
+inline void gen(float* __restrict z, int len, uint64_t g0, KeyCache& kc) {
+  const uint32_t lo = static_cast<uint32_t>(g0);
+  kc.at(static_cast<uint32_t>(g0 >> 32));
+  const uint64_t room = (uint64_t(1) << 32) - lo;  // elements left in this high word
+  if (len == kBlock && room >= uint64_t(kBlock)) {
+    gen_run<DIST, kBlock>(z, kBlock, lo, kc.s1, kc.s2);
+    return;
+  }
+  const int first = static_cast<int>(std::min<uint64_t>(len, room));
+  gen_run<DIST, 0>(z, first, lo, kc.s1, kc.s2);
+  if (first < len) {
+    kc.at(static_cast<uint32_t>(g0 >> 32) + 1);
+    gen_run<DIST, 0>(z + first, len - first, 0u, kc.s1, kc.s2);
   }
 }
 
 inline float noise_scalar(int dist, Keys keys, uint64_t g) {
   const uint32_t hi = static_cast<uint32_t>(g >> 32), lo = static_cast<uint32_t>(g);
-  const Subkeys s1 = subkeys(keys.k1, hi);
-  const uint32_t h1 = hash_lo(lo, s1.a, s1.b);
+  const uint32_t h1 = hash_lo(lo, subkeys(keys.k1, hi));
   if (dist == kRademacher) return bits_to_float(0x3F800000u | (h1 & 0x80000000u));
-  const Subkeys s2 = subkeys(keys.k2, hi);
-  return box_muller(h1, hash_lo(lo, s2.a, s2.b));
+  return box_muller(h1, hash_lo(lo, subkeys(keys.k2, hi)));
 }
 
 // ---------------------------------------------------------------- storage dtypes
@@ -221,24 +228,86 @@ inline float noise_scalar(int dist, Keys keys, uint64_t g) {
 // Load/store between a storage type and float32, branch-free so loops vectorise.
 struct F32 {
   using raw = float;
-  static float load(float v) { return v; }
-  static float store(float f) { return f; }
+  static constexpr at::ScalarType type = at::kFloat;
+  PL_INLINE static float load(float v) { return v; }
+  PL_INLINE static float store(float f) { return f; }
 };
 
 struct BF16 {
   using raw = uint16_t;
-  static float load(uint16_t v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
-  static uint16_t store(float f) {  // round to nearest even; NaN -> quiet NaN (as c10)
+  static constexpr at::ScalarType type = at::kBFloat16;
+  PL_INLINE static float load(uint16_t v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
+  PL_INLINE static uint16_t store(float f) {  // round to nearest even; NaN -> quiet NaN (as c10)
     const uint32_t u = float_to_bits(f);
     const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
   }
 };
 
+#if defined(__FLT16_MAX__)
 struct F16 {
-  using raw = _Float16;  // F16C / AVX-512 conversions (round to nearest even)
-  static float load(_Float16 v) { return static_cast<float>(v); }
-  static _Float16 store(float f) { return static_cast<_Float16>(f); }
+  using raw = _Float16;  // hardware conversions (F16C / AVX-512), round to nearest even
+  static constexpr at::ScalarType type = at::kHalf;
+  PL_INLINE static float load(_Float16 v) { return static_cast<float>(v); }
+  PL_INLINE static _Float16 store(float f) { return static_cast<_Float16>(f); }
+};
+#else
+struct F16 {
+  using raw = c10::Half;  // portable (scalar) conversions
+  static constexpr at::ScalarType type = at::kHalf;
+  PL_INLINE static float load(c10::Half v) { return static_cast<float>(v); }
+  PL_INLINE static c10::Half store(float f) { return c10::Half(f); }
+};
+#endif
+
+// ---------------------------------------------------------------- streaming stores
+
+// Copy one block to `dst` with non-temporal stores. dst must be 64-byte aligned and
+// `bytes` a multiple of 64 (true for full blocks of an aligned output).
+inline void stream_copy(void* __restrict dst, const void* __restrict src, size_t bytes) {
+#if defined(__AVX512F__)
+  for (size_t o = 0; o < bytes; o += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(static_cast<char*>(dst) + o),
+                        _mm512_load_si512(static_cast<const char*>(src) + o));
+  }
+#elif defined(__AVX__)
+  for (size_t o = 0; o < bytes; o += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(dst) + o),
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(static_cast<const char*>(src) + o)));
+  }
+#elif defined(__SSE2__)
+  for (size_t o = 0; o < bytes; o += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(dst) + o),
+                     _mm_load_si128(reinterpret_cast<const __m128i*>(static_cast<const char*>(src) + o)));
+  }
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();  // order the weakly-ordered streaming stores before the threads join
+#endif
+}
+
+// Where one output block is written: straight into the tensor, or (streaming) into an
+// aligned L1 buffer that is then streamed out.
+template <typename R, bool STREAM>
+struct OutBlock {
+  alignas(64) R buf[STREAM ? kBlock : 1];
+  R* base;
+  explicit OutBlock(R* b) : base(b) {}
+  R* target(int64_t p) { return STREAM ? buf : base + p; }
+  void commit(int64_t p, int len) {
+    if constexpr (STREAM) {
+      if (len == kBlock) {
+        stream_copy(base + p, buf, sizeof(R) * kBlock);
+      } else {
+        std::memcpy(base + p, buf, sizeof(R) * len);
+      }
+    }
+  }
 };
 
 // ---------------------------------------------------------------- dispatch helpers
@@ -272,201 +341,248 @@ void dispatch_dist(int dist, F&& f) {
   }
 }
 
-template <typename S>
-typename S::raw* raw_ptr(const at::Tensor& t) {
-  return reinterpret_cast<typename S::raw*>(t.data_ptr());
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
-inline void check_contig(const at::Tensor& t, const char* name) {
+inline void check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_out(const at::Tensor& out, const at::Tensor& w, int64_t numel, const char* name) {
+  check_tensor(out, name);
+  TORCH_CHECK(out.scalar_type() == w.scalar_type() && out.numel() == numel, name, " must have dtype ",
+              w.scalar_type(), " and ", numel, " elements");
+}
+
+inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63u) == 0; }
+
+// Streaming stores pay off for outputs far larger than the cache.
+inline bool use_streaming(int64_t out_bytes, std::initializer_list<const void*> ptrs) {
+  if (out_bytes < kStreamBytes) return false;
+  for (const void* p : ptrs) {
+    if (p != nullptr && !aligned64(p)) return false;
+  }
+  return true;
+}
+
+// Runs f(p, len) over consecutive blocks [p, p + len) covering [0, n), in parallel over
+// whole blocks (so streaming stores of full blocks stay aligned).
+template <typename F>
+void parallel_blocks(int64_t n, bool fence, const F& f) {
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p = blk * kBlock;
+      f(p, static_cast<int>(std::min<int64_t>(kBlock, n - p)));
+    }
+    if (fence) stream_fence();
+  });
 }
 
 // ---------------------------------------------------------------- ops
 
 void noise_out(const at::Tensor& out, int64_t k1, int64_t k2, int64_t start, int64_t dist_id) {
-  check_contig(out, "out");
+  check_tensor(out, "out");
   TORCH_CHECK(out.scalar_type() == at::kFloat, "out must be float32");
   TORCH_CHECK(start >= 0, "start must be >= 0");
   const Keys keys = make_keys(k1, k2);
-  const int dist = check_dist(dist_id);
   float* o = out.data_ptr<float>();
   const uint64_t base = static_cast<uint64_t>(start);
-  dispatch_dist(dist, [&](auto d) {
+  const bool stream = use_streaming(out.numel() * 4, {o});
+  dispatch_dist(check_dist(dist_id), [&](auto d) {
     constexpr int D = decltype(d)::value;
-    at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
-      for_each_block<D>(base, b, e, keys, [&](int64_t p, int len, const float* z) {
-        std::memcpy(o + p, z, sizeof(float) * len);
+    dispatch_bool(stream, [&](auto st) {
+      constexpr bool ST = decltype(st)::value;
+      parallel_blocks(out.numel(), ST, [&](int64_t p, int len) {
+        KeyCache kc(keys);
+        OutBlock<float, ST> ob(o);
+        gen<D>(ob.target(p), len, base + p, kc);
+        ob.commit(p, len);
       });
     });
   });
 }
 
 void noise_at(const at::Tensor& index, const at::Tensor& out, int64_t k1, int64_t k2, int64_t dist_id) {
-  check_contig(index, "index");
-  check_contig(out, "out");
+  check_tensor(index, "index");
+  check_tensor(out, "out");
   TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() == index.numel(), "bad out");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() == index.numel(),
+              "out must be float32 with index.numel() elements");
   const Keys keys = make_keys(k1, k2);
   const int dist = check_dist(dist_id);
   const int64_t* idx = index.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  for (int64_t j = 0; j < index.numel(); ++j) TORCH_CHECK(idx[j] >= 0, "indices must be >= 0");
-  at::parallel_for(0, index.numel(), kGrain / 8, [&](int64_t b, int64_t e) {
+  const int64_t n = index.numel();
+  for (int64_t j = 0; j < n; ++j) TORCH_CHECK(idx[j] >= 0, "indices must be >= 0");
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) o[j] = noise_scalar(dist, keys, static_cast<uint64_t>(idx[j]));
   });
 }
 
 void add_noise(const at::Tensor& w, int64_t k1, int64_t k2, int64_t start, double coef, int64_t dist_id) {
-  check_contig(w, "w");
+  check_tensor(w, "w");
   TORCH_CHECK(start >= 0, "start must be >= 0");
   const Keys keys = make_keys(k1, k2);
-  const int dist = check_dist(dist_id);
   const float c = static_cast<float>(coef);
   const uint64_t base = static_cast<uint64_t>(start);
   dispatch_dtype(w, [&](auto s) {
     using S = decltype(s);
-    auto* wp = raw_ptr<S>(w);
-    dispatch_dist(dist, [&](auto d) {
+    using R = typename S::raw;
+    R* wp = reinterpret_cast<R*>(w.data_ptr());
+    dispatch_dist(check_dist(dist_id), [&](auto d) {
       constexpr int D = decltype(d)::value;
-      at::parallel_for(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
-        for_each_block<D>(base, b, e, keys, [&](int64_t p, int len, const float* __restrict z) {
-          auto* __restrict wb = wp + p;
+      parallel_blocks(w.numel(), false, [&](int64_t p, int len) {
+        alignas(64) float z[kBlock];
+        KeyCache kc(keys);
+        gen<D>(z, len, base + p, kc);
+        R* __restrict wb = wp + p;
 #pragma omp simd
-          for (int j = 0; j < len; ++j) wb[j] = S::store(S::load(wb[j]) + c * z[j]);
-        });
+        for (int j = 0; j < len; ++j) wb[j] = S::store(S::load(wb[j]) + c * z[j]);
       });
     });
   });
 }
 
-// out_plus = w + eps z, out_minus = w - eps z (z from `key`), optionally after the fused
-// in-place update w += ucoef * z_u (z_u from the update key, same dist).
+// out_plus = w + eps z, out_minus = w - eps z (z from k1/k2), optionally after the fused
+// in-place update w += ucoef * z_u (z_u from uk1/uk2, same dist). One pass over memory.
 void perturb_pair(const at::Tensor& w, int64_t k1, int64_t k2, int64_t start, double eps, int64_t dist_id,
                   const at::Tensor& out_plus, const std::optional<at::Tensor>& out_minus, bool has_update,
                   int64_t uk1, int64_t uk2, double ucoef) {
-  check_contig(w, "w");
-  check_contig(out_plus, "out_plus");
+  check_tensor(w, "w");
   TORCH_CHECK(start >= 0, "start must be >= 0");
-  TORCH_CHECK(out_plus.scalar_type() == w.scalar_type() && out_plus.numel() == w.numel(),
-              "out_plus must match w in dtype and numel");
+  const int64_t n = w.numel();
+  check_out(out_plus, w, n, "out_plus");
   const bool minus = out_minus.has_value();
-  if (minus) {
-    check_contig(*out_minus, "out_minus");
-    TORCH_CHECK(out_minus->scalar_type() == w.scalar_type() && out_minus->numel() == w.numel(),
-                "out_minus must match w in dtype and numel");
-  }
+  if (minus) check_out(*out_minus, w, n, "out_minus");
   const Keys keys = make_keys(k1, k2);
   const Keys ukeys = make_keys(uk1, uk2);
-  const int dist = check_dist(dist_id);
   const float ep = static_cast<float>(eps);
   const float uc = static_cast<float>(ucoef);
   const uint64_t base = static_cast<uint64_t>(start);
   dispatch_dtype(w, [&](auto s) {
     using S = decltype(s);
     using R = typename S::raw;
-    R* wp = raw_ptr<S>(w);
-    R* pp = raw_ptr<S>(out_plus);
-    R* mp = minus ? raw_ptr<S>(*out_minus) : nullptr;
-    dispatch_dist(dist, [&](auto d) {
+    R* wp = reinterpret_cast<R*>(w.data_ptr());
+    R* pp = reinterpret_cast<R*>(out_plus.data_ptr());
+    R* mp = minus ? reinterpret_cast<R*>(out_minus->data_ptr()) : nullptr;
+    const bool stream = use_streaming(n * static_cast<int64_t>(sizeof(R)), {pp, mp});
+    dispatch_dist(check_dist(dist_id), [&](auto d) {
       constexpr int D = decltype(d)::value;
-      at::parallel_for(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
-        // The update noise is generated block by block alongside the perturbation noise:
-        // one block of z_u is applied, then the same block's z is used for the outputs.
-        for (int64_t p0 = b; p0 < e; p0 += 16 * kBlock) {
-          const int64_t p1 = std::min<int64_t>(e, p0 + 16 * kBlock);
-          if (has_update) {
-            for_each_block<D>(base, p0, p1, ukeys, [&](int64_t p, int len, const float* __restrict z) {
-              R* __restrict wb = wp + p;
-#pragma omp simd
-              for (int j = 0; j < len; ++j) wb[j] = S::store(S::load(wb[j]) + uc * z[j]);
-            });
-          }
-          for_each_block<D>(base, p0, p1, keys, [&](int64_t p, int len, const float* __restrict z) {
-            const R* __restrict wb = wp + p;
-            R* __restrict pb = pp + p;
+      dispatch_bool(stream, [&](auto st) {
+        constexpr bool ST = decltype(st)::value;
+        dispatch_bool(has_update, [&](auto up) {
+          constexpr bool UP = decltype(up)::value;
+          parallel_blocks(n, ST, [&](int64_t p, int len) {
+            alignas(64) float z[kBlock];
+            alignas(64) float zu[kBlock];  // (unused without the update)
+            KeyCache kc(keys);
+            gen<D>(z, len, base + p, kc);
+            if constexpr (UP) {
+              KeyCache ukc(ukeys);
+              gen<D>(zu, len, base + p, ukc);
+            }
+            R* __restrict wb = wp + p;
+            OutBlock<R, ST> plus(pp);
+            R* __restrict pb = plus.target(p);
             if (mp != nullptr) {
-              R* __restrict mb = mp + p;
+              OutBlock<R, ST> mins(mp);
+              R* __restrict mb = mins.target(p);
 #pragma omp simd
               for (int j = 0; j < len; ++j) {
-                const float wv = S::load(wb[j]);
+                float wv = S::load(wb[j]);
+                if constexpr (UP) {
+                  const R nw = S::store(wv + uc * zu[j]);
+                  wb[j] = nw;
+                  wv = S::load(nw);  // outputs are computed from the stored (rounded) value
+                }
                 const float dz = ep * z[j];
                 pb[j] = S::store(wv + dz);
                 mb[j] = S::store(wv - dz);
               }
+              mins.commit(p, len);
             } else {
 #pragma omp simd
-              for (int j = 0; j < len; ++j) pb[j] = S::store(S::load(wb[j]) + ep * z[j]);
+              for (int j = 0; j < len; ++j) {
+                float wv = S::load(wb[j]);
+                if constexpr (UP) {
+                  const R nw = S::store(wv + uc * zu[j]);
+                  wb[j] = nw;
+                  wv = S::load(nw);
+                }
+                pb[j] = S::store(wv + ep * z[j]);
+              }
             }
+            plus.commit(p, len);
           });
-        }
+        });
       });
     });
   });
 }
 
 // out[j, c] = w[rows[j], c] +- eps * z(rows[j] * C + c): rows of a perturbed table.
-void perturb_rows(const at::Tensor& w, const at::Tensor& rows, int64_t k1, int64_t k2, double eps, int64_t dist_id,
-                  const at::Tensor& out_plus, const std::optional<at::Tensor>& out_minus) {
-  check_contig(w, "w");
-  check_contig(rows, "rows");
-  check_contig(out_plus, "out_plus");
+void perturb_rows(const at::Tensor& w, const at::Tensor& rows, int64_t k1, int64_t k2, double eps,
+                  int64_t dist_id, const at::Tensor& out_plus, const std::optional<at::Tensor>& out_minus) {
+  check_tensor(w, "w");
+  check_tensor(rows, "rows");
   TORCH_CHECK(w.dim() == 2, "w must be 2-D");
   TORCH_CHECK(rows.scalar_type() == at::kLong, "rows must be int64");
   const int64_t R = w.size(0), C = w.size(1), N = rows.numel();
-  TORCH_CHECK(out_plus.scalar_type() == w.scalar_type() && out_plus.numel() == N * C,
-              "out_plus must have dtype of w and rows.numel() * C elements");
+  check_out(out_plus, w, N * C, "out_plus");
   const bool minus = out_minus.has_value();
-  if (minus) {
-    check_contig(*out_minus, "out_minus");
-    TORCH_CHECK(out_minus->scalar_type() == w.scalar_type() && out_minus->numel() == N * C,
-                "out_minus must have dtype of w and rows.numel() * C elements");
-  }
+  if (minus) check_out(*out_minus, w, N * C, "out_minus");
   const int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t j = 0; j < N; ++j) {
     TORCH_CHECK(rp[j] >= 0 && rp[j] < R, "row index ", rp[j], " out of range [0, ", R, ")");
   }
   const Keys keys = make_keys(k1, k2);
-  const int dist = check_dist(dist_id);
   const float ep = static_cast<float>(eps);
   dispatch_dtype(w, [&](auto s) {
     using S = decltype(s);
-    using Rw = typename S::raw;
-    const Rw* wp = raw_ptr<S>(w);
-    Rw* pp = raw_ptr<S>(out_plus);
-    Rw* mp = minus ? raw_ptr<S>(*out_minus) : nullptr;
-    dispatch_dist(dist, [&](auto d) {
+    using Raw = typename S::raw;
+    const Raw* wp = reinterpret_cast<const Raw*>(w.data_ptr());
+    Raw* pp = reinterpret_cast<Raw*>(out_plus.data_ptr());
+    Raw* mp = minus ? reinterpret_cast<Raw*>(out_minus->data_ptr()) : nullptr;
+    dispatch_dist(check_dist(dist_id), [&](auto d) {
       constexpr int D = decltype(d)::value;
-      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
+      const int64_t grain = std::max<int64_t>(1, (kGrainBlocks * kBlock) / std::max<int64_t>(C, 1));
       at::parallel_for(0, N, grain, [&](int64_t jb, int64_t je) {
+        alignas(64) float z[kBlock];
+        KeyCache kc(keys);
         for (int64_t j = jb; j < je; ++j) {
           const int64_t r = rp[j];
-          const Rw* __restrict wr = wp + r * C;
-          Rw* __restrict pr = pp + j * C;
-          Rw* __restrict mr = mp != nullptr ? mp + j * C : nullptr;
-          // Positions are relative to the row start; global index = r * C + position.
-          for_each_block<D>(static_cast<uint64_t>(r * C), 0, C, keys,
-                            [&](int64_t p, int len, const float* __restrict z) {
-                              if (mr != nullptr) {
+          for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+            const int len = static_cast<int>(std::min<int64_t>(kBlock, C - c0));
+            gen<D>(z, len, static_cast<uint64_t>(r * C + c0), kc);
+            const Raw* __restrict wb = wp + r * C + c0;
+            Raw* __restrict pb = pp + j * C + c0;
+            if (mp != nullptr) {
+              Raw* __restrict mb = mp + j * C + c0;
 #pragma omp simd
-                                for (int c = 0; c < len; ++c) {
-                                  const float wv = S::load(wr[p + c]);
-                                  const float dz = ep * z[c];
-                                  pr[p + c] = S::store(wv + dz);
-                                  mr[p + c] = S::store(wv - dz);
-                                }
-                              } else {
+              for (int c = 0; c < len; ++c) {
+                const float wv = S::load(wb[c]);
+                const float dz = ep * z[c];
+                pb[c] = S::store(wv + dz);
+                mb[c] = S::store(wv - dz);
+              }
+            } else {
 #pragma omp simd
-                                for (int c = 0; c < len; ++c) pr[p + c] = S::store(S::load(wr[p + c]) + ep * z[c]);
-                              }
-                            });
+              for (int c = 0; c < len; ++c) pb[c] = S::store(S::load(wb[c]) + ep * z[c]);
+            }
+          }
         }
       });
     });
   });
 }
-
-}  // namespace
 
 std::string isa() {
 #if defined(__AVX512F__)
@@ -478,8 +594,10 @@ std::string isa() {
 #endif
 }
 
+}  // namespace
+
 // Registered as torch ops (torch.ops.pocketllm_zo.*): <torch/library.h> compiles in a
-// fraction of the time of <torch/extension.h> (pybind11), and needs no Python module.
+// fraction of the time of <torch/extension.h> (pybind11) and needs no Python module.
 TORCH_LIBRARY(pocketllm_zo, m) {
   m.def("noise_out(Tensor(a!) out, int k1, int k2, int start, int dist) -> ()", &noise_out);
   m.def("noise_at(Tensor index, Tensor(a!) out, int k1, int k2, int dist) -> ()", &noise_at);

@@ -148,15 +148,26 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 14)
 
 
+def _subkeys(k: int, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(key, high word) subkeys a, b."""
+    a = _mix32(_mix32(hi ^ 0x9E3779B9) ^ k)
+    return a, _mix32(a ^ 0x85EBCA6B)
+
+
 def _hash32(k: int, index: torch.Tensor) -> torch.Tensor:
     """h(k, i) for a 32-bit key and int64 indices >= 0; int64 result in [0, 2**32)."""
     index = index.to(torch.int64)
     lo, hi = index & _M32, index >> 32
     # Subkeys depend on (k, hi) only: compute them once per distinct high word.
-    his, inverse = torch.unique(hi, return_inverse=True)
-    a = _mix32(_mix32(his ^ 0x9E3779B9) ^ k)
-    b = _mix32(a ^ 0x85EBCA6B)
-    a, b = a[inverse], b[inverse]
+    a: torch.Tensor | int
+    b: torch.Tensor | int
+    if index.numel() and int(hi.min()) == int(hi.max()):  # the usual case: one high word
+        a, b = _subkeys(k, torch.tensor([int(hi.min())]))
+        a, b = int(a), int(b)
+    else:
+        his, inverse = torch.unique(hi, return_inverse=True)
+        a, b = _subkeys(k, his)
+        a, b = a[inverse], b[inverse]
     x = lo ^ a
     x = x ^ (x >> 17)
     x = (_mul32(x, 0xED5AD4BB) + b) & _M32

@@ -39,15 +39,19 @@ def byte_id(b: int) -> int:
     return b
 
 
-def tiny_tokenizer(bos: bool = False, merges: tuple[tuple[str, str], ...] = ()) -> PreTrainedTokenizerFast:
-    """Byte tokens get ids 0..255 (= the byte value); specials follow from 256;
+def tiny_tokenizer(
+    bos: bool = False, eos: str | None = "</s>", merges: tuple[tuple[str, str], ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte tokens get ids 0..255 (= the byte value); specials follow from 256
+    (``<pad>``=256, ``<s>``=257, ``</s>``=258, ``<|im_start|>``=259, ``<|im_end|>``=260);
     each merge adds one token after that. ``bos=True`` makes the tokenizer prepend
-    ``<s>`` by itself (like Llama's)."""
-    return _build(bos, tuple(merges))
+    ``<s>`` by itself (like Llama's); ``eos`` names the EOS token (``"<|im_end|>"``
+    as in ChatML models, or None for none)."""
+    return _build(bos, eos, tuple(merges))
 
 
 @lru_cache(maxsize=None)
-def _build(bos: bool, merges: tuple[tuple[str, str], ...]) -> PreTrainedTokenizerFast:
+def _build(bos: bool, eos: str | None, merges: tuple[tuple[str, str], ...]) -> PreTrainedTokenizerFast:
     vocab = {BYTE_CHAR[b]: b for b in range(256)}
     for s in SPECIALS:
         vocab[s] = len(vocab)
@@ -66,7 +70,7 @@ def _build(bos: bool, merges: tuple[tuple[str, str], ...]) -> PreTrainedTokenize
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos,
         pad_token="<pad>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )

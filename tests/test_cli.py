@@ -1,0 +1,105 @@
+"""The CLI end to end on tiny-llama: train, eval, generate, fuse, replay; config handling."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pocketllm.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = str(ROOT / "examples" / "personal")
+FAST = ["--model", "tiny-llama", "--data", DATA, "--batch-size", "4", "--max-seq-length", "128",
+        "--eval-batch-size", "32", "--val-batches", "1", "--steps-per-report", "5"]
+
+
+def test_train_eval_generate_fuse(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--iters", "12", "--steps-per-eval", "6", "--save-every", "6",
+                 "--adapter-path", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out loss" in text and "peak memory" in text and str(out) in text
+    for f in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl",
+              "zo_log.jsonl", "summary.json"):
+        assert (out / f).is_file(), f
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 13))
+    assert {m["step"] for m in metrics if "eval_loss" in m} == {0, 6, 12}
+    # greppable report lines
+    assert "step 10 | loss" in text and "tok/s" in text and "peak_rss" in text
+
+    assert main(["eval", "--model", "tiny-llama", "--data", DATA, "--split", "valid",
+                 "--adapter-path", str(out), "--max-batches", "1"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "Note:", "--max-tokens", "5",
+                 "--adapter-path", str(out)]) == 0
+    fused = tmp_path / "fused"
+    assert main(["fuse", "--model", "tiny-llama", "--adapter-path", str(out),
+                 "--save-path", str(fused)]) == 0
+    assert (fused / "config.json").is_file() and (fused / "model.safetensors").is_file()
+    # the fused directory is a model pocketllm (and transformers) can load
+    assert main(["eval", "--model", str(fused), "--data", DATA, "--split", "valid",
+                 "--max-batches", "1"]) == 0
+
+
+def test_yaml_config_with_cli_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: tiny-llama\niters: 3\nlearning-rate: 1e-2\nlora_rank: 2\n"
+                   f"data: {DATA}\nmax-seq-length: 128\nbatch-size: 2\n")
+    out = tmp_path / "run"
+    assert main(["train", "-c", str(cfg), "--iters", "4", "--adapter-path", str(out),
+                 "--val-batches", "1"]) == 0
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["iters"] == 4 and saved["learning_rate"] == 1e-2 and saved["lora_rank"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_bad_config_key_is_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lerning-rate: 1\n")
+    with pytest.raises(SystemExit, match="lerning-rate"):
+        main(["train", "-c", str(cfg)])
+
+
+def test_malformed_data_fails_before_training(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    assert main(["train", "--model", "tiny-llama", "--data", str(d), "--adapter-path",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:2" in err and "completion" in err
+
+
+def test_full_parameter_replay_rebuilds_the_weights(tmp_path):
+    out = tmp_path / "full"
+    assert main(["train", *FAST, "--trainable", "full", "--learning-rate", "1e-4", "--eps", "1e-3",
+                 "--iters", "8", "--adapter-path", str(out)]) == 0
+    log = (out / "zo_log.jsonl").read_bytes()
+    assert len(log) < 8 * 400 + 4000  # a few hundred bytes a step
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["replay", "--adapter-path", str(out), "--save-path", str(rebuilt)]) == 0
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(rebuilt / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    from pocketllm.models import load_model
+    base, _ = load_model("tiny-llama")
+    assert any(not torch.equal(a[k], v) for k, v in base.state_dict().items() if k in a)
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "pocketllm"
+    r = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in ("--model", "--data", "--method", "--trainable", "--lora-rank", "--lora-targets",
+                 "--iters", "--batch-size", "--learning-rate", "--eps", "--seed", "--adapter-path",
+                 "--resume", "--save-every", "--steps-per-eval", "--max-seq-length", "--dtype",
+                 "--grad-accumulation"):
+        assert flag in r.stdout, flag
