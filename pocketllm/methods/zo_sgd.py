@@ -58,7 +58,7 @@ class ZOSGD(Method):
         self._log({"step": step, "projected_grad": g, "coef": coef, "lr": lr,
                    "loss": sum(losses) / len(losses)})
         return StepResult(loss=sum(losses) / len(losses), tokens=tokens,
-                          forward_passes=2 * len(batches), extra={"projected_grad": g})
+                          forward_passes=2 * len(batches), extra={"projected_grad": g, "coef": coef})
 
     def _single(self, b, keys, eps, sign) -> float:
         with self.pert.active(keys, eps, (sign,), rows=b["input_ids"].shape[0]) as hc:
