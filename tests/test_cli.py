@@ -103,3 +103,13 @@ def test_console_script_help():
                  "--resume", "--save-every", "--steps-per-eval", "--max-seq-length", "--dtype",
                  "--grad-accumulation"):
         assert flag in r.stdout, flag
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-opt", "tiny-gemma"])
+@pytest.mark.parametrize("trainable,dtype", [("lora", "float32"), ("full", "bfloat16")])
+def test_train_other_families_and_bfloat16(tmp_path, name, trainable, dtype):
+    out = tmp_path / "run"
+    args = [a if a != "tiny-llama" else name for a in FAST]
+    assert main(["train", *args, "--iters", "3", "--trainable", trainable, "--dtype", dtype,
+                 "--adapter-path", str(out)]) == 0
+    assert (out / ("adapter_model.safetensors" if trainable == "lora" else "model")).exists()

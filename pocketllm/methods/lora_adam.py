@@ -41,7 +41,7 @@ class LoRAAdam(Method):
             # token-weighted over all micro-batches, as if they were one batch
             loss = stats.nll.sum() / max(total, 1)
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
         self.opt.step()
         return StepResult(loss=loss_sum, tokens=total, forward_passes=len(batches))
 

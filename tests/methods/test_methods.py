@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from pocketllm.config import TrainArgs
+from pocketllm.loss import group_losses, token_stats
+from pocketllm.methods import REGISTRY, get_method
+from pocketllm.models import load_model
+from pocketllm.train import setup_trainable
+from tests.helpers import TEXTS, tiny_batch
+
+
+def _setup(method, trainable="lora", **kw):
+    model, tok = load_model("tiny-llama")
+    args = TrainArgs(model="tiny-llama", method=method, trainable=trainable, seed=3, **kw)
+    _, params = setup_trainable(model, args)
+    return model, tok, get_method(method)(model, params, args), args
+
+
+def test_registry_names_and_errors():
+    assert {"zo-sgd", "lora-adam"} <= set(REGISTRY)
+    with pytest.raises(ValueError, match="zo-sgd"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("method,lr,steps", [("zo-sgd", 2e-2, 60), ("lora-adam", 1e-2, 20)])
+def test_each_method_lowers_the_loss_of_a_fixed_batch(method, lr, steps):
+    model, tok, m, args = _setup(method, learning_rate=lr, eps=1e-2, lora_rank=4)
+    b = tiny_batch(tok, TEXTS)
+
+    def loss():
+        with torch.no_grad():
+            m.sync()
+            return group_losses(token_stats(model, b), 1).item()
+
+    before = loss()
+    for s in range(steps):
+        m.step([b], s, lr)
+    assert loss() < before - 0.05
+
+
+def test_zo_grad_accumulation_uses_one_perturbation_for_all_micro_batches():
+    b1 = tiny_batch(load_model("tiny-llama")[1], TEXTS[:2])
+    b2 = tiny_batch(load_model("tiny-llama")[1], TEXTS[2:])
+    gs = []
+    for batches in ([b1, b2], [b1], [b2]):
+        _, _, m, _ = _setup("zo-sgd", learning_rate=0.0)
+        gs.append(m.step(batches, 0, 0.0).extra["projected_grad"])
+    assert gs[0] == pytest.approx((gs[1] + gs[2]) / 2, rel=1e-6)
+
+
+def test_first_order_grad_accumulation_equals_one_big_batch():
+    tok = load_model("tiny-llama")[1]
+    results = []
+    for batches in ([tiny_batch(tok, TEXTS[:2]), tiny_batch(tok, TEXTS[2:])], [tiny_batch(tok, TEXTS)]):
+        model, _, m, _ = _setup("lora-adam", learning_rate=1e-2)
+        with torch.no_grad():  # B = 0 at init would leave A without a gradient
+            for _, p in m.params:
+                p.add_(0.01)
+        m.step(batches, 0, 0.0)
+        results.append([p.grad.clone() for _, p in m.params])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        assert a.abs().sum() > 0
+
+
+def test_lora_adam_refuses_full_parameters(tmp_path):
+    from pocketllm.cli import main
+    with pytest.raises(SystemExit, match="lora"):
+        main(["train", "--model", "tiny-llama", "--method", "lora-adam", "--trainable", "full",
+              "--adapter-path", str(tmp_path)])
