@@ -17,11 +17,11 @@ timing against ``torch.Tensor.normal_``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import platform
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ EXTRA_CFLAGS = [
     "-fno-trapping-math",
 ]
 EXTRA_LDFLAGS = ["-fopenmp"]  # resolves to libgomp.so.1, the runtime torch already loaded
+
+_STALE_LOCK_S = 600.0  # a build takes ~15 s; a lock file this old is left over from a crash
 
 _lock = threading.Lock()
 _module: Any | None = None
@@ -83,7 +85,13 @@ def _ops() -> Any:
 def _import_built(path: Path) -> Any | None:
     """Load an already-built library without invoking ninja (the fast path)."""
     so = path / f"{EXT_NAME}.so"
-    if not so.is_file() or (path / "lock").exists():  # "lock": a build is in progress
+    lock = path / "lock"  # torch's FileBaton: a build is in progress
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()  # left by a killed build; torch would wait on it forever
+    except FileNotFoundError:
+        pass
+    if not so.is_file() or lock.exists():
         return None
     torch.ops.load_library(str(so))
     return _ops()
@@ -131,8 +139,11 @@ def try_load() -> Any | None:
     try:
         return load()
     except Exception as exc:  # compiler missing, build error, import error, ...
-        msg = str(exc).strip().splitlines()
-        _error = f"{type(exc).__name__}: {msg[-1] if msg else ''}"[:500]
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # A build error's message is the whole compiler log: keep its first error line.
+        errors = [ln for ln in lines if "error:" in ln.lower()]
+        detail = errors[0] if errors else (lines[-1] if lines else "")
+        _error = f"{type(exc).__name__}: {detail}"[:500]
         return None
 
 
@@ -142,8 +153,10 @@ def load_error() -> str | None:
 
 
 def _main() -> None:
-    import time
+    """Build, then time the fused ops on a model-sized tensor (best of a few runs).
 
+    Env: POCKETLLM_BENCH_N (elements, default 134.5M), POCKETLLM_BENCH_REPS (default 5).
+    """
     print(f"cache: {cache_dir()}")
     t0 = time.perf_counter()
     try:
@@ -157,8 +170,9 @@ def _main() -> None:
 
     print(f"backend: {noise.backend()}  threads: {torch.get_num_threads()}")
     n = int(os.environ.get("POCKETLLM_BENCH_N", 134_500_000))
+    reps = int(os.environ.get("POCKETLLM_BENCH_REPS", 5))
 
-    def best(fn, reps: int = 3) -> float:
+    def best(fn) -> float:
         fn()
         times = []
         for _ in range(reps):
@@ -167,24 +181,24 @@ def _main() -> None:
             times.append(time.perf_counter() - t)
         return min(times)
 
+    key, ukey = noise.derive_key(0, 1, 2), noise.derive_key(0, 0, 2)
+    scratch = torch.empty(n)
+    print(f"\n{n:,} elements, seconds (best of {reps}):")
+    print(f"  torch normal_ float32: {best(lambda: scratch.normal_()):.4f}")
+    print(f"  {'dtype':<9} {'dist':<10} {'add_noise_':>10} {'pair':>8} {'pair+upd':>9} "
+          f"{'plus':>8} {'noise(out=)':>11}")
     for dtype in (torch.float32, torch.bfloat16):
-        w = torch.zeros(n, dtype=dtype)
+        w = torch.randn(n).to(dtype)
         plus, minus = torch.empty_like(w), torch.empty_like(w)
-        print(f"\n{n:,} elements, {dtype}:")
-        print(f"  torch normal_ (float32)        {best(lambda: torch.empty(n).normal_()):.4f} s"
-              if dtype == torch.float32 else "", end="\n" if dtype == torch.float32 else "")
         for dist in noise.DISTS:
-            k = noise.derive_key(0, 1, 2)
-            t_add = best(lambda: noise.add_noise_(w, k, 0, 1e-9, dist))
-            t_pair = best(lambda: noise.perturb_pair(w, k, 0, 1e-3, dist, plus, minus))
-            t_upd = best(lambda: noise.perturb_pair(w, k, 0, 1e-3, dist, plus, minus,
-                                                    update_key=k + 1, update_coef=1e-9))
-            t_one = best(lambda: noise.perturb_pair(w, k, 0, 1e-3, dist, plus, None))
-            print(f"  {dist:<10} add_noise_ {t_add:.4f} s | perturb_pair {t_pair:.4f} s"
-                  f" | +update {t_upd:.4f} s | plus only {t_one:.4f} s")
-        if dtype == torch.float32:
-            for dist in noise.DISTS:
-                print(f"  {dist:<10} noise() {best(lambda: noise.noise(1, 0, n, dist)):.4f} s")
+            t_add = best(lambda: noise.add_noise_(w, key, 0, 1e-9, dist))
+            t_pair = best(lambda: noise.perturb_pair(w, key, 0, 1e-3, dist, plus, minus))
+            t_upd = best(lambda: noise.perturb_pair(w, key, 0, 1e-3, dist, plus, minus,
+                                                    update_key=ukey, update_coef=1e-9))
+            t_one = best(lambda: noise.perturb_pair(w, key, 0, 1e-3, dist, plus, None))
+            t_gen = best(lambda: noise.noise(key, 0, n, dist, out=scratch)) if dtype == torch.float32 else None
+            print(f"  {str(dtype)[6:]:<9} {dist:<10} {t_add:>10.4f} {t_pair:>8.4f} {t_upd:>9.4f} "
+                  f"{t_one:>8.4f} {'' if t_gen is None else f'{t_gen:.4f}':>11}")
         del w, plus, minus
 
 

@@ -37,7 +37,12 @@ builds, else the pure-torch reference in :data:`reference`. ``POCKETLLM_ZO_BACKE
 forces the reference; ``=cpp`` makes a kernel build failure an error. The reference
 implements the same hash with int64 tensor ops and evaluates log/cos in float64 (it is
 the spec): rademacher values and fused results agree bit for bit, gaussian ``z`` agrees
-to ~1e-6 absolute (polynomial log/cos in the kernel).
+to ~1e-6 absolute (polynomial log/cos in the kernel), so gaussian fused results can
+differ in the last unit of the dtype.
+
+Keys must be well mixed (use :func:`derive_key`): the two 32-bit halves are used
+separately, so keys sharing ``k1`` give the same rademacher signs, and keys sharing
+``k2`` the same gaussian angles (correlation pi/4 ~ 0.79).
 """
 
 from __future__ import annotations
@@ -122,11 +127,18 @@ def _check_tensor(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {_DTYPES}")
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
 def _check_out(out: torch.Tensor, w: torch.Tensor, numel: int, name: str) -> None:
     _check_tensor(out, name)
     if out.dtype != w.dtype or out.numel() != numel:
         raise ValueError(f"{name} must have dtype {w.dtype} and {numel} elements, "
                          f"got {out.dtype} with {out.numel()}")
+    (a0, a1), (b0, b1) = _span(out), _span(w)
+    if out.numel() and w.numel() and a0 < b1 and b0 < a1:
+        raise ValueError(f"{name} must not overlap w")
 
 
 # ----------------------------------------------------------------------------- reference
@@ -312,16 +324,24 @@ def _bump(*tensors: torch.Tensor | None) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def noise(key: int, start: int, n: int, dist: str = "gaussian") -> torch.Tensor:
-    """float32 z for global flat indices ``start .. start+n-1``."""
+def noise(key: int, start: int, n: int, dist: str = "gaussian", *,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 z for global flat indices ``start .. start+n-1`` (written into ``out``, a
+    contiguous float32 tensor of ``n`` elements, if given)."""
+    if out is not None and (out.dtype != torch.float32 or out.numel() != n
+                            or not out.is_contiguous() or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous CPU float32 tensor of {n} elements")
     mod = _kernel()
     if mod is None:
-        return _torch_noise(key, start, n, dist)
+        z = _torch_noise(key, start, n, dist)
+        return z if out is None else out.view(-1).copy_(z).view_as(out)
     k1, k2 = _split_key(key)
     dist_id = _check_dist(dist)
     _check_range(start, n)
-    out = torch.empty(n, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32)
     mod.noise_out(out, k1, k2, start, dist_id)
+    _bump(out)
     return out
 
 

@@ -140,6 +140,9 @@ def test_chunked_equals_whole(cpp, dist):
     for k in (1, 255, 256, 777, 1001, 4999):
         parts = torch.cat([noise.noise(KEY, start, k, dist), noise.noise(KEY, start + k, n - k, dist)])
         assert torch.equal(parts, whole)
+    row = torch.empty(2, n)[1]
+    assert noise.noise(KEY, start, n, dist, out=row) is row
+    assert torch.equal(row, whole)
     # fused ops on slices equal the op on the whole tensor
     w = _weights(n, torch.float32)
     a, b = w.clone(), w.clone()
@@ -188,6 +191,26 @@ def test_perturb_pair_matches_reference(cpp, dist, dtype, update, minus):
     assert_fused_close(plus, rplus, dist)
     if minus:
         assert_fused_close(mins, rmins, dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rounding_exhaustive(cpp, dtype):
+    # Every finite 16-bit pattern, through load -> w +- eps*z -> round (normal, subnormal,
+    # overflow to inf, ties); rademacher z is exact, so results must match bit for bit.
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    w = bits.view(dtype)
+    w = w[torch.isfinite(w.float())].contiguous()
+    for eps in (0.0, 1e-7, 3e-3, 1.0, 1e4):
+        got = [torch.empty_like(w) for _ in range(2)]
+        want = [torch.empty_like(w) for _ in range(2)]
+        noise.perturb_pair(w, KEY, 3, eps, "rademacher", *got)
+        reference.perturb_pair(w, KEY, 3, eps, "rademacher", *want)
+        for a, b in zip(got, want):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    nan = torch.full((40,), float("nan"), dtype=dtype)
+    out = torch.empty_like(nan)
+    noise.perturb_pair(nan, KEY, 0, 1.0, "gaussian", out, None)
+    assert torch.isnan(out).all()
 
 
 @pytest.mark.parametrize("dist", DISTS)
@@ -306,7 +329,9 @@ def test_streams_uncorrelated(dist):
     others = [
         noise.noise(noise.derive_key(0, 2, 0), 0, N_STAT, dist),  # next step
         noise.noise(noise.derive_key(0, 1, 1), 0, N_STAT, dist),  # next parameter
-        noise.noise(noise.derive_key(0, 1, 0) ^ 1, 0, N_STAT, dist),  # raw key one bit apart
+        # raw key one bit apart in each 32-bit half (the halves k1, k2 are used separately:
+        # keys sharing a half would share the rademacher signs / the gaussian angles)
+        noise.noise(noise.derive_key(0, 1, 0) ^ (1 << 32 | 1), 0, N_STAT, dist),
         noise.noise(noise.derive_key(0, 1, 0), 1, N_STAT, dist),  # same key, shifted by one
         noise.noise(noise.derive_key(0, 1, 0), 2**32, N_STAT, dist),  # next high word
     ]
@@ -354,6 +379,10 @@ def test_validation():
         noise.perturb_pair(w, KEY, 0, 1.0, "gaussian", torch.zeros(9), None)
     with pytest.raises(ValueError):
         noise.perturb_pair(w, KEY, 0, 1.0, "gaussian", torch.zeros(10, dtype=torch.bfloat16), None)
+    with pytest.raises(ValueError, match="overlap"):
+        noise.perturb_pair(w, KEY, 0, 1.0, "gaussian", w, None)
+    assert noise.noise(KEY, 0, 0).numel() == 0
+    noise.perturb_pair(torch.zeros(0), KEY, 0, 1.0, "gaussian", torch.zeros(0), torch.zeros(0))
     with pytest.raises(IndexError):
         noise.perturb_rows(torch.zeros(3, 2), torch.tensor([3]), KEY, 1.0, "gaussian", torch.zeros(2))
 
