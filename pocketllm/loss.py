@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-VOCAB_CHUNK = 8192
+VOCAB_CHUNK = 2048  # vocab rows per chunk: small enough for the logits to stay in cache
 # (first vocab row, end row, weight per group, bias per group or None)
 HeadChunk = tuple[int, int, Sequence[torch.Tensor], Sequence[torch.Tensor | None]]
 
@@ -41,10 +41,10 @@ def output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def plain_head_chunks(head: nn.Module, groups: int = 1, chunk: int = VOCAB_CHUNK
-                      ) -> Iterator[HeadChunk]:
+def plain_head_chunks(head: nn.Module, groups: int = 1) -> Iterator[HeadChunk]:
     """Views of the head's rows; every group shares them."""
     w, b = head.weight, getattr(head, "bias", None)
+    chunk = VOCAB_CHUNK
     for v0 in range(0, w.shape[0], chunk):
         v1 = min(v0 + chunk, w.shape[0])
         bc = None if b is None else b[v0:v1]

@@ -10,7 +10,7 @@ from tests.helpers import TEXTS, tiny_batch
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-gemma"])
 def test_chunked_loss_equals_full_logits(name, monkeypatch):
     import pocketllm.loss as L
-    monkeypatch.setattr(L, "VOCAB_CHUNK", 100)  # several chunks over the tiny vocabulary
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 100)  # several chunks over the tiny vocabulary (260)
     model, tok = load_model(name)
     b = tiny_batch(tok, TEXTS)
     with torch.no_grad():

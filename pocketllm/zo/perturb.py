@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..lora import LoRALinear
+from .. import loss
 from ..loss import HeadChunk, output_head
 from . import noise
 
-HEAD_CHUNK = 2048  # vocab rows per perturbed head chunk: two 4.7 MB buffers at hidden 576
 
 
 class Perturber:
@@ -137,8 +137,9 @@ class Perturber:
         else:
             bias_groups = [b] * groups
         H = w.shape[1]
-        for v0 in range(0, w.shape[0], HEAD_CHUNK):
-            v1 = min(v0 + HEAD_CHUNK, w.shape[0])
+        # chunks as in the plain loss: at hidden 576, two 4.7 MB scratch copies per chunk
+        for v0 in range(0, w.shape[0], loss.VOCAB_CHUNK):
+            v1 = min(v0 + loss.VOCAB_CHUNK, w.shape[0])
             if idx is None:
                 ws = [w[v0:v1]] * groups
             else:
@@ -196,8 +197,18 @@ def _cat_groups(pert: Perturber, outs: list[torch.Tensor]) -> torch.Tensor:
 
 def linear_forward(pert: Perturber, mod: nn.Linear, orig, x: torch.Tensor) -> torch.Tensor:
     ws, bs = pert.group_values(mod, "weight"), pert.group_values(mod, "bias")
-    return _cat_groups(pert, [F.linear(xg, w, b)
-                              for xg, w, b in zip(_split_rows(pert, x), ws, bs)])
+    if x.shape[0] % pert.rows:  # a broadcast input: run per group and expand
+        return _cat_groups(pert, [F.linear(x, w, b) for w, b in zip(ws, bs)])
+    # Each group's matmul writes straight into its rows of the output (no concatenation copy).
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], ws[0].shape[0])
+    for xg, og, w, b in zip(x.chunk(len(ws), 0), out.chunk(len(ws), 0), ws, bs):
+        x2, o2 = xg.reshape(-1, xg.shape[-1]), og.view(-1, og.shape[-1])
+        if b is None:
+            torch.mm(x2, w.t(), out=o2)
+        else:
+            torch.addmm(b, x2, w.t(), out=o2)
+    return out
 
 
 def embedding_forward(pert: Perturber, mod: nn.Embedding, orig, ids: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,15 @@ def test_spsa_on_the_lm_matches_autograd_directional_derivative():
     z = [noise.noise(k, 0, p.numel()).view_as(p) for k, (_, p) in zip(keys, params)]
     directional = sum((gr * zz).sum() for gr, zz in zip(grads, z)).item()
     assert g == pytest.approx(directional, rel=2e-2, abs=1e-3)
+
+
+def test_perturbed_head_in_several_chunks(monkeypatch):
+    import pocketllm.loss as L
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 100)  # the tied head/embedding in 3 chunks
+    model, tok = load_model("tiny-llama")
+    params = list(model.named_parameters())
+    b = tiny_batch(tok, TEXTS)
+    keys = [noise.derive_key(4, 0, i) for i in range(len(params))]
+    lp, lm = _pair_losses(model, Perturber(model, params), keys, 1e-2, b)
+    assert lp == pytest.approx(_explicit_loss(model, params, keys, 1e-2, 1.0, b), abs=2e-5)
+    assert lm == pytest.approx(_explicit_loss(model, params, keys, 1e-2, -1.0, b), abs=2e-5)
