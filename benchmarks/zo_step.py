@@ -16,6 +16,7 @@ per-round figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -42,6 +43,8 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
     args = train_args(f"zo-{kind}", "float32", model_name, batch_size=B, perturbation=dist)
     _, params = setup_trainable(model, args)
     ours = get_method("zo-sgd")(model, params, args)
+    args_seq = dataclasses.replace(args, zo_pair_batch=False)
+    ours_seq = get_method("zo-sgd")(model, params, args_seq)
     plist = [p for _, p in params]
     batch = fixed_batch(model.config.vocab_size, B, seq)
     pair = {k: torch.cat([v, v]) for k, v in batch.items()}
@@ -60,6 +63,7 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
         row = {"fwd": min(timed(lambda: fwd(batch)) for _ in range(2)),
                "pair_fwd": timed(lambda: fwd(pair)),
                "ours": timed(lambda: ours.step([batch], r, args.learning_rate)),
+               "seq": timed(lambda: ours_seq.step([batch], r, args.learning_rate)),
                "naive": timed(lambda: naive_zo_step(plist, lambda: fwd(batch), args.eps,
                                                     args.learning_rate, seed=r))}
         if r:
@@ -68,8 +72,9 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
     ratio = lambda k, f: statistics.median(x[k] / f(x) for x in rows)  # noqa: E731
     floor = lambda x: 2 * x["fwd"]  # noqa: E731
     return {"kind": kind, "fwd": med("fwd"), "pair_fwd": med("pair_fwd"), "ours": med("ours"),
-            "naive": med("naive"),
+            "naive": med("naive"), "seq": med("seq"),
             "ours_floor": ratio("ours", floor), "naive_floor": ratio("naive", floor),
+            "seq_floor": ratio("seq", floor), "seq_pair": ratio("seq", lambda x: x["pair_fwd"]),
             "ours_pair": ratio("ours", lambda x: x["pair_fwd"]),
             "naive_pair": ratio("naive", lambda x: x["pair_fwd"]), "rounds": rounds,
             "threads": torch.get_num_threads()}
@@ -104,16 +109,22 @@ def main() -> None:
         print(kind, dist, res[kind, dist], flush=True)
     rows = []
     for (kind, dist), r in res.items():
-        for impl, key in ((f"pocketllm, {dist} z", "ours"), ("naive MeZO (torch.normal)", "naive")):
+        for impl, key in ((f"pocketllm sequential +/-, {dist} z", "seq"),
+                          (f"pocketllm pair-batched +/-, {dist} z", "ours"),
+                          ("naive MeZO (torch.normal)", "naive")):
             rows.append([kind, impl, f"{r[key]:.3f}", f"{2 * r['fwd']:.3f}",
                          f"**{r[key + '_floor']:.3f}**", f"{r['pair_fwd']:.3f}",
                          f"{r[key + '_pair']:.3f}"])
     B, T = a.batch_size, a.seq
     notes = f"""
 - floor = 2 x one forward at batch {B} x {T} (the issue's definition; the faster of two
-  back-to-back forwards); pair floor = one forward at batch {2 * B} x {T}, the batch our step
-  actually runs (+eps rows and -eps rows), so `step / pair floor` is the cost of generating
-  perturbations and applying the update on top of the forward work.
+  back-to-back forwards); pair floor = one forward at batch {2 * B} x {T}, the batch the
+  pair-batched step runs (+eps rows and -eps rows).
+- sequential (`--no-zo-pair-batch`, the default): the +eps pass builds its copies with the
+  previous step's update fused in, the -eps pass regenerates z (two generations a step, three
+  noise evaluations per element). pair-batched (`--zo-pair-batch`): one forward over the batch
+  twice, z generated once (two noise evaluations per element), but on this CPU a 16-row forward
+  costs more than two 8-row ones.
 - forward = backbone + output head streamed in vocabulary chunks + loss over all {T} positions.
 - ratios are medians over {a.rounds} rounds of the per-round ratio; times are medians.
 - noise backend: {noise.backend()}; float32 weights; LoRA r=8 on q/v. The naive reference

@@ -93,9 +93,8 @@ def train(args: TrainArgs) -> dict:
     enc = {k: encode_all(v, tok, mask_prompt=args.mask_prompt, max_seq_length=args.max_seq_length)
            for k, v in splits.items()}
     for k, e in enc.items():
-        if e.n_truncated:
-            print(f"warning: {e.n_truncated} {k} records longer than --max-seq-length "
-                  f"{args.max_seq_length} were truncated", flush=True)
+        for w in e.warnings(f"{args.data}/{k}.jsonl"):
+            print(f"warning: {w}", flush=True)
     pad_id = tok.pad_token_id
     spec, params = setup_trainable(model, args)
     method = method_cls(model, params, args)
