@@ -190,6 +190,8 @@ def _split_rows(pert: Perturber, t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _cat_groups(pert: Perturber, outs: list[torch.Tensor]) -> torch.Tensor:
+    if len(outs) == 1:
+        return outs[0]
     n = pert.rows // len(pert.signs)
     outs = [o.expand(n, *o.shape[1:]) if o.shape[0] == 1 and n != 1 else o for o in outs]
     return torch.cat(outs, 0)
