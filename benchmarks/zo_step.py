@@ -120,11 +120,11 @@ def main() -> None:
 - floor = 2 x one forward at batch {B} x {T} (the issue's definition; the faster of two
   back-to-back forwards); pair floor = one forward at batch {2 * B} x {T}, the batch the
   pair-batched step runs (+eps rows and -eps rows).
-- sequential (`--no-zo-pair-batch`, the default): the +eps pass builds its copies with the
-  previous step's update fused in, the -eps pass regenerates z (two generations a step, three
-  noise evaluations per element). pair-batched (`--zo-pair-batch`): one forward over the batch
-  twice, z generated once (two noise evaluations per element), but on this CPU a 16-row forward
-  costs more than two 8-row ones.
+- pair-batched (`--zo-pair-batch`, the default): one forward over the batch twice, z generated
+  once (two noise evaluations per element with the fused update), but on this CPU a 16-row
+  forward costs about as much as two 8-row ones or more. sequential (`--no-zo-pair-batch`): the
+  +eps pass builds its copies with the previous step's update fused in, the -eps pass
+  regenerates z (three noise evaluations per element); activations of one batch only.
 - forward = backbone + output head streamed in vocabulary chunks + loss over all {T} positions.
 - ratios are medians over {a.rounds} rounds of the per-round ratio; times are medians.
 - noise backend: {noise.backend()}; float32 weights; LoRA r=8 on q/v. The naive reference
