@@ -42,8 +42,8 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
     model, _ = load_model(model_name)
     args = train_args(f"zo-{kind}", "float32", model_name, batch_size=B, perturbation=dist)
     _, params = setup_trainable(model, args)
-    ours = get_method("zo-sgd")(model, params, args)
-    args_seq = dataclasses.replace(args, zo_pair_batch=False)
+    ours = get_method("zo-sgd")(model, params, dataclasses.replace(args, zo_passes="pair"))
+    args_seq = dataclasses.replace(args, zo_passes="sequential")
     ours_seq = get_method("zo-sgd")(model, params, args_seq)
     plist = [p for _, p in params]
     batch = fixed_batch(model.config.vocab_size, B, seq)
@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--only", nargs="+", default=None, metavar="KIND:DIST",
+                    help="configurations to run, e.g. full:gaussian lora:rademacher")
+    ap.add_argument("--out", default="zo_step.md", help="results file name")
     ap.add_argument("--kind", choices=("full", "lora"), help=argparse.SUPPRESS)
     ap.add_argument("--dist", default="gaussian", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -97,8 +100,9 @@ def main() -> None:
     from pocketllm.bench.machine import describe
     from pocketllm.zo import noise
     res = {}
-    for kind, dist in (("full", "gaussian"), ("full", "rademacher"), ("lora", "gaussian"),
-                       ("lora", "rademacher")):
+    configs = [tuple(c.split(":")) for c in a.only] if a.only else [
+        ("full", "gaussian"), ("full", "rademacher"), ("lora", "gaussian"), ("lora", "rademacher")]
+    for kind, dist in configs:
         out = subprocess.run([sys.executable, __file__, "--kind", kind, "--dist", dist,
                               "--model", a.model,
                               "--batch-size", str(a.batch_size), "--seq", str(a.seq),
@@ -120,9 +124,10 @@ def main() -> None:
 - floor = 2 x one forward at batch {B} x {T} (the issue's definition; the faster of two
   back-to-back forwards); pair floor = one forward at batch {2 * B} x {T}, the batch the
   pair-batched step runs (+eps rows and -eps rows).
-- pair-batched (`--zo-pair-batch`, the default): one forward over the batch twice, z generated
-  once (two noise evaluations per element with the fused update), but on this CPU a 16-row
-  forward costs about as much as two 8-row ones or more. sequential (`--no-zo-pair-batch`): the
+- pair-batched (`--zo-passes pair`, the default for LoRA): one forward over the batch twice, z
+  generated once (two noise evaluations per element with the fused update), but on this CPU a
+  16-row forward costs as much as two 8-row ones or more. sequential (`--zo-passes sequential`,
+  the default for full parameters): the
   +eps pass builds its copies with the previous step's update fused in, the -eps pass
   regenerates z (three noise evaluations per element); activations of one batch only.
 - forward = backbone + output head streamed in vocabulary chunks + loss over all {T} positions.
@@ -132,7 +137,7 @@ def main() -> None:
 - targets (issue 3): step/floor at most 1.15 (full) and 1.05 (LoRA).
 """
     cmd = "python benchmarks/zo_step.py " + " ".join(sys.argv[1:])
-    write_table("zo_step.md", f"ZO step vs its floor ({a.model}, batch {B} x {T})", cmd.strip(),
+    write_table(a.out, f"ZO step vs its floor ({a.model}, batch {B} x {T})", cmd.strip(),
                 describe(), ["trainable", "implementation", "step s", "floor s", "step/floor",
                              "pair floor s", "step/pair floor"], rows, notes)
 

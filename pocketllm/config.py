@@ -55,8 +55,11 @@ class TrainArgs(ModelArgs, DataArgs):
     eps: float = opt(1e-2, "ZO perturbation scale")
     perturbation: str = opt("gaussian", "ZO perturbation distribution",
                             choices=("gaussian", "rademacher"))
-    zo_pair_batch: bool = opt(True, "ZO: run the +eps/-eps passes as one forward over the "
-                              "batch twice (faster); off halves activation memory")
+    zo_passes: str = opt("auto", "ZO: 'pair' runs the +eps/-eps passes as one forward over the "
+                         "batch twice (z generated once); 'sequential' runs two forwards "
+                         "(activations of one batch); 'auto': pair for LoRA, sequential for "
+                         "full parameters (the faster of the two for each, measured)",
+                         choices=("auto", "pair", "sequential"))
     weight_decay: float = opt(0.0, "weight decay (lora-adam)")
     adapter_path: str = opt("adapters", "output directory (adapter, logs, config)")
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")

@@ -37,8 +37,13 @@ class Reporter:
     def _drop_after(self, step: int) -> None:
         # a resumed run rewrites the steps after its restart point
         if self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines()
-                    if l and json.loads(l).get("step", 0) <= step]
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    pass  # a line torn by the interruption
             self.path.write_text("".join(l + "\n" for l in keep))
 
     def record(self, rec: dict) -> None:

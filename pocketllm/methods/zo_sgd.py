@@ -33,6 +33,10 @@ class ZOSGD(Method):
             p.requires_grad_(False)  # no autograd anywhere: inference memory
         self.pert = Perturber(model, params, dist=args.perturbation)
         self.log_file = None
+        # On the full model the 2x-batch forward costs more than two forwards on this kind of
+        # CPU (benchmarks/results/zo_step*.md); with LoRA the shared base makes pairing free.
+        passes = args.zo_passes
+        self.pair = passes == "pair" or (passes == "auto" and args.trainable == "lora")
 
     def keys(self, step: int) -> list[int]:
         return [noise.derive_key(self.args.seed, step, i) for i in range(len(self.params))]
@@ -41,7 +45,7 @@ class ZOSGD(Method):
         eps, keys = self.args.eps, self.keys(step)
         grads, losses, tokens = [], [], 0
         for b in batches:  # grad accumulation: the same z for every micro-batch
-            if self.args.zo_pair_batch:
+            if self.pair:
                 # +eps and -eps as one forward: the batch twice, one row group per sign
                 pair = {k: torch.cat([v, v]) for k, v in b.items()}
                 with self.pert.active(keys, eps, (1.0, -1.0), rows=pair["input_ids"].shape[0]) as hc:
@@ -75,7 +79,7 @@ class ZOSGD(Method):
 
     def open_log(self, out_dir: Path, fresh: bool) -> None:
         path = Path(out_dir) / LOG_NAME
-        if fresh or not path.exists():
+        if fresh or not path.exists() or b"\n" not in path.read_bytes():
             self.log_file = open(path, "w")
             self._write(self.header())
         else:
@@ -94,8 +98,8 @@ class ZOSGD(Method):
 
     def restore(self, out_dir: Path) -> int:
         path = Path(out_dir) / LOG_NAME
-        if not path.exists():
-            return 0
+        if not path.exists() or b"\n" not in path.read_bytes():
+            return 0  # killed before its header was complete: nothing was trained yet
         header, steps = read_log(path)
         mine = self.header()
         for k in ("seed", "dist", "trainable", "params"):
