@@ -11,7 +11,7 @@ import torch
 
 from . import memory
 from .config import TrainArgs, save_yaml
-from .data import Batcher, encode_all, eval_batches, load_splits
+from .data import Batcher, encode_all, load_splits
 from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, save_adapter
 from .evaluate import EvalResult, evaluate, label_choices
 from .methods import get_method

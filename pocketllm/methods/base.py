@@ -8,7 +8,6 @@ with a `@register("name")` class and one import line in `methods/__init__.py`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 

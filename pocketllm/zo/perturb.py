@@ -100,17 +100,19 @@ class Perturber:
                 self._apply_pending(i)
             else:
                 upd_key, upd_coef = self.pending.pop(i)
-        out = []
         key = self.keys[i]
-        make = torch.empty_like if fresh else None
+
+        def alloc(tag: str) -> torch.Tensor:
+            return torch.empty_like(w) if fresh else self._buf(slot + tag, w)
+
         if self.signs == (1.0, -1.0):
-            plus = make(w) if fresh else self._buf(slot + "+", w)
-            minus = make(w) if fresh else self._buf(slot + "-", w)
+            plus, minus = alloc("+"), alloc("-")
             noise.perturb_pair(w, key, start, self.eps, self.dist, plus, minus,
                                update_key=upd_key, update_coef=upd_coef)
             return [plus, minus]
+        out = []
         for g, s in enumerate(self.signs):
-            o = make(w) if fresh else self._buf(f"{slot}{g}", w)
+            o = alloc(str(g))
             noise.perturb_pair(w, key, start, s * self.eps, self.dist, o, None,
                                update_key=upd_key, update_coef=upd_coef)
             upd_key, upd_coef = None, 0.0
