@@ -79,7 +79,7 @@ class ZOSGD(Method):
 
     def open_log(self, out_dir: Path, fresh: bool) -> None:
         path = Path(out_dir) / LOG_NAME
-        if fresh or not path.exists() or b"\n" not in path.read_bytes():
+        if fresh or not has_header(path):
             self.log_file = open(path, "w")
             self._write(self.header())
         else:
@@ -98,7 +98,7 @@ class ZOSGD(Method):
 
     def restore(self, out_dir: Path) -> int:
         path = Path(out_dir) / LOG_NAME
-        if not path.exists() or b"\n" not in path.read_bytes():
+        if not has_header(path):
             return 0  # killed before its header was complete: nothing was trained yet
         header, steps = read_log(path)
         mine = self.header()
@@ -110,6 +110,11 @@ class ZOSGD(Method):
         # drop a torn last line so the appended log stays well formed
         rewrite_log(path, header, steps)
         return len(steps)
+
+
+def has_header(path: Path) -> bool:
+    """The log exists and its header line was written completely."""
+    return path.exists() and b"\n" in path.read_bytes()
 
 
 def read_log(path: Path) -> tuple[dict, list[dict]]:
