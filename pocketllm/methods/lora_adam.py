@@ -19,6 +19,9 @@ CKPT = "checkpoint.pt"
 
 @register("lora-adam")
 class LoRAAdam(Method):
+    # the usual LoRA fine-tuning rate (PEFT / LoRA paper range 1e-4..5e-4), measured on SST-2
+    # (benchmarks/results/sst2.md)
+    defaults = {"lora": {"learning_rate": 1e-4, "eps": 1e-2}}
     trainable_kinds = ("lora",)
 
     def __init__(self, model, params, args):

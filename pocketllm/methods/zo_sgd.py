@@ -27,6 +27,12 @@ LOG_FORMAT = "pocketllm-zo-log/1"
 
 @register("zo-sgd")
 class ZOSGD(Method):
+    # MeZO (OPT): full lr 1e-6..1e-7, eps 1e-3; LoRA lr 5e-5..1e-4, eps 1e-2. The default model
+    # is 100x smaller and takes larger steps: these were measured on SST-2 and the demo task
+    # (benchmarks/results/sst2.md, demo.md).
+    defaults = {"full": {"learning_rate": 1e-5, "eps": 1e-3},
+                "lora": {"learning_rate": 3e-4, "eps": 1e-2}}
+
     def __init__(self, model, params, args):
         super().__init__(model, params, args)
         for _, p in params:
