@@ -95,6 +95,7 @@ class TrainArgs(ModelArgs, DataArgs):
     save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)")
     steps_per_eval: int = opt(50, "evaluate on valid every N steps (0: only before and after)")
     steps_per_report: int = opt(10, "print a report line every N steps")
+    eval_before: bool = opt(True, "evaluate before training (the zero-shot figure for a task)")
     test_every: int = opt(0, "task: score the dev/test set every N steps (0: only before and "
                           "after); logged as test_accuracy with the wall-clock time")
     val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)")

@@ -81,6 +81,9 @@ def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1,
     nll = tok = correct = exact = recs = chosen = 0.0
     preds, golds = [], []
     is_task = bool(items) and len(items[0]) == 3  # task items carry (class, answer position)
+    # Similar lengths batched together: far less padding (SST-2 dev: 3 to 60 tokens). The
+    # figures are sums over records, so the order does not change them.
+    items = sorted(items, key=lambda it: len(it[0]), reverse=True)
     for i, b in enumerate(eval_batches(items, batch_size, pad_id)):
         if 0 <= max_batches <= i:
             break

@@ -142,7 +142,7 @@ def train(args: TrainArgs) -> dict:
     # a task is judged on its dev/test set; records on valid
     final_split = "test" if data.task else "valid"
     before = None
-    if start == 0:
+    if start == 0 and args.eval_before:
         before = run_eval(0, "before", final_split)
         if data.task:
             run_eval(0, "before")
