@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, cls in sorted(REGISTRY.items()):
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:12s} {doc}")
+            for kind, d in cls.defaults.items():
+                print(f"{'':12s}   defaults with --trainable {kind}: "
+                      + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in d.items()))
         return 0
     cls, _ = COMMANDS[ns.command]
     args = C.resolve(cls, ns)
