@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..loss import token_stats
 from .base import Method, StepResult
 
 CKPT = "checkpoint.pt"
@@ -33,7 +32,7 @@ class FirstOrderAdamW(Method):
         loss_sum = 0.0
         # The model stays in eval mode: no dropout, as in MeZO's setups.
         for b in batches:
-            stats = token_stats(self.model, b)
+            stats = self.stats(self.model, b)
             # token-weighted over all micro-batches, as if they were one batch
             loss = stats.nll.sum() / max(total, 1)
             loss.backward()
