@@ -28,7 +28,9 @@ def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
 @dataclass
 class ModelArgs:
     model: str = opt("smollm2-135m", "model: alias (smollm2-135m, tiny-llama, tiny-gpt2, "
-                     "tiny-opt, tiny-gemma), local HF directory, .gguf file, or hub id")
+                     "tiny-opt, tiny-gemma, tiny-roberta; random-weight shapes random:opt-1.3b, "
+                     "random:roberta-large, random:smollm2-135m), local HF directory, .gguf "
+                     "file, or hub id")
     dtype: str = opt("float32", "weights' dtype", choices=("float32", "bfloat16"))
     seed: int = opt(0, "random seed: data order, LoRA init and perturbations")
 

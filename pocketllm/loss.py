@@ -128,6 +128,16 @@ def choice_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int =
                       choice_correct=right.detach(), pred=pred)
 
 
+def n_scored(batch: dict[str, torch.Tensor]) -> int:
+    """What a batch's loss is averaged over: label tokens (LM), rows (classification) or
+    examples (multiple choice)."""
+    if "class_label" in batch:
+        return int(batch["class_label"].shape[0])
+    if "choice_label" in batch:
+        return int(batch["choice_label"].shape[0] // int(batch["n_choices"][0]))
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def plain_head_chunks(head: nn.Module, groups: int = 1) -> Iterator[HeadChunk]:
     """Views of the head's rows; every group shares them."""
     w, b = head.weight, getattr(head, "bias", None)

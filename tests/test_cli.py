@@ -126,7 +126,7 @@ def _sst2_dir(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("model", ["tiny-llama"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-roberta"])
 def test_task_train_and_eval_end_to_end(tmp_path, capsys, model):
     d, out = _sst2_dir(tmp_path), tmp_path / "run"
     assert main(["train", "--model", model, "--task", "sst2", "--data", str(d), "--k", "4",

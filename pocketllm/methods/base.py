@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..loss import token_stats
+
 REGISTRY: dict[str, type["Method"]] = {}
 
 
@@ -61,6 +63,10 @@ class Method(ABC):
     # Settings used when the run leaves them at 0, per trainable set; each method documents
     # where its figures come from.
     defaults: dict[str, dict[str, float]] = {}
+    # What scores a batch: stats(model, batch, groups=1, head_chunks=None) -> TokenStats.
+    # An instance may be given another scorer with the same signature (the benchmark
+    # workload's masked-LM loss does).
+    stats = staticmethod(token_stats)
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], args):
         fill_defaults(args, type(self))

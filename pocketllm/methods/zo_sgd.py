@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..loss import group_losses, token_stats
+from ..loss import group_losses, n_scored
 from ..zo import noise
 from ..zo.perturb import Perturber
 from .base import Method, StepResult, register
@@ -55,12 +55,12 @@ class ZOSGD(Method):
                 # +eps and -eps as one forward: the batch twice, one row group per sign
                 pair = {k: torch.cat([v, v]) for k, v in b.items()}
                 with self.pert.active(keys, eps, (1.0, -1.0), rows=pair["input_ids"].shape[0]) as hc:
-                    lp, lm = group_losses(token_stats(self.model, pair, 2, hc), 2).tolist()
+                    lp, lm = group_losses(self.stats(self.model, pair, 2, hc), 2).tolist()
             else:
                 lp, lm = (self._single(b, keys, eps, s) for s in (1.0, -1.0))
             grads.append((lp - lm) / (2 * eps))
             losses.append((lp + lm) / 2)
-            tokens += int((b["labels"][:, 1:] != -100).sum())
+            tokens += n_scored(b)
         g = sum(grads) / len(grads)
         coef = -lr * g
         # Deferred: applied inside the next step's perturbation kernel (or at sync()).
@@ -72,7 +72,7 @@ class ZOSGD(Method):
 
     def _single(self, b, keys, eps, sign) -> float:
         with self.pert.active(keys, eps, (sign,), rows=b["input_ids"].shape[0]) as hc:
-            return group_losses(token_stats(self.model, b, 1, hc), 1).item()
+            return group_losses(self.stats(self.model, b, 1, hc), 1).item()
 
     def sync(self):
         self.pert.flush()
