@@ -139,7 +139,7 @@ def test_task_train_and_eval_end_to_end(tmp_path, capsys, model):
     assert [m["step"] for m in tests] == [0, 3, 6] and all("wall" in m for m in tests)
     # the method's defaults were filled in and saved with the run
     cfg = (out / "config.yaml").read_text()
-    assert "learning_rate: 0.0003" in cfg and "eps: 0.01" in cfg
+    assert "learning_rate: 0.003" in cfg and "eps: 0.01" in cfg  # zo-sgd lora:task
     assert main(["eval", "--model", model, "--task", "sst2", "--data", str(d),
                  "--adapter-path", str(out)]) == 0
     assert "task sst2 test (12 records" in capsys.readouterr().out

@@ -37,8 +37,12 @@ def get_method(name: str) -> type["Method"]:
 
 def fill_defaults(args, cls: type["Method"]) -> None:
     """Replace settings left at 0 (learning_rate, eps) by the method's default for the
-    trainable set, so a run works without a grid search."""
-    for key, value in cls.defaults.get(args.trainable, {}).items():
+    trainable set, so a run works without a grid search. A default may differ by objective:
+    "lora:task" (prompt-based classification) before "lora" (any)."""
+    objective = "task" if getattr(args, "task", "") else "lm"
+    merged = {**cls.defaults.get(args.trainable, {}),
+              **cls.defaults.get(f"{args.trainable}:{objective}", {})}
+    for key, value in merged.items():
         if not getattr(args, key, None):
             setattr(args, key, value)
     if not args.learning_rate:
