@@ -1,6 +1,6 @@
 """Learning-rate and ZO-eps schedules: a value per step, from a start value to a final one.
 
-    value(step) = final + (start - final) * shape(step / iters)
+    value(step) = start * shape(step / iters) + final * (1 - shape(step / iters))
 
 with `shape` from the registry below (1 at the start, falling to 0 at the end), after an
 optional linear warmup from 0 (learning rate only). Pure functions of the step, so a resumed
@@ -28,7 +28,8 @@ def scheduled(name: str, start: float, final: float, step: int, iters: int,
         return start * (step + 1) / warmup
     span = max(iters - warmup, 1)
     t = min(max(step - warmup, 0) / span, 1.0)
-    return final + (start - final) * SHAPES[name](t)
+    s = SHAPES[name](t)
+    return start * s + final * (1.0 - s)  # exactly `start` where s = 1 (constant)
 
 
 def lr_at(args, step: int) -> float:
