@@ -47,13 +47,17 @@ def child(a) -> dict:
     batch = fixed_batch(model.config.vocab_size, a.B, a.seq)
     rss_loaded = memory.rss_mb()
     memory.reset_peak()
-    times = []
+    times, cpu = [], []
     for i in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         method.step([batch], i, args.learning_rate)
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "times": times, "rss_loaded_mb": rss_loaded,
+            cpu.append(time.process_time() - c0)
+    # CPU seconds (all threads) as well as wall: on a shared machine the wall time of a step
+    # includes waiting for a core, its CPU time much less so
+    return {"step_s": statistics.median(times), "times": times,
+            "cpu_s": statistics.median(cpu), "rss_loaded_mb": rss_loaded,
             "peak_run_mb": memory.peak_rss_mb(), "passes": len(method.passes),
             "threads": torch.get_num_threads()}
 
@@ -123,8 +127,13 @@ def main() -> None:
                 # speedup: median over rounds of the per-round ratio to the baseline
                 ratio = statistics.median(b["step_s"] / x["step_s"]
                                           for b, x in zip(res[B, q, base], runs))
+                cpu = statistics.median(x["cpu_s"] for x in runs)
+                cpu_ratio = statistics.median(b["cpu_s"] / x["cpu_s"]
+                                              for b, x in zip(res[B, q, base], runs))
                 rows.append([B, q, mode, runs[0]["passes"], f"{step:.3f}", f"{q / step:.2f}",
                              f"**{ratio:.2f}x**" if mode != base else "1.00x",
+                             f"{cpu:.3f}", f"{q / cpu:.2f}",
+                             f"**{cpu_ratio:.2f}x**" if mode != base else "1.00x",
                              f"{max(x['peak_run_mb'] for x in runs):.0f}",
                              f"{runs[0]['rss_loaded_mb']:.0f}"])
     cmd = "python benchmarks/prge_step.py " + " ".join(sys.argv[1:])
@@ -133,7 +142,9 @@ def main() -> None:
   LoRA r={a.rank} alpha={2 * a.rank} on q_proj/v_proj{', LoRA-FA' if a.lora_fa else ''}, float32,
   gaussian z (noise backend: {noise.backend()}), sgd update deferred into the next step.
   `none`: 2q forwards of B rows; `both`: one forward of 2qB rows (P-RGE); forwards = passes.
-- queries/s = q / step s; speedup = median over rounds of (baseline step s / step s).
+- queries/s = q / step s; speedup = median over rounds of (baseline step s / step s). The CPU
+  columns use the process's CPU time (all its threads) instead of wall time: on a shared,
+  oversubscribed machine a step's wall time includes waiting for a core, its CPU time much less.
 - peak RSS (run): high-water mark from after loading the model and injecting LoRA through the
   {a.warmup} + {a.steps} steps (max over rounds); RSS loaded: resident size before the steps.
 - {a.rounds} rounds, each configuration a fresh process per round ({a.warmup} untimed + {a.steps}
@@ -144,8 +155,9 @@ def main() -> None:
   none/both ratio fair.
 """
     write_table(a.out, f"P-RGE step: sequential vs batched queries ({a.model})", cmd.strip(),
-                describe(), ["B", "q", "parallel", "forwards", "step s", "queries/s",
-                             "speedup", "peak RSS (run) MB", "RSS loaded MB"], rows, notes)
+                describe(), ["B", "q", "parallel", "forwards", "step s (wall)", "queries/s",
+                             "speedup (wall)", "step CPU s", "queries/CPU s", "speedup (CPU)",
+                             "peak RSS (run) MB", "RSS loaded MB"], rows, notes)
 
 
 if __name__ == "__main__":

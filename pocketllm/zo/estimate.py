@@ -49,9 +49,10 @@ def plan_passes(queries: int, parallel: str, max_replicas: int = 0) -> list[list
 
 
 def replica_losses(model: nn.Module, pert: Perturber, batch: dict[str, torch.Tensor],
-                   keys: list[list[int]], eps: float, passes: list[list[Replica]]
-                   ) -> torch.Tensor:
-    """(q, 2) losses: [j, 0] at w + eps z_j, [j, 1] at w - eps z_j (keys[j]: query j's keys)."""
+                   keys: list[list[int]], eps: float, passes: list[list[Replica]],
+                   stats=token_stats) -> torch.Tensor:
+    """(q, 2) losses: [j, 0] at w + eps z_j, [j, 1] at w - eps z_j (keys[j]: query j's keys).
+    `stats(model, batch, groups, head_chunks)` scores a batch (`token_stats` by default)."""
     out = torch.empty(len(keys), 2, dtype=torch.float64)
     for reps in passes:
         G = len(reps)
@@ -60,7 +61,7 @@ def replica_losses(model: nn.Module, pert: Perturber, batch: dict[str, torch.Ten
                                     for k, v in batch.items()}
         with pert.active([keys[j] for j, _ in reps], eps, [SIGNS[s] for _, s in reps],
                          rows=rep["input_ids"].shape[0]) as hc:
-            losses = group_losses(token_stats(model, rep, G, hc), G).tolist()
+            losses = group_losses(stats(model, rep, G, hc), G).tolist()
         for (j, s), loss in zip(reps, losses):
             out[j, s] = loss
     return out
