@@ -91,6 +91,28 @@ class TrainArgs(ModelArgs, DataArgs):
                          "(activations of one batch); 'auto': pair for LoRA, sequential for "
                          "full parameters (the faster of the two for each, measured)",
                          choices=("auto", "pair", "sequential"))
+    lora_fa: bool = opt(False, "LoRA-FA: A stays frozen at its random init, only B is trained")
+    queries: int = opt(1, "prge: perturbation queries q per step (the estimate averages q "
+                       "two-point estimates)")
+    parallel: str = opt("both", "prge: which loops run as one batched forward: none (2q "
+                        "forwards), inner (each query's +/- pair), outer (all queries of a "
+                        "sign), both (one forward over the batch 2q times)",
+                        choices=("none", "inner", "outer", "both"))
+    max_replicas: int = opt(0, "ZO: at most R batch replicas per forward (0: no cap); less "
+                            "activation memory for more forwards")
+    zo_optimizer: str = opt("sgd", "ZO update rule (zo-sgd, prge); momentum/adam keep state "
+                            "the size of the trainable tensors",
+                            choices=("sgd", "momentum", "adam", "sign-sgd", "conservative"))
+    zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1")
+    zo_beta2: float = opt(0.999, "ZO Adam beta2")
+    zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon")
+    lr_schedule: str = opt("constant", "learning-rate schedule (to --lr-final)",
+                           choices=("constant", "linear", "cosine"))
+    lr_final: float = opt(0.0, "final learning rate of a linear/cosine schedule")
+    lr_warmup: int = opt(0, "steps of linear learning-rate warmup from 0")
+    eps_schedule: str = opt("constant", "ZO eps schedule (to --eps-final)",
+                            choices=("constant", "linear", "cosine"))
+    eps_final: float = opt(0.0, "final eps of a linear/cosine eps schedule (0: eps/10)")
     weight_decay: float = opt(0.0, "weight decay (lora-adam)")
     adapter_path: str = opt("adapters", "output directory (adapter, logs, config)")
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")
@@ -130,7 +152,7 @@ class FuseArgs(ModelArgs):
 
 @dataclass
 class ReplayArgs(ModelArgs):
-    adapter_path: str = opt("adapters", "directory of a zo-sgd run (its zo_log.jsonl)")
+    adapter_path: str = opt("adapters", "directory of a zo-sgd/prge run (its zo_log.jsonl)")
     save_path: str = opt("replayed_model", "where to write the rebuilt model / adapter")
 
 

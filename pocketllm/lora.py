@@ -74,13 +74,18 @@ class LoRALinear(nn.Module):
     def forward_groups(self, x: torch.Tensor, As: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
         """Rows of x split into G equal groups along dim 0; group g uses adapter (As[g], Bs[g]).
 
-        As: (G, r, in), Bs: (G, out, r). One batched matmul per factor, no loop over groups:
-        the frozen base is applied once to all rows (it is read from memory once).
+        As: (G, r, in), Bs: (G, out, r); either may have G = 1 to share one factor across the
+        groups (LoRA-FA's frozen A). One batched matmul per factor, no loop over groups: the
+        frozen base is applied once to all rows (it is read from memory once).
         """
         y = self.base_layer(x)
-        G = As.shape[0]
-        xg = self.dropout(x).to(As.dtype).reshape(G, -1, self.in_features)
-        d = torch.bmm(torch.bmm(xg, As.transpose(1, 2)), Bs.transpose(1, 2))
+        G = max(As.shape[0], Bs.shape[0])
+        xd = self.dropout(x).to(As.dtype)
+        if As.shape[0] == 1:  # shared A: one plain matmul, then split the rows into groups
+            xa = F.linear(xd, As[0]).reshape(G, -1, self.r)
+        else:
+            xa = torch.bmm(xd.reshape(G, -1, self.in_features), As.transpose(1, 2))
+        d = torch.bmm(xa, Bs.transpose(1, 2).expand(G, -1, -1))
         return y + (d.reshape(y.shape) * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -125,9 +130,11 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every LoRA factor, in a stable order."""
-    return [(n, p) for n, p in model.named_parameters() if ".lora_A" in n or ".lora_B" in n]
+def lora_parameters(model: nn.Module, fa: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every LoRA factor, in a stable order. `fa` (LoRA-FA): the B
+    factors only; A stays frozen at its (seeded) random init."""
+    return [(n, p) for n, p in model.named_parameters()
+            if ".lora_B" in n or (".lora_A" in n and not fa)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

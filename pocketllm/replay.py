@@ -1,4 +1,4 @@
-"""Rebuild the weights of a zo-sgd run from the base model and its step log alone."""
+"""Rebuild the weights of a zo-sgd or prge run from the base model and its step log alone."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import yaml
 
 from .config import TrainArgs
 from .lora import save_adapter
-from .methods.zo_sgd import LOG_NAME, read_log, replay_steps
+from .methods.zo_sgd import LOG_DEFAULTS, LOG_NAME, read_log, replay_steps
 from .models import load_model
 from .train import setup_trainable
+from .zo import optim
 
 
 def replay(run_dir: str | Path, save_path: str | Path, model: str | None = None):
@@ -30,7 +31,8 @@ def replay(run_dir: str | Path, save_path: str | Path, model: str | None = None)
     if [n for n, _ in params] != header["params"]:
         raise SystemExit(f"{run_dir / LOG_NAME}: the log's parameters do not match "
                          f"{args.model} with trainable={args.trainable}")
-    replay_steps(params, steps, header["seed"], header["dist"])
+    opt = optim.build(header.get("optimizer", LOG_DEFAULTS["optimizer"]), [p for _, p in params])
+    replay_steps(params, steps, header["seed"], header["dist"], opt)
     out = Path(save_path)
     out.mkdir(parents=True, exist_ok=True)
     if spec is not None:

@@ -17,6 +17,7 @@ from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, save_a
 from .evaluate import EvalResult, evaluate
 from .loss import is_masked_lm
 from .methods import get_method
+from .schedules import lr_at
 from .models import load_model
 
 METRICS = "metrics.jsonl"
@@ -79,7 +80,7 @@ def setup_trainable(model, args: TrainArgs):
         spec = LoraSpec(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                         targets=list(args.lora_targets) or default_targets(model))
         apply_lora(model, spec)
-        return spec, lora_parameters(model)
+        return spec, lora_parameters(model, fa=args.lora_fa)
     for p in model.parameters():
         p.requires_grad_(False)
     return None, list(model.named_parameters())
@@ -151,7 +152,8 @@ def train(args: TrainArgs) -> dict:
     for step in range(start, args.iters):
         t0 = time.time()
         batches = [batcher(step, k) for k in range(args.grad_accumulation)]
-        res = method.step(batches, step, args.learning_rate)
+        lr = lr_at(args, step)
+        res = method.step(batches, step, lr)
         dt = time.time() - t0
         n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
         tokens_seen += n_tok
@@ -159,15 +161,14 @@ def train(args: TrainArgs) -> dict:
         window.append((res.loss, dt, n_tok))
         done = step + 1
         clock[0] += dt
-        rec = {"step": done, "wall": clock[0], "loss": res.loss, "lr": args.learning_rate,
-               "step_time": dt,
+        rec = {"step": done, "wall": clock[0], "loss": res.loss, "lr": lr, "step_time": dt,
                "forward_passes": fwd, **res.extra}
         report.record(rec)
         report.progress(1, {"loss": f"{res.loss:.3f}"})
         if done % args.steps_per_report == 0 or done == args.iters:
             loss = sum(w[0] for w in window) / len(window)
             tps = sum(w[2] for w in window) / sum(w[1] for w in window)
-            report.say(f"step {done} | loss {loss:.4f} | lr {args.learning_rate:.2e} | "
+            report.say(f"step {done} | loss {loss:.4f} | lr {lr:.2e} | "
                        f"tok/s {tps:.0f} | fwd {fwd} | peak_rss {memory.peak_rss_mb():.0f}MB")
             window = []
         if args.steps_per_eval and done % args.steps_per_eval == 0 and done < args.iters:

@@ -20,7 +20,13 @@ def _args(out, method, trainable, iters):
             "--method", method, "--trainable", trainable, "--iters", str(iters),
             "--batch-size", "2", "--max-seq-length", "128", "--steps-per-eval", "0",
             "--val-batches", "1", "--save-every", "7", "--adapter-path", str(out),
-            "--learning-rate", "1e-3" if trainable == "lora" else "1e-4", "--threads", "1"]
+            "--learning-rate", "1e-3" if trainable == "lora" else "1e-4", "--threads", "1",
+            *EXTRA.get(method, [])]
+
+
+# a stateful ZO optimizer (its state rebuilt by replaying the log), P-RGE queries, schedules
+EXTRA = {"prge": ["--queries", "2", "--zo-optimizer", "adam", "--lr-schedule", "cosine",
+                  "--eps-schedule", "linear"]}
 
 
 def _weights(out: Path, trainable: str) -> dict:
@@ -34,7 +40,8 @@ def _steps_done(out: Path) -> int:
 
 
 @pytest.mark.parametrize("method,trainable", [("zo-sgd", "lora"), ("zo-sgd", "full"),
-                                              ("lora-adam", "lora"), ("adam", "full")])
+                                              ("lora-adam", "lora"), ("adam", "full"),
+                                              ("prge", "lora")])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, method, trainable):
     iters = 60
     ref = tmp_path / "ref"

@@ -1,11 +1,13 @@
-"""zo-sgd: MeZO's two-point SPSA estimate with plain SGD, on the full weights or on LoRA.
+"""zo-sgd: MeZO's two-point SPSA estimate on the full weights or on LoRA, with a ZO optimizer.
 
     g = (L(w + eps z) - L(w - eps z)) / (2 eps),   w <- w - lr g z,   z ~ N(0, I) from a seed
 
 Nothing of z is stored: it is regenerated from (run seed, step, parameter index). The step's
-record (seed, projected gradient, coefficient) goes to `zo_log.jsonl`, a few dozen bytes a step:
-the base model plus that log rebuild the trained weights exactly (`pocketllm replay`), and it is
-also what `--resume` replays after an interruption.
+record (projected gradient, lr) goes to `zo_log.jsonl`, a few dozen bytes a step: the base
+model plus that log rebuild the trained weights exactly (`pocketllm replay`), and it is also
+what `--resume` replays after an interruption. `--zo-optimizer` picks the update rule
+(`pocketllm.zo.optim`); stateful ones rebuild their state from the same log. The class is also
+the multi-query estimator `prge` builds on (`queries` > 1).
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from pathlib import Path
 import torch
 
 from ..loss import group_losses, n_scored
-from ..zo import noise
+from ..schedules import eps_at
+from ..zo import optim
+from ..zo.estimate import plan_passes, replica_losses
 from ..zo.perturb import Perturber
 from .base import Method, StepResult, register
 
 LOG_NAME = "zo_log.jsonl"
 LOG_FORMAT = "pocketllm-zo-log/1"
+# header fields of logs written before they existed
+LOG_DEFAULTS = {"queries": 1, "optimizer": {"name": "sgd"}}
 
 
 @register("zo-sgd")
@@ -42,40 +48,49 @@ class ZOSGD(Method):
             p.requires_grad_(False)  # no autograd anywhere: inference memory
         self.pert = Perturber(model, params, dist=args.perturbation)
         self.log_file = None
-        # On the full model the 2x-batch forward costs more than two forwards on this kind of
-        # CPU (benchmarks/results/zo_step*.md); with LoRA the shared base makes pairing free.
-        passes = args.zo_passes
-        self.pair = passes == "pair" or (passes == "auto" and args.trainable == "lora")
+        self.queries, self.passes = self.plan(args)
+        self.opt = optim.build(optim.spec_from_args(args), [p for _, p in params])
 
-    def keys(self, step: int) -> list[int]:
-        return [noise.derive_key(self.args.seed, step, i) for i in range(len(self.params))]
+    def plan(self, args) -> tuple[int, list]:
+        """(queries, forward passes) of a step. One query; on the full model the 2x-batch
+        forward costs more than two forwards on this kind of CPU (benchmarks/results/
+        zo_step*.md); with LoRA the shared base makes pairing free."""
+        passes = args.zo_passes
+        pair = passes == "pair" or (passes == "auto" and args.trainable == "lora")
+        return 1, plan_passes(1, "both" if pair else "none", args.max_replicas)
+
+    def keys(self, step: int) -> list[list[int]]:
+        return optim.query_keys(self.args.seed, step, self.queries, len(self.params))
 
     def step(self, batches, step, lr):
-        eps, keys = self.args.eps, self.keys(step)
-        grads, losses, tokens = [], [], 0
+        eps, keys = eps_at(self.args, step), self.keys(step)
+        diffs, losses, tokens = [], [], 0
         for b in batches:  # grad accumulation: the same z for every micro-batch
-            if self.pair:
-                # +eps and -eps as one forward: the batch twice, one row group per sign
-                pair = {k: torch.cat([v, v]) for k, v in b.items()}
-                with self.pert.active(keys, eps, (1.0, -1.0), rows=pair["input_ids"].shape[0]) as hc:
-                    lp, lm = group_losses(self.stats(self.model, pair, 2, hc), 2).tolist()
-            else:
-                lp, lm = (self._single(b, keys, eps, s) for s in (1.0, -1.0))
-            grads.append((lp - lm) / (2 * eps))
-            losses.append((lp + lm) / 2)
+            L = replica_losses(self.model, self.pert, b, keys, eps, self.passes, self.stats)
+            diffs.append((L[:, 0] - L[:, 1]) / (2 * eps))
+            losses.append(L.mean().item())
             tokens += n_scored(b)
+        grads = (sum(diffs) / len(diffs)).tolist()
+        self._extra_fwd = 0
+        target = optim.Target([p for _, p in self.params], self.pert.schedule_updates,
+                              lambda: self._plain_loss(batches))
+        # sgd: deferred, applied inside the next step's perturbation kernel (or at sync())
+        extra = self.opt.step(optim.Estimate(keys, grads, self.args.perturbation), lr, target)
         g = sum(grads) / len(grads)
-        coef = -lr * g
-        # Deferred: applied inside the next step's perturbation kernel (or at sync()).
-        self.pert.schedule_update(keys, coef)
-        self._log({"step": step, "projected_grad": g, "coef": coef, "lr": lr,
-                   "loss": sum(losses) / len(losses)})
-        return StepResult(loss=sum(losses) / len(losses), tokens=tokens,
-                          forward_passes=2 * len(batches), extra={"projected_grad": g, "coef": coef})
+        loss = sum(losses) / len(losses)
+        self._log({"step": step, "projected_grads": grads, "lr": lr, "eps": eps, "loss": loss,
+                   **extra})
+        return StepResult(loss=loss, tokens=tokens,
+                          forward_passes=2 * self.queries * len(batches) + self._extra_fwd,
+                          extra={"projected_grad": g, **extra})
 
-    def _single(self, b, keys, eps, sign) -> float:
-        with self.pert.active(keys, eps, (sign,), rows=b["input_ids"].shape[0]) as hc:
-            return group_losses(self.stats(self.model, b, 1, hc), 1).item()
+    def _plain_loss(self, batches) -> float:
+        """The loss at the current weights (pending updates applied), for `conservative`."""
+        self.pert.flush()
+        with torch.no_grad():
+            ls = [group_losses(self.stats(self.model, b), 1).item() for b in batches]
+        self._extra_fwd += len(batches)
+        return sum(ls) / len(ls)
 
     def sync(self):
         self.pert.flush()
@@ -84,7 +99,8 @@ class ZOSGD(Method):
     def header(self) -> dict:
         return {"format": LOG_FORMAT, "seed": self.args.seed, "dist": self.args.perturbation,
                 "trainable": self.args.trainable, "dtype": self.args.dtype,
-                "params": [n for n, _ in self.params]}
+                "params": [n for n, _ in self.params], "queries": self.queries,
+                "optimizer": self.opt.spec()}
 
     def open_log(self, out_dir: Path, fresh: bool) -> None:
         path = Path(out_dir) / LOG_NAME
@@ -111,11 +127,13 @@ class ZOSGD(Method):
             return 0  # killed before its header was complete: nothing was trained yet
         header, steps = read_log(path)
         mine = self.header()
-        for k in ("seed", "dist", "trainable", "params"):
-            if header.get(k) != mine[k]:
+        for k in ("seed", "dist", "trainable", "params", "queries", "optimizer"):
+            there = header.get(k, LOG_DEFAULTS.get(k))
+            if there != mine[k]:
                 raise SystemExit(f"--resume: {path} was written by a different run "
-                                 f"({k}: {header.get(k)!r} there, {mine[k]!r} now)")
-        replay_steps(self.params, steps, header["seed"], header["dist"])
+                                 f"({k}: {there!r} there, {mine[k]!r} now)")
+        # rebuilds the weights and the optimizer's state
+        replay_steps(self.params, steps, header["seed"], header["dist"], self.opt)
         # drop a torn last line so the appended log stays well formed
         rewrite_log(path, header, steps)
         return len(steps)
@@ -157,10 +175,14 @@ def rewrite_log(path: Path, header: dict, steps: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def replay_steps(params, steps: list[dict], seed: int, dist: str) -> None:
-    """Apply every logged update in order: w += coef_t * z(seed, t, i)."""
-    with torch.no_grad():
-        for rec in steps:
-            for i, (_, p) in enumerate(params):
-                noise.add_noise_(p.data, noise.derive_key(seed, rec["step"], i), 0,
-                                 rec["coef"], dist)
+def replay_steps(params, steps: list[dict], seed: int, dist: str,
+                 opt: optim.ZOOptimizer | None = None) -> None:
+    """Apply every logged update in order, through `opt` (default: sgd), whose state this
+    rebuilds: the estimate of step t is regenerated from (seed, t) and its projected grads."""
+    tensors = [p for _, p in params]
+    opt = opt or optim.build({"name": "sgd"}, tensors)
+    target = optim.immediate(tensors, dist)
+    for rec in steps:
+        grads = rec.get("projected_grads") or [rec["projected_grad"]]
+        keys = optim.query_keys(seed, rec["step"], len(grads), len(tensors))
+        opt.step(optim.Estimate(keys, grads, dist), rec["lr"], target, logged=rec)

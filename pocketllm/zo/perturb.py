@@ -50,10 +50,11 @@ class Perturber:
             if own:
                 self.owners[mod] = own
         self.head = output_head(model)
-        self.pending: dict[int, tuple[int, float]] = {}  # param index -> (key, coef)
+        # param index -> [(key, coef)]: p += coef * z(key), applied in this order
+        self.pending: dict[int, list[tuple[int, float]]] = {}
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        # set while a perturbed forward runs
-        self.keys: list[int] = []
+        # set while a perturbed forward runs: group g perturbs parameter i with group_keys[g][i]
+        self.group_keys: list[list[int]] = []
         self.eps = 0.0
         self.signs: tuple[float, ...] = ()
         self.rows = 0
@@ -61,10 +62,17 @@ class Perturber:
     # ---- the deferred update ------------------------------------------------------------
     def schedule_update(self, keys: Sequence[int], coef: float) -> None:
         """Queue p += coef * z(keys[i]) for every parameter, applied at its next use."""
+        self.schedule_updates([(keys, coef)])
+
+    def schedule_updates(self, updates: Sequence[tuple[Sequence[int], float]]) -> None:
+        """Queue several seeded updates (one per query: its keys and coefficient), applied to
+        each parameter in this order at its next use."""
         if self.pending:
             self.flush()
-        if coef != 0.0:
-            self.pending = {i: (k, coef) for i, k in enumerate(keys)}
+        for keys, coef in updates:
+            if coef != 0.0:
+                for i, k in enumerate(keys):
+                    self.pending.setdefault(i, []).append((k, coef))
 
     def flush(self) -> None:
         """Apply every queued update now (before evaluation, saving, or the end of training)."""
@@ -73,8 +81,8 @@ class Perturber:
                 self._apply_pending(i)
 
     def _apply_pending(self, i: int) -> None:
-        key, coef = self.pending.pop(i)
-        noise.add_noise_(self.params[i].data, key, 0, coef, self.dist)
+        for key, coef in self.pending.pop(i):
+            noise.add_noise_(self.params[i].data, key, 0, coef, self.dist)
 
     # ---- building perturbed copies --------------------------------------------------------
     def _buf(self, slot: str, like: torch.Tensor) -> torch.Tensor:
@@ -98,25 +106,27 @@ class Perturber:
         if i in self.pending:
             if flat is not None:  # a slice: the whole tensor must be updated first
                 self._apply_pending(i)
-            else:
-                upd_key, upd_coef = self.pending.pop(i)
-        key = self.keys[i]
+            else:  # all but the last queued update now, the last fused into the first copy
+                *first, (upd_key, upd_coef) = self.pending.pop(i)
+                for k, c in first:
+                    noise.add_noise_(p, k, 0, c, self.dist)
 
         def alloc(tag: str) -> torch.Tensor:
             return torch.empty_like(w) if fresh else self._buf(slot + tag, w)
 
-        if self.signs == (1.0, -1.0):
-            plus, minus = alloc("+"), alloc("-")
-            noise.perturb_pair(w, key, start, self.eps, self.dist, plus, minus,
-                               update_key=upd_key, update_coef=upd_coef)
-            return [plus, minus]
-        out = []
-        for g, s in enumerate(self.signs):
-            o = alloc(str(g))
-            noise.perturb_pair(w, key, start, s * self.eps, self.dist, o, None,
+        out: list[torch.Tensor] = []
+        G, signs, keys = len(self.signs), self.signs, [k[i] for k in self.group_keys]
+        g = 0
+        while g < G:
+            # a +eps/-eps pair of one key (adjacent groups) is written in one pass over w
+            pair = g + 1 < G and keys[g + 1] == keys[g] and signs[g + 1] == -signs[g]
+            o1 = alloc(str(g))
+            o2 = alloc(str(g + 1)) if pair else None
+            noise.perturb_pair(w, keys[g], start, signs[g] * self.eps, self.dist, o1, o2,
                                update_key=upd_key, update_coef=upd_coef)
             upd_key, upd_coef = None, 0.0
-            out.append(o)
+            out += [o1] if o2 is None else [o1, o2]
+            g += 2 if pair else 1
         return out
 
     def group_values(self, mod: nn.Module, attr: str) -> list[torch.Tensor | None]:
@@ -158,9 +168,9 @@ class Perturber:
             if idx in self.pending:
                 self._apply_pending(idx)  # rows only: update the whole table first
             ws = []
-            for s in self.signs:
+            for keys, s in zip(self.group_keys, self.signs):
                 o = torch.empty(ids.numel(), w.shape[1], dtype=w.dtype)
-                noise.perturb_rows(w.data, ids, self.keys[idx], s * self.eps, self.dist, o, None)
+                noise.perturb_rows(w.data, ids, keys[idx], s * self.eps, self.dist, o, None)
                 ws.append(o)
         bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
         if bias_idx is not None:
@@ -179,11 +189,21 @@ class Perturber:
 
     # ---- installing the wrapped forwards ----------------------------------------------------
     @contextmanager
-    def active(self, keys: Sequence[int], eps: float, signs: tuple[float, ...], rows: int
+    def active(self, keys: Sequence[int] | Sequence[Sequence[int]], eps: float,
+               signs: Sequence[float], rows: int
                ) -> Iterator[Callable[[int], Iterator[HeadChunk]]]:
         """Within the block, the model's rows form len(signs) equal groups; group g sees
-        every trainable weight as w + signs[g] * eps * z(keys[i]). Yields `head_chunks`."""
-        self.keys, self.eps, self.signs, self.rows = list(keys), eps, tuple(signs), rows
+        every trainable weight i as w + signs[g] * eps * z(key), key = keys[i] (one key per
+        parameter, shared by the groups) or keys[g][i] (one key list per group: P-RGE's
+        queries). Yields `head_chunks`."""
+        signs = tuple(signs)
+        if keys and isinstance(keys[0], (list, tuple)):
+            if len(keys) != len(signs):
+                raise ValueError(f"{len(keys)} key lists for {len(signs)} groups")
+            group_keys = [list(k) for k in keys]
+        else:
+            group_keys = [list(keys)] * len(signs)
+        self.group_keys, self.eps, self.signs, self.rows = group_keys, eps, signs, rows
         wrapped = []
         try:
             for mod in self.owners:
@@ -197,7 +217,7 @@ class Perturber:
         finally:
             for mod in wrapped:
                 del mod.forward  # back to the class's forward
-            self.keys = []
+            self.group_keys = []
 
 
 def _bind(handler, pert: Perturber, mod: nn.Module, orig):
@@ -252,14 +272,22 @@ def embedding_forward(pert: Perturber, mod: nn.Embedding, orig, ids: torch.Tenso
     for g, ig in enumerate(_split_rows(pert, ids)):
         flat = ig.reshape(-1)
         o = torch.empty(flat.numel(), w.shape[1], dtype=w.dtype)
-        noise.perturb_rows(w, flat, pert.keys[i], pert.signs[g] * pert.eps, pert.dist, o, None)
+        noise.perturb_rows(w, flat, pert.group_keys[g][i], pert.signs[g] * pert.eps, pert.dist,
+                           o, None)
         outs.append(o.view(*ig.shape, w.shape[1]))
     return _cat_groups(pert, outs)
 
 
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    # a frozen factor (LoRA-FA's A) is shared by every group: (1, ...), broadcast, not copied
+    if all(v is values[0] for v in values):
+        return values[0][None]
+    return torch.stack(values)
+
+
 def lora_forward(pert: Perturber, mod: LoRALinear, orig, x: torch.Tensor) -> torch.Tensor:
-    A = torch.stack(pert.group_values(mod, "lora_A"))
-    B = torch.stack(pert.group_values(mod, "lora_B"))
+    A = _stack(pert.group_values(mod, "lora_A"))
+    B = _stack(pert.group_values(mod, "lora_B"))
     if x.shape[0] % pert.rows:
         raise RuntimeError(f"LoRA layer got {x.shape[0]} rows, expected a multiple of {pert.rows}")
     return mod.forward_groups(x, A, B)

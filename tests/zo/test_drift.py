@@ -33,7 +33,8 @@ def _run(dtype: str, lr: float):
     zo = get_method("zo-sgd")(model, params, args)
     coefs = []
     for step in range(STEPS):
-        coefs.append({"step": step, "coef": zo.step([batch], step, lr).extra["coef"]})
+        g = zo.step([batch], step, lr).extra["projected_grad"]
+        coefs.append({"step": step, "lr": lr, "projected_grad": g})
     zo.sync()
     return model, base, coefs
 

@@ -1,0 +1,172 @@
+"""SST-2 dev accuracy against wall-clock: zo-sgd LoRA (q=1, sequential) vs P-RGE (q=4, one
+batched forward) vs P-RGE with ZO-Adam, same seed, data and LoRA.
+
+Each run is an ordinary `pocketllm train --task sst2 ... --test-every N` in a fresh process,
+writing runs/prge_convergence/<name>/ (metrics.jsonl holds `test_accuracy` and `wall`, the
+training seconds so far). A finished run (its summary.json) is not run again, so runs can be
+spread over invocations (`--only NAME`) and the plot and table rebuilt from what is there
+(`--table`). Runs go one after the other: side by side they would slow each other down and the
+wall-clock comparison would mean nothing.
+
+    python benchmarks/prge_convergence.py [--k 16] [--iters 400] [--prge-iters 200] [--test-every 25]
+    python benchmarks/prge_convergence.py --table
+    python benchmarks/prge_convergence.py --model tiny-llama --k 4 --iters 6 --prge-iters 4 \
+        --test-every 2 --eval-examples 16 --runs /tmp/conv --out /tmp/conv.md    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _run import RESULTS, ROOT, write_table
+
+# name -> (label, flags); the iteration count comes from --iters / --prge-iters
+CONFIGS = {
+    "zo-sgd-q1": ("zo-sgd LoRA, q=1, sequential +/-",
+                  ["--method", "zo-sgd", "--zo-passes", "sequential"]),
+    "prge-q4": ("prge q=4, --parallel both (one forward)",
+                ["--method", "prge", "--queries", "4", "--parallel", "both"]),
+    "prge-q4-adam": ("prge q=4, both, ZO-Adam",
+                     ["--method", "prge", "--queries", "4", "--parallel", "both",
+                      "--zo-optimizer", "adam"]),
+}
+BASELINE = "zo-sgd-q1"
+
+
+def command(a, name: str) -> list[str]:
+    _, flags = CONFIGS[name]
+    iters = a.iters if name == BASELINE else a.prge_iters or a.iters
+    lr = a.adam_lr if "adam" in name else a.lr
+    cmd = [sys.executable, "-m", "pocketllm.cli", "train", "--model", a.model,
+           "--task", "sst2", "--k", str(a.k), "--seed", str(a.seed), "--trainable", "lora",
+           "--lora-rank", str(a.rank), "--lora-alpha", str(2 * a.rank),
+           "--batch-size", str(a.batch_size), "--iters", str(iters),
+           "--test-every", str(a.test_every), "--eval-examples", str(a.eval_examples),
+           "--steps-per-eval", "0", "--save-every", "0", "--steps-per-report", "10",
+           "--eval-batch-size", "32", "--adapter-path", str(Path(a.runs) / name), *flags]
+    if lr:
+        cmd += ["--learning-rate", str(lr)]
+    if a.data:
+        cmd += ["--data", a.data]
+    if a.threads:
+        cmd += ["--threads", str(a.threads)]
+    return cmd
+
+
+def curve(run: Path) -> list[tuple[float, float, int]]:
+    """(training seconds, dev accuracy, step) of every dev-set evaluation of a run."""
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("test_accuracy") is not None:
+            out.append((rec.get("wall", 0.0), rec["test_accuracy"], rec["step"]))
+    return out
+
+
+def time_to(points, acc: float) -> float | None:
+    """Training seconds at the first evaluation reaching `acc` (None: never)."""
+    return next((w for w, a, _ in points if a >= acc - 1e-9), None)
+
+
+def report(a, cmds: dict[str, list[str]], load: tuple) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pocketllm.bench.machine import describe
+    runs = {n: Path(a.runs) / n for n in CONFIGS if (Path(a.runs) / n / "summary.json").exists()}
+    curves = {n: curve(r) for n, r in runs.items()}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, pts in curves.items():
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3,
+                label=CONFIGS[n][0])
+    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_ylabel("SST-2 dev accuracy (%)")
+    ax.set_title(f"SST-2, {a.model}, k={a.k}, seed {a.seed}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    png = RESULTS / (Path(a.out).stem + ".png") if not Path(a.out).is_absolute() \
+        else Path(a.out).with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    base = curves.get(BASELINE)
+    target = base[-1][1] if base else None
+    t_base = time_to(base, target) if base else None
+    rows = []
+    for n, pts in curves.items():
+        s = json.loads((runs[n] / "summary.json").read_text())
+        t = time_to(pts, target) if target is not None else None
+        rows.append([CONFIGS[n][0], s["steps"], f"{s['train_seconds']:.0f}",
+                     f"{s['train_seconds'] / max(s['steps'], 1):.2f}",
+                     f"{100 * pts[0][1]:.1f}" if pts else "-",
+                     f"{100 * pts[-1][1]:.1f}" if pts else "-",
+                     f"{100 * max(p[1] for p in pts):.1f}" if pts else "-",
+                     "-" if t is None else f"{t:.0f}",
+                     "-" if t is None or not t_base else f"{t / t_base:.2f}",
+                     f"{s['peak_rss_mb']:.0f}"])
+    cmd = " ".join(["python", "benchmarks/prge_convergence.py", *sys.argv[1:]])
+    notes = f"""
+![accuracy vs wall-clock]({png.name})
+
+- every run: `{' '.join(cmds[BASELINE][3:])}` with its method flags
+  ({'; '.join(f'{n}: `' + ' '.join(CONFIGS[n][1]) + '`' for n in CONFIGS)}).
+- "time to zo-sgd final": training seconds (evaluation excluded) until the run's dev accuracy
+  first reaches the accuracy zo-sgd ends at ({'-' if target is None else f'{100 * target:.1f}%'});
+  "vs zo-sgd" is that time over zo-sgd's own. Target (issue 5): prge at most 0.5.
+- dev set: SST-2 validation, {a.eval_examples or 'all'} examples, every {a.test_every} steps.
+- load average (1/5/15 min) at start: {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end:
+  {'/'.join(f'{x:.2f}' for x in os.getloadavg())}; runs one after the other.
+"""
+    write_table(a.out, f"P-RGE convergence on SST-2 ({a.model}, k={a.k})", cmd, describe(),
+                ["run", "steps", "train s", "s/step", "first dev acc %", "final dev acc %",
+                 "best dev acc %", "time to zo-sgd final (s)", "vs zo-sgd", "peak RSS MB"],
+                rows, notes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default="", help="SST-2 folder (default: the task's)")
+    ap.add_argument("--k", type=int, default=16, help="training examples per class")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 rank)")
+    ap.add_argument("--batch-size", type=int, default=16, help="per-query batch")
+    ap.add_argument("--iters", type=int, default=400, help="zo-sgd steps")
+    ap.add_argument("--prge-iters", type=int, default=0, help="prge steps (0: --iters)")
+    ap.add_argument("--lr", type=float, default=0.0, help="sgd learning rate (0: method default)")
+    ap.add_argument("--adam-lr", type=float, default=1e-4, help="ZO-Adam learning rate")
+    ap.add_argument("--test-every", type=int, default=25)
+    ap.add_argument("--eval-examples", type=int, default=872)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--only", nargs="+", choices=list(CONFIGS), default=None)
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "prge_convergence"))
+    ap.add_argument("--out", default="prge_convergence.md", help="results file (and .png)")
+    ap.add_argument("--table", action="store_true", help="only rebuild the plot and table")
+    a = ap.parse_args()
+    load = os.getloadavg()
+    cmds = {n: command(a, n) for n in CONFIGS}
+    if not a.table:
+        Path(a.runs).mkdir(parents=True, exist_ok=True)
+        for name in a.only or CONFIGS:
+            run = Path(a.runs) / name
+            if (run / "summary.json").exists():
+                continue
+            t0 = time.time()
+            with open(Path(a.runs) / f"{name}.log", "w") as log:
+                r = subprocess.run(cmds[name], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            if r.returncode:
+                raise SystemExit(f"{name} failed (see {Path(a.runs) / f'{name}.log'}): "
+                                 f"{' '.join(cmds[name])}")
+            print(f"{name}: {time.time() - t0:.0f}s", flush=True)
+    report(a, cmds, load)
+
+
+if __name__ == "__main__":
+    main()

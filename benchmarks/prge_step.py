@@ -1,0 +1,164 @@
+"""P-RGE step time and query throughput: sequential (`--parallel none`) vs batched (`both`).
+
+For the default model with LoRA r=16 on q/v (as in the P-RGE paper), every (per-query batch B,
+queries q, parallel mode) configuration runs a few steps in a fresh process (so its peak RSS is
+its own). The machine is shared, so configurations are interleaved: each round runs every
+configuration once, the none/both pair of a (B, q) back to back, and the table reports medians
+over rounds. A step = 2q perturbed losses of a B x T batch; queries/s = q / step time.
+
+    python benchmarks/prge_step.py [--rounds 2] [--queries 1 2 4 8] [--batches 1 8] [--seq 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def child(a) -> dict:
+    """In this process: load, set up prge, time `a.steps` steps after `a.warmup`."""
+    import torch
+
+    from pocketllm import memory
+    from pocketllm.bench.workload import fixed_batch
+    from pocketllm.config import TrainArgs
+    from pocketllm.methods import get_method
+    from pocketllm.models import load_model
+    from pocketllm.train import setup_trainable
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, _ = load_model(a.model)
+    args = TrainArgs(model=a.model, method="prge", trainable="lora", lora_rank=a.rank,
+                     lora_alpha=2.0 * a.rank, queries=a.q, parallel=a.parallel,
+                     max_replicas=a.max_replicas, learning_rate=1e-3, eps=1e-2,
+                     batch_size=a.B, lora_fa=a.lora_fa)
+    _, params = setup_trainable(model, args)
+    method = get_method("prge")(model, params, args)
+    batch = fixed_batch(model.config.vocab_size, a.B, a.seq)
+    rss_loaded = memory.rss_mb()
+    memory.reset_peak()
+    times, cpu = [], []
+    for i in range(a.warmup + a.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        method.step([batch], i, args.learning_rate)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    # CPU seconds (all threads) as well as wall: on a shared machine the wall time of a step
+    # includes waiting for a core, its CPU time much less so
+    return {"step_s": statistics.median(times), "times": times,
+            "cpu_s": statistics.median(cpu), "rss_loaded_mb": rss_loaded,
+            "peak_run_mb": memory.peak_rss_mb(), "passes": len(method.passes),
+            "threads": torch.get_num_threads()}
+
+
+def run_child(a, B: int, q: int, parallel: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--model", a.model, "--B", str(B), "--q", str(q),
+           "--parallel", parallel, "--seq", str(a.seq), "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--rank", str(a.rank), "--threads", str(a.threads),
+           "--max-replicas", str(a.max_replicas)] + (["--lora-fa"] if a.lora_fa else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8],
+                    help="per-query batch sizes (sequences)")
+    ap.add_argument("--modes", nargs="+", default=["none", "both"],
+                    help="--parallel modes to compare (the first is the baseline)")
+    ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per process")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--max-replicas", type=int, default=0)
+    ap.add_argument("--lora-fa", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default="prge_step.md", help="results file name")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--B", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--q", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--parallel", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a)))
+        return
+    from _run import write_table
+
+    from pocketllm.bench.machine import describe
+    from pocketllm.zo import noise
+
+    load_start = os.getloadavg()
+    t_start = time.time()
+    res: dict[tuple, list[dict]] = {}
+    for r in range(a.rounds):
+        for B in a.batches:
+            for q in a.queries:
+                # alternate which mode goes first, so neither always meets the same neighbour
+                for mode in (a.modes if r % 2 == 0 else a.modes[::-1]):
+                    out = run_child(a, B, q, mode)
+                    res.setdefault((B, q, mode), []).append(out)
+                    print(f"round {r} B={B} q={q} {mode}: {out['step_s']:.3f}s "
+                          f"peak {out['peak_run_mb']:.0f}MB load {os.getloadavg()[0]:.2f}",
+                          flush=True)
+    load_end = os.getloadavg()
+    base = a.modes[0]
+    rows = []
+    for B in a.batches:
+        for q in a.queries:
+            for mode in a.modes:
+                runs = res[B, q, mode]
+                step = statistics.median(x["step_s"] for x in runs)
+                # speedup: median over rounds of the per-round ratio to the baseline
+                ratio = statistics.median(b["step_s"] / x["step_s"]
+                                          for b, x in zip(res[B, q, base], runs))
+                cpu = statistics.median(x["cpu_s"] for x in runs)
+                cpu_ratio = statistics.median(b["cpu_s"] / x["cpu_s"]
+                                              for b, x in zip(res[B, q, base], runs))
+                rows.append([B, q, mode, runs[0]["passes"], f"{step:.3f}", f"{q / step:.2f}",
+                             f"**{ratio:.2f}x**" if mode != base else "1.00x",
+                             f"{cpu:.3f}", f"{q / cpu:.2f}",
+                             f"**{cpu_ratio:.2f}x**" if mode != base else "1.00x",
+                             f"{max(x['peak_run_mb'] for x in runs):.0f}",
+                             f"{runs[0]['rss_loaded_mb']:.0f}"])
+    cmd = "python benchmarks/prge_step.py " + " ".join(sys.argv[1:])
+    notes = f"""
+- step = 2q perturbed losses over a B x {a.seq} batch of random tokens (every position scored),
+  LoRA r={a.rank} alpha={2 * a.rank} on q_proj/v_proj{', LoRA-FA' if a.lora_fa else ''}, float32,
+  gaussian z (noise backend: {noise.backend()}), sgd update deferred into the next step.
+  `none`: 2q forwards of B rows; `both`: one forward of 2qB rows (P-RGE); forwards = passes.
+- queries/s = q / step s; speedup = median over rounds of (baseline step s / step s). The CPU
+  columns use the process's CPU time (all its threads) instead of wall time: on a shared,
+  oversubscribed machine a step's wall time includes waiting for a core, its CPU time much less.
+- peak RSS (run): high-water mark from after loading the model and injecting LoRA through the
+  {a.warmup} + {a.steps} steps (max over rounds); RSS loaded: resident size before the steps.
+- {a.rounds} rounds, each configuration a fresh process per round ({a.warmup} untimed + {a.steps}
+  timed steps, median), configurations interleaved. Total {time.time() - t_start:.0f} s.
+- load average (1/5/15 min) at start {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f},
+  at end {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}: the {os.cpu_count()} cores are
+  shared with other jobs, so absolute times are inflated by contention; the interleaving keeps the
+  none/both ratio fair.
+"""
+    write_table(a.out, f"P-RGE step: sequential vs batched queries ({a.model})", cmd.strip(),
+                describe(), ["B", "q", "parallel", "forwards", "step s (wall)", "queries/s",
+                             "speedup (wall)", "step CPU s", "queries/CPU s", "speedup (CPU)",
+                             "peak RSS (run) MB", "RSS loaded MB"], rows, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""P-RGE: the batched multi-query estimate equals the sequential one, and it trains."""
+
+import copy
+
+import pytest
+import torch
+
+from pocketllm.config import TrainArgs
+from pocketllm.loss import group_losses, token_stats
+from pocketllm.methods import get_method
+from pocketllm.methods.zo_sgd import replay_steps
+from pocketllm.models import load_model
+from pocketllm.train import setup_trainable
+from pocketllm.zo import noise, optim
+from pocketllm.zo.estimate import plan_passes, replica_losses
+from tests.helpers import TEXTS, tiny_batch
+
+
+def _setup(method="prge", **kw):
+    model, tok = load_model("tiny-llama")
+    args = TrainArgs(model="tiny-llama", method=method, trainable="lora", seed=3, lora_rank=4,
+                     **kw)
+    _, params = setup_trainable(model, args)
+    with torch.no_grad():  # B = 0 at init would hide a wrong A perturbation
+        for n, p in params:
+            if ".lora_B" in n:
+                p.add_(0.05)
+    return model, tok, get_method(method)(model, params, args), args
+
+
+@pytest.mark.parametrize("lora_fa", [False, True])
+@pytest.mark.parametrize("q", [1, 4])
+def test_batched_estimate_equals_sequential(q, lora_fa):
+    b = tiny_batch(load_model("tiny-llama")[1], TEXTS)
+    grads = {}
+    for parallel, R in (("none", 0), ("inner", 0), ("outer", 0), ("both", 0), ("both", 3)):
+        _, _, m, _ = _setup(queries=q, parallel=parallel, max_replicas=R, lora_fa=lora_fa,
+                            learning_rate=0.0)
+        assert m.passes == plan_passes(q, parallel, R)
+        res = m.step([b], 0, 0.0)
+        assert res.forward_passes == 2 * q
+        grads[parallel, R] = m._last_grads
+    ref = grads["none", 0]
+    assert len(ref) == q and len(set(ref)) == q  # distinct queries
+    for k, g in grads.items():
+        assert g == pytest.approx(ref, rel=1e-3, abs=1e-3), k
+
+
+@pytest.fixture(autouse=True)
+def _record_grads(monkeypatch):
+    """Keep each step's per-query projected grads on the method (the log is off in tests)."""
+    from pocketllm.methods import zo_sgd
+    orig = zo_sgd.ZOSGD._log
+
+    def log(self, rec):
+        self._last_grads = rec["projected_grads"]
+        orig(self, rec)
+    monkeypatch.setattr(zo_sgd.ZOSGD, "_log", log)
+
+
+def test_each_replica_sees_its_own_explicitly_perturbed_adapter():
+    model, tok, m, args = _setup(queries=3, parallel="both")
+    b = tiny_batch(tok, TEXTS[:2])
+    keys = m.keys(0)
+    L = replica_losses(model, m.pert, b, keys, 1e-2, m.passes)
+    for j in range(3):
+        for s, sign in enumerate((1.0, -1.0)):
+            ref = copy.deepcopy(model)
+            named = dict(ref.named_parameters())
+            with torch.no_grad():
+                for (n, _), k in zip(m.params, keys[j]):
+                    noise.add_noise_(named[n].data, k, 0, sign * 1e-2, "gaussian")
+                expect = group_losses(token_stats(ref, b), 1).item()
+            assert L[j, s].item() == pytest.approx(expect, abs=2e-5), (j, s)
+
+
+def test_q1_prge_is_zo_sgd():
+    b = tiny_batch(load_model("tiny-llama")[1], TEXTS)
+    g = [_setup(meth, queries=1, learning_rate=0.0)[2].step([b], 0, 0.0).extra["projected_grad"]
+         for meth in ("prge", "zo-sgd")]
+    assert g[0] == g[1]
+
+
+def test_lora_fa_trains_b_only_and_lowers_the_loss():
+    model, tok, m, args = _setup(queries=4, lora_fa=True, learning_rate=2e-2)
+    assert m.params and all(".lora_B" in n for n, _ in m.params)
+    A = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A" in n}
+    b = tiny_batch(tok, TEXTS)
+
+    def loss():
+        m.sync()
+        with torch.no_grad():
+            return group_losses(token_stats(model, b), 1).item()
+
+    before = loss()
+    for s in range(30):
+        m.step([b], s, 2e-2)
+    assert loss() < before - 0.05
+    for n, p in model.named_parameters():
+        if n in A:
+            assert torch.equal(p, A[n]), n
+
+
+@pytest.mark.parametrize("zo_opt,lr", [("sgd", 2e-2), ("adam", 5e-3), ("momentum", 5e-3),
+                                       ("sign-sgd", 2e-3), ("conservative", 2e-2)])
+def test_prge_with_each_optimizer_lowers_the_loss_and_replays_exactly(zo_opt, lr):
+    model, tok, m, args = _setup(queries=4, zo_optimizer=zo_opt, learning_rate=lr)
+    init = {n: p.detach().clone() for n, p in m.params}
+    b = tiny_batch(tok, TEXTS)
+    recs = []
+    orig_log = m._log
+    m._log = lambda rec: (recs.append(rec), orig_log(rec))
+
+    def loss():
+        m.sync()
+        with torch.no_grad():
+            return group_losses(token_stats(model, b), 1).item()
+
+    before = loss()
+    for s in range(20):
+        m.step([b], s, lr)
+    assert loss() < before - 0.02, zo_opt
+    # replaying the log on the initial weights with a fresh optimizer ends on the same weights
+    fresh = [(n, init[n].clone()) for n, _ in m.params]
+    opt = optim.build(m.opt.spec(), [p for _, p in fresh])
+    replay_steps(fresh, recs, args.seed, args.perturbation, opt)
+    for (n, p), (_, r) in zip(m.params, fresh):
+        assert torch.equal(p, r), n
+
+
+def test_plan_passes_and_bad_input():
+    assert plan_passes(2, "both") == [[(0, 0), (0, 1), (1, 0), (1, 1)]]
+    assert plan_passes(2, "outer") == [[(0, 0), (1, 0)], [(0, 1), (1, 1)]]
+    assert plan_passes(2, "both", max_replicas=3) == [[(0, 0), (0, 1), (1, 0)], [(1, 1)]]
+    assert len(plan_passes(3, "none")) == 6
+    with pytest.raises(ValueError, match="--queries"):
+        plan_passes(0, "both")
+    with pytest.raises(ValueError, match="--parallel"):
+        plan_passes(2, "sideways")
+
+
+def test_prge_refuses_full_parameters(tmp_path):
+    from pocketllm.cli import main
+    with pytest.raises(SystemExit, match="lora"):
+        main(["train", "--model", "tiny-llama", "--method", "prge", "--trainable", "full",
+              "--adapter-path", str(tmp_path)])
