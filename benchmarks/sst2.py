@@ -26,7 +26,7 @@ COMMON = ["--task", "sst2", "--seed", "42", "--save-every", "0", "--steps-per-re
 # this 2-core CPU with one thread (a ZO step at batch 16 costs two forwards, ~7 s here).
 CONFIGS = {
     "k16-zo-lora":   (16, ["--method", "zo-sgd", "--trainable", "lora", "--batch-size", "16",
-                           "--iters", "250", "--steps-per-eval", "50"]),
+                           "--iters", "250", "--steps-per-eval", "50", "--lr-schedule", "linear"]),
     "k16-zo-full":   (16, ["--method", "zo-sgd", "--trainable", "full", "--batch-size", "16",
                            "--iters", "250", "--steps-per-eval", "50"]),
     "k16-lora-adam": (16, ["--method", "lora-adam", "--trainable", "lora", "--batch-size", "16",
@@ -34,9 +34,9 @@ CONFIGS = {
     "k16-adam":      (16, ["--method", "adam", "--trainable", "full", "--batch-size", "16",
                            "--iters", "100", "--steps-per-eval", "25"]),
     "k512-zo-lora":  (512, ["--method", "zo-sgd", "--trainable", "lora", "--batch-size", "16",
-                            "--iters", "250", "--steps-per-eval", "50"]),
+                            "--iters", "200", "--steps-per-eval", "50", "--lr-schedule", "linear"]),
     "k512-zo-full":  (512, ["--method", "zo-sgd", "--trainable", "full", "--batch-size", "16",
-                            "--iters", "250", "--steps-per-eval", "50"]),
+                            "--iters", "200", "--steps-per-eval", "50"]),
     "k512-lora-adam": (512, ["--method", "lora-adam", "--trainable", "lora", "--batch-size", "16",
                              "--iters", "100", "--steps-per-eval", "25"]),
     "k512-adam":     (512, ["--method", "adam", "--trainable", "full", "--batch-size", "16",
