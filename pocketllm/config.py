@@ -106,8 +106,9 @@ class TrainArgs(ModelArgs, DataArgs):
     zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1")
     zo_beta2: float = opt(0.999, "ZO Adam beta2")
     zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon")
-    lr_schedule: str = opt("constant", "learning-rate schedule (to --lr-final)",
-                           choices=("constant", "linear", "cosine"))
+    lr_schedule: str = opt("auto", "learning-rate schedule (to --lr-final); auto: the method's "
+                           "default (linear for ZO LoRA on a task, constant otherwise)",
+                           choices=("auto", "constant", "linear", "cosine"))
     lr_final: float = opt(0.0, "final learning rate of a linear/cosine schedule")
     lr_warmup: int = opt(0, "steps of linear learning-rate warmup from 0")
     eps_schedule: str = opt("constant", "ZO eps schedule (to --eps-final)",

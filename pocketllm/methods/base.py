@@ -43,8 +43,10 @@ def fill_defaults(args, cls: type["Method"]) -> None:
     merged = {**cls.defaults.get(args.trainable, {}),
               **cls.defaults.get(f"{args.trainable}:{objective}", {})}
     for key, value in merged.items():
-        if not getattr(args, key, None):
+        if not getattr(args, key, None) or getattr(args, key) == "auto":
             setattr(args, key, value)
+    if getattr(args, "lr_schedule", None) == "auto":
+        args.lr_schedule = "constant"
     if not args.learning_rate:
         raise SystemExit(f"--method {cls.name} has no default learning rate for "
                          f"--trainable {args.trainable}: give --learning-rate")
