@@ -44,6 +44,10 @@ CONFIGS = {
 }
 
 
+# runs kept for the record (same flags but the named change; see NOTES)
+EARLIER = {"k16-zo-lora-lr3e-3-const": 16}
+
+
 def command(name: str, threads: int, extra: list[str]) -> list[str]:
     k, flags = CONFIGS[name]
     return [sys.executable, "-m", "pocketllm.cli", "train", *COMMON, "--k", str(k), *flags,
@@ -77,17 +81,21 @@ def table() -> None:
     zs = json.loads((RUNS / "zero-shot.json").read_text()) if (RUNS / "zero-shot.json").exists() else None
     if zs:
         rows.append(["zero-shot", "-", "-", "0", "0", f"{zs['accuracy']:.1f}", "-", "-"])
-    for name, (k, _) in CONFIGS.items():
+    for name, k in [*((n, c[0]) for n, c in CONFIGS.items()), *EARLIER.items()]:
         s = RUNS / name / "summary.json"
         if not s.exists():
             continue
         summ = json.loads(s.read_text())
         metrics = [json.loads(l) for l in (RUNS / name / "metrics.jsonl").read_text().splitlines()]
         cfg = (RUNS / name / "config.yaml").read_text()
-        lr = next(l.split(": ")[1] for l in cfg.splitlines() if l.startswith("learning_rate"))
+        get = lambda key: next((l.split(": ")[1] for l in cfg.splitlines()
+                                if l.startswith(key + ":")), "-")
+        sched = get('lr_schedule')
+        lr = f"{float(get('learning_rate')):g} {'constant' if sched in ('-', 'auto') else sched}"
+        steps = [m for m in metrics if "loss" in m]  # every step, across resumes
         valid = [f"{m['eval_accuracy']*100:.0f}" for m in metrics if m.get("eval_accuracy") is not None]
         after = summ["after"]
-        rows.append([name, str(k), lr, str(summ["steps"]), f"{summ['train_seconds']/60:.1f}",
+        rows.append([name, str(k), lr, str(steps[-1]["step"]), f"{steps[-1]['wall']/60:.1f}",
                      f"{after['accuracy']*100:.1f}", " → ".join(valid),
                      f"{summ['peak_rss_mb']:.0f}"])
     cmd = "python benchmarks/sst2.py --only NAME --threads 1 (two runs side by side); " \
@@ -100,6 +108,15 @@ def table() -> None:
 
 
 NOTES = """
+`k16-zo-lora-lr3e-3-const`: the ZO LoRA run before the linear decay became the default
+(`--lr-schedule constant`): 66% valid at step 100, then the training loss climbed from 0.38 to
+1.5 and it ended below zero-shot. A first probe at lr 1e-3 (constant) was stopped at step 60
+with valid accuracy still 50% (train loss 1.17 -> 1.09). The zo-full run and that run were
+interrupted once (kill, then `--resume`, which replays the ZO log exactly) to change their
+step count from 400 to 250. The first 110 steps of k16-zo-full ran while three other jobs
+loaded the machine (load average 7-8, steps of 7-36 s instead of ~6 s): its training time is
+inflated by about a third.
+
 Runs: `pocketllm train --task sst2 --k K --seed 42 ...` with the flags in
 benchmarks/sst2.py (batch 16, eps and learning rate at the method's defaults unless the lr
 column says otherwise, LoRA r=8 on q/v). "train min" is training time only (evaluation excluded),
