@@ -39,24 +39,27 @@ CONFIGS = {
 BASELINE = "zo-sgd-q1"
 
 
-def command(a, name: str) -> list[str]:
-    _, flags = CONFIGS[name]
-    iters = a.iters if name == BASELINE else a.prge_iters or a.iters
-    lr = a.adam_lr if "adam" in name else a.lr
-    cmd = [sys.executable, "-m", "pocketllm.cli", "train", "--model", a.model,
-           "--task", "sst2", "--k", str(a.k), "--seed", str(a.seed), "--trainable", "lora",
-           "--lora-rank", str(a.rank), "--lora-alpha", str(2 * a.rank),
-           "--batch-size", str(a.batch_size), "--iters", str(iters),
-           "--test-every", str(a.test_every), "--eval-examples", str(a.eval_examples),
-           "--steps-per-eval", "0", "--save-every", "0", "--steps-per-report", "10",
-           "--eval-batch-size", "32", "--adapter-path", str(Path(a.runs) / name), *flags]
-    if lr:
-        cmd += ["--learning-rate", str(lr)]
+def common(a) -> list[str]:
+    """The `pocketllm train` flags every run shares."""
+    cmd = ["--model", a.model, "--task", "sst2", "--k", str(a.k), "--seed", str(a.seed),
+           "--trainable", "lora", "--lora-rank", str(a.rank), "--lora-alpha", str(2 * a.rank),
+           "--batch-size", str(a.batch_size), "--test-every", str(a.test_every),
+           "--eval-examples", str(a.eval_examples), "--steps-per-eval", "0", "--save-every",
+           "0", "--steps-per-report", "10", "--eval-batch-size", "32"]
     if a.data:
         cmd += ["--data", a.data]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     return cmd
+
+
+def command(a, name: str) -> list[str]:
+    _, flags = CONFIGS[name]
+    iters = a.iters if name == BASELINE else a.prge_iters or a.iters
+    lr = a.adam_lr if "adam" in name else a.lr
+    cmd = [sys.executable, "-m", "pocketllm.cli", "train", *common(a), "--iters", str(iters),
+           "--adapter-path", str(Path(a.runs) / name), *flags]
+    return cmd + (["--learning-rate", str(lr)] if lr else [])
 
 
 def curve(run: Path) -> list[tuple[float, float, int]]:
@@ -114,8 +117,8 @@ def report(a, cmds: dict[str, list[str]], load: tuple) -> None:
     notes = f"""
 ![accuracy vs wall-clock]({png.name})
 
-- every run: `{' '.join(cmds[BASELINE][3:])}` with its method flags
-  ({'; '.join(f'{n}: `' + ' '.join(CONFIGS[n][1]) + '`' for n in CONFIGS)}).
+- every run: `pocketllm train {' '.join(common(a))}` and its own flags:
+  {'; '.join(f'{n}: `' + ' '.join(cmds[n][cmds[n].index('--iters'):]) + '`' for n in CONFIGS)}.
 - "time to zo-sgd final": training seconds (evaluation excluded) until the run's dev accuracy
   first reaches the accuracy zo-sgd ends at ({'-' if target is None else f'{100 * target:.1f}%'});
   "vs zo-sgd" is that time over zo-sgd's own. Target (issue 5): prge at most 0.5.

@@ -12,6 +12,7 @@ over rounds. A step = 2q perturbed losses of a B x T batch; queries/s = q / step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,14 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def child(a) -> dict:
-    """In this process: load, set up prge, time `a.steps` steps after `a.warmup`."""
+def child(a) -> list[dict]:
+    """In this process: load, then for each configuration of `a.configs` (B:q:mode, in order)
+    set up prge and time `a.steps` steps after `a.warmup`, the peak RSS reset before each."""
     import torch
 
-    from pocketllm import memory
-    from pocketllm.bench.workload import fixed_batch
     from pocketllm.config import TrainArgs
-    from pocketllm.methods import get_method
     from pocketllm.models import load_model
     from pocketllm.train import setup_trainable
 
@@ -39,12 +38,26 @@ def child(a) -> dict:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model)
     args = TrainArgs(model=a.model, method="prge", trainable="lora", lora_rank=a.rank,
-                     lora_alpha=2.0 * a.rank, queries=a.q, parallel=a.parallel,
-                     max_replicas=a.max_replicas, learning_rate=1e-3, eps=1e-2,
-                     batch_size=a.B, lora_fa=a.lora_fa)
+                     lora_alpha=2.0 * a.rank, learning_rate=1e-3, eps=1e-2,
+                     max_replicas=a.max_replicas, lora_fa=a.lora_fa)
     _, params = setup_trainable(model, args)
+    out = []
+    for c in a.configs.split(","):
+        B, q, mode = c.split(":")
+        out.append(time_config(model, params, dataclasses.replace(
+            args, queries=int(q), parallel=mode, batch_size=int(B)), a))
+    return out
+
+
+def time_config(model, params, args, a) -> dict:
+    import torch
+
+    from pocketllm import memory
+    from pocketllm.bench.workload import fixed_batch
+    from pocketllm.methods import get_method
+
     method = get_method("prge")(model, params, args)
-    batch = fixed_batch(model.config.vocab_size, a.B, a.seq)
+    batch = fixed_batch(model.config.vocab_size, args.batch_size, a.seq)
     rss_loaded = memory.rss_mb()
     memory.reset_peak()
     times, cpu = [], []
@@ -62,9 +75,10 @@ def child(a) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run_child(a, B: int, q: int, parallel: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--model", a.model, "--B", str(B), "--q", str(q),
-           "--parallel", parallel, "--seq", str(a.seq), "--steps", str(a.steps),
+def run_child(a, configs: list[tuple[int, int, str]]) -> list[dict]:
+    cmd = [sys.executable, __file__, "--child", "--model", a.model,
+           "--configs", ",".join(f"{B}:{q}:{m}" for B, q, m in configs),
+           "--seq", str(a.seq), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--rank", str(a.rank), "--threads", str(a.threads),
            "--max-replicas", str(a.max_replicas)] + (["--lora-fa"] if a.lora_fa else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -91,9 +105,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="prge_step.md", help="results file name")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--B", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--q", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--parallel", help=argparse.SUPPRESS)
+    ap.add_argument("--in-process", action="store_true",
+                    help="every configuration of a round in one process (model loaded once; "
+                         "peak RSS reset before each, so a later one may inherit memory the "
+                         "allocator kept): for a machine too busy for a process per config")
+    ap.add_argument("--configs", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a)))
@@ -107,15 +123,16 @@ def main() -> None:
     t_start = time.time()
     res: dict[tuple, list[dict]] = {}
     for r in range(a.rounds):
-        for B in a.batches:
-            for q in a.queries:
-                # alternate which mode goes first, so neither always meets the same neighbour
-                for mode in (a.modes if r % 2 == 0 else a.modes[::-1]):
-                    out = run_child(a, B, q, mode)
-                    res.setdefault((B, q, mode), []).append(out)
-                    print(f"round {r} B={B} q={q} {mode}: {out['step_s']:.3f}s "
-                          f"peak {out['peak_run_mb']:.0f}MB load {os.getloadavg()[0]:.2f}",
-                          flush=True)
+        # alternate which mode goes first, so neither always meets the same neighbour
+        order = [(B, q, m) for B in a.batches for q in a.queries
+                 for m in (a.modes if r % 2 == 0 else a.modes[::-1])]
+        groups = [order] if a.in_process else [[c] for c in order]
+        for g in groups:
+            for (B, q, mode), out in zip(g, run_child(a, g)):
+                res.setdefault((B, q, mode), []).append(out)
+                print(f"round {r} B={B} q={q} {mode}: {out['step_s']:.3f}s cpu "
+                      f"{out['cpu_s']:.3f}s peak {out['peak_run_mb']:.0f}MB "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
     load_end = os.getloadavg()
     base = a.modes[0]
     rows = []
@@ -147,8 +164,9 @@ def main() -> None:
   oversubscribed machine a step's wall time includes waiting for a core, its CPU time much less.
 - peak RSS (run): high-water mark from after loading the model and injecting LoRA through the
   {a.warmup} + {a.steps} steps (max over rounds); RSS loaded: resident size before the steps.
-- {a.rounds} rounds, each configuration a fresh process per round ({a.warmup} untimed + {a.steps}
-  timed steps, median), configurations interleaved. Total {time.time() - t_start:.0f} s.
+- {a.rounds} rounds, {'all configurations of a round in one process (--in-process; peak RSS reset before each configuration)' if a.in_process else 'each configuration a fresh process per round'}
+  ({a.warmup} untimed + {a.steps} timed steps, median), configurations interleaved; torch threads
+  {a.threads or 'default'}. Total {time.time() - t_start:.0f} s.
 - load average (1/5/15 min) at start {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f},
   at end {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}: the {os.cpu_count()} cores are
   shared with other jobs, so absolute times are inflated by contention; the interleaving keeps the

@@ -144,3 +144,19 @@ def test_prge_refuses_full_parameters(tmp_path):
     with pytest.raises(SystemExit, match="lora"):
         main(["train", "--model", "tiny-llama", "--method", "prge", "--trainable", "full",
               "--adapter-path", str(tmp_path)])
+
+
+def test_replay_rebuilds_a_prge_lora_fa_adam_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from pocketllm.cli import main
+    from tests.test_cli import FAST
+    out, rebuilt = tmp_path / "run", tmp_path / "rebuilt"
+    assert main(["train", *FAST, "--method", "prge", "--queries", "3", "--lora-fa",
+                 "--zo-optimizer", "adam", "--learning-rate", "1e-3", "--iters", "4",
+                 "--steps-per-eval", "0", "--adapter-path", str(out)]) == 0
+    assert main(["replay", "--adapter-path", str(out), "--save-path", str(rebuilt)]) == 0
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(rebuilt / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
