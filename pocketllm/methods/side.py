@@ -1,0 +1,27 @@
+"""side: split mode -- the device runs frozen forwards, a server trains a side network.
+
+This method runs its own loop (`pocketllm.split.client.train_side`) instead of `Method.step`:
+its step is not a function the training loop can call and wait for. The device's forward for
+step t+1 runs while the server trains step t (a producer thread and a bounded queue), steps are
+acknowledged asynchronously, and a lost connection rewinds the schedule to the server's last
+acknowledged step, none of which fits a synchronous `step(batches) -> StepResult`. The class
+below registers the name (so `pocketllm methods` lists it and `--method side` resolves) and
+hands the run over.
+"""
+
+from __future__ import annotations
+
+from .base import Method, register
+
+
+@register("side")
+class SideTuning(Method):
+    trainable_kinds = ("full", "lora")  # the backbone is frozen either way: --trainable is moot
+
+    @staticmethod
+    def run(args) -> dict:
+        from ..split.client import train_side
+        return train_side(args)
+
+    def step(self, batches, step, lr):
+        raise NotImplementedError("--method side runs its own loop (SideTuning.run)")
