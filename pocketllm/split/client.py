@@ -94,8 +94,12 @@ class SplitClient:
 
     def __init__(self, address: str, token: str, tls_ca: str = "", max_message_mb: int = 64):
         limit = max_message_mb * 2**20
+        # grpc's own reconnect backoff grows to 2 minutes by default; ours (`train`) decides
         opts = [("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit)]
+                ("grpc.max_send_message_length", limit),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
         if tls_ca:
             creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(address, creds, options=opts)
@@ -115,7 +119,7 @@ class SplitClient:
     def open(self, sid: str, cfg: SideConfig) -> int:
         """Create or rejoin the session; returns the server's last acknowledged step."""
         r = self.stub.Open(pb.OpenRequest(session_id=sid, spec=config_to_spec(cfg)),
-                           metadata=self.md, timeout=120)
+                           metadata=self.md, timeout=120, wait_for_ready=True)
         return int(r.step)
 
     def fetch(self, sid: str) -> tuple[int, SideNetwork]:
