@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, cls in sorted(REGISTRY.items()):
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:12s} {doc}")
+            for kind, d in cls.defaults.items():
+                print(f"{'':12s}   defaults with --trainable {kind}: "
+                      + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in d.items()))
         return 0
     cls, _ = COMMANDS[ns.command]
     args = C.resolve(cls, ns)
@@ -70,20 +73,36 @@ def _model_with_adapter(args):
 
 
 def cmd_eval(args: C.EvalArgs) -> int:
-    from .data import encode_all, load_jsonl
-    from .evaluate import evaluate, label_choices
-    path = Path(args.split)
-    if not path.suffix == ".jsonl":
-        path = Path(args.data) / f"{args.split}.jsonl"
-    records = load_jsonl(path)
-    train_file = path.parent / "train.jsonl"
-    label_src = load_jsonl(train_file) if train_file.is_file() else records
+    from .data.source import load_run_data
+    from .evaluate import evaluate
+    from .loss import is_masked_lm
+    if args.task:
+        # a task's split: test = its dev set (up to --eval-examples), train/valid = the
+        # few-shot sample of --k per class with --seed
+        data = load_run_data(args, splits=(args.split,), required=())
+        where = f"task {args.task} {args.split}"
+    else:
+        from .data import load_jsonl
+        from .data.source import RunData
+        path = Path(args.split)
+        if path.suffix != ".jsonl":
+            path = Path(args.data_dir()) / f"{args.split}.jsonl"
+        train_file = path.parent / "train.jsonl"
+        splits = {"test": load_jsonl(path)}
+        if train_file.is_file() and train_file != path:
+            splits["train"] = load_jsonl(train_file)  # the label set comes from train
+        data, where = RunData(splits, str(path.parent)), str(path)
     model, tok = _model_with_adapter(args)
-    enc = encode_all(records, tok, mask_prompt=args.mask_prompt, max_seq_length=args.max_seq_length)
+    key = args.split if args.task else "test"
+    enc = data.encode(tok, is_masked_lm(model), args.max_seq_length, args.mask_prompt)
+    for w in data.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if key not in enc:
+        raise SystemExit(f"{where}: no examples to score")
     t0 = time.time()
-    r = evaluate(model, enc.items, args.batch_size, tok.pad_token_id, args.max_batches,
-                 label_choices(label_src, tok))
-    print(f"{path} ({r.records} records, {r.tokens} label tokens, "
+    r = evaluate(model, enc[key].items, args.batch_size, tok.pad_token_id, args.max_batches,
+                 data.label_choices(tok))
+    print(f"{where} ({r.records} records, "
           f"{_what(args)}): "
           f"{r.line()} | {time.time() - t0:.1f}s")
     return 0

@@ -28,16 +28,46 @@ def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
 @dataclass
 class ModelArgs:
     model: str = opt("smollm2-135m", "model: alias (smollm2-135m, tiny-llama, tiny-gpt2, "
-                     "tiny-opt, tiny-gemma), local HF directory, .gguf file, or hub id")
+                     "tiny-opt, tiny-gemma, tiny-roberta; random-weight shapes random:opt-1.3b, "
+                     "random:roberta-large, random:smollm2-135m), local HF directory, .gguf "
+                     "file, or hub id")
     dtype: str = opt("float32", "weights' dtype", choices=("float32", "bfloat16"))
     seed: int = opt(0, "random seed: data order, LoRA init and perturbations")
 
 
 @dataclass
 class DataArgs:
-    data: str = opt("examples/personal", "directory with train.jsonl / valid.jsonl / test.jsonl")
+    data: str = opt("", "directory with train.jsonl / valid.jsonl / test.jsonl (default: "
+                    "examples/personal), or a task's folder (default with --task: "
+                    "$POCKETLLM_DATA/<task> or ../shared/data/<task>)")
     max_seq_length: int = opt(256, "truncate records to this many tokens")
     mask_prompt: bool = opt(True, "train on the completion only (prompt/completion, messages)")
+    task: str = opt("", "prompt-based task instead of .jsonl records: sst2, rte, cb, boolq, "
+                    "copa, trec, or custom (with --template and --label-words)")
+    k: int = opt(16, "task: training examples per class, sampled with --seed (0: all); a "
+                 "validation split of k per class is drawn the same way")
+    eval_examples: int = opt(1000, "task: cap on the dev/test examples scored (0: all)")
+    template: str = opt("", "custom task: prompt template with {field} placeholders and, for "
+                        "masked LMs, {mask}, e.g. '{text} It was'")
+    label_words: list = opt([], "custom task: LABEL=WORD pairs, e.g. 0=' bad' 1=' good' (the "
+                            "label values of the records' 'label' field)")
+
+    def data_dir(self) -> str:
+        if self.data:
+            return self.data
+        if self.task and self.task != "custom":
+            from .data.tasks import default_data_dir
+            return str(default_data_dir(self.task))
+        return "examples/personal"
+
+    def label_word_map(self) -> dict[str, str]:
+        out = {}
+        for pair in self.label_words:
+            key, sep, word = str(pair).partition("=")
+            if not sep:
+                raise SystemExit(f"--label-words: {pair!r} is not LABEL=WORD")
+            out[key] = word
+        return out
 
 
 @dataclass
@@ -51,8 +81,9 @@ class TrainArgs(ModelArgs, DataArgs):
     iters: int = opt(200, "training steps")
     batch_size: int = opt(8, "sequences per micro-batch")
     grad_accumulation: int = opt(1, "micro-batches per step (ZO: the same perturbation for all)")
-    learning_rate: float = opt(1e-3, "learning rate")
-    eps: float = opt(1e-2, "ZO perturbation scale")
+    learning_rate: float = opt(0.0, "learning rate (0: the method's default for --trainable, "
+                               "`pocketllm methods` lists them)")
+    eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)")
     perturbation: str = opt("gaussian", "ZO perturbation distribution",
                             choices=("gaussian", "rademacher"))
     zo_passes: str = opt("auto", "ZO: 'pair' runs the +eps/-eps passes as one forward over the "
@@ -66,6 +97,9 @@ class TrainArgs(ModelArgs, DataArgs):
     save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)")
     steps_per_eval: int = opt(50, "evaluate on valid every N steps (0: only before and after)")
     steps_per_report: int = opt(10, "print a report line every N steps")
+    eval_before: bool = opt(True, "evaluate before training (the zero-shot figure for a task)")
+    test_every: int = opt(0, "task: score the dev/test set every N steps (0: only before and "
+                          "after); logged as test_accuracy with the wall-clock time")
     val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)")
     eval_batch_size: int = opt(16, "sequences per evaluation batch")
     threads: int = opt(0, "torch threads (0: torch's default)")

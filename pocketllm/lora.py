@@ -28,6 +28,8 @@ PEFT_PREFIX = "base_model.model."
 # Default targets per architecture (the attention query/value projections, as in LoRA and MeZO).
 DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
+    "roberta": ["query", "value"],  # as MeZO's RoBERTa-large LoRA runs
+    "bert": ["query", "value"],
 }
 FALLBACK_TARGETS = ["q_proj", "v_proj"]
 

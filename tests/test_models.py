@@ -52,16 +52,19 @@ def test_tiny_model_loads_runs_and_is_deterministic(name, dtype):
     assert not m1.training
     assert m1.dtype == M.DTYPES[dtype]
     assert all(p.requires_grad for p in m1.parameters())
-    assert m1.config.vocab_size == len(tok) == 260
+    masked = name == "tiny-roberta"
+    assert m1.config.vocab_size == len(tok) == 260 + masked  # + <mask>
     cfg = m1.config
-    assert getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None)) == 512
+    positions = getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None))
+    # RoBERTa numbers positions from pad + 1
+    assert positions - (tok.pad_token_id + 1 if masked else 0) == 512
     sd1, sd2 = m1.state_dict(), m2.state_dict()
     assert sd1.keys() == sd2.keys()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
 
     ids = _ids(tok)
     out = _logits(m1, ids)
-    assert out.shape == (1, ids.shape[1], 260)
+    assert out.shape == (1, ids.shape[1], len(tok))
     assert out.dtype == M.DTYPES[dtype]
     assert torch.isfinite(out.float()).all()
     assert torch.equal(out, _logits(m2, ids))
@@ -85,6 +88,44 @@ def test_tiny_architectures_and_tied_embeddings():
     assert type(load_model("tiny-opt")[0]).__name__ == "OPTForCausalLM"
     gemma = load_model("tiny-gemma")[0]
     assert "Gemma" in type(gemma).__name__ and gemma.config.head_dim == 16
+
+
+def test_tiny_roberta_is_a_masked_lm_with_a_mask_token():
+    model, tok = load_model("tiny-roberta")
+    assert type(model).__name__ == "RobertaForMaskedLM"
+    assert tok.mask_token == "<mask>" and tok.mask_token_id == 260
+    assert tok.decode(tok("It was <mask>.").input_ids) == "It was <mask>."
+    assert load_tokenizer("tiny-roberta").mask_token_id == 260
+    assert tiny_tokenizer().mask_token is None  # the causal tiny models keep 260 tokens
+
+
+@pytest.mark.parametrize("name,cls,params", [
+    ("random:opt-1.3b", "OPTForCausalLM", 1315.8e6),
+    ("random:roberta-large", "RobertaForMaskedLM", 355.4e6),
+    ("random:smollm2-135m", "LlamaForCausalLM", 134.5e6)])
+def test_random_shapes_match_the_published_models(name, cls, params):
+    # built on the meta device: the shapes without the memory
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    cfg = M.load_config(name)
+    auto = AutoModelForMaskedLM if cfg.model_type == "roberta" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(cfg)
+    assert type(model).__name__ == cls
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=1e-3)
+    assert resolve(name).kind == "random" and "not pretrained" in resolve(name).describe()
+
+
+def test_random_model_is_built_fast_deterministic_and_finite():
+    m1, tok = load_model("random:smollm2-135m", "bfloat16")
+    m2, _ = load_model("random:smollm2-135m", "bfloat16")
+    assert m1.dtype == torch.bfloat16
+    assert m1.get_output_embeddings().weight is m1.get_input_embeddings().weight
+    w = m1.model.layers[3].mlp.up_proj.weight
+    assert torch.equal(w, m2.model.layers[3].mlp.up_proj.weight)
+    assert 0.01 < w.float().std() < 0.03
+    assert torch.equal(m1.model.norm.weight, torch.ones_like(m1.model.norm.weight))
+    out = _logits(m1, _ids(tok))
+    assert torch.isfinite(out.float()).all()
 
 
 def test_tiny_tokenizer_round_trip_and_specials():

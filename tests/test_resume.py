@@ -34,7 +34,7 @@ def _steps_done(out: Path) -> int:
 
 
 @pytest.mark.parametrize("method,trainable", [("zo-sgd", "lora"), ("zo-sgd", "full"),
-                                              ("lora-adam", "lora")])
+                                              ("lora-adam", "lora"), ("adam", "full")])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, method, trainable):
     iters = 60
     ref = tmp_path / "ref"

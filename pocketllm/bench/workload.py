@@ -14,34 +14,82 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .. import memory
 from ..config import TrainArgs
-from ..loss import group_losses, token_stats
+from ..loss import TokenStats, group_losses, output_head, plain_head_chunks, token_stats
 from ..methods import get_method
-from ..models import load_model
+from ..models import MASKED_LM_TYPES, load_model
 from ..train import setup_trainable
 from .naive_mezo import naive_zo_step
 
-MODES = ("inference", "inference-lora", "zo-full", "zo-lora", "naive-zo-full", "naive-zo-lora", "lora-adam")
+MODES = ("inference", "inference-lora", "zo-full", "zo-lora", "naive-zo-full", "naive-zo-lora",
+         "lora-adam", "adam")
+# the method each training mode runs (the naive reference and inference run no method)
+METHOD_OF = {"zo-full": "zo-sgd", "zo-lora": "zo-sgd", "lora-adam": "lora-adam", "adam": "adam"}
 
 
-def fixed_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random token ids, every position scored: the dense case (all logits needed)."""
+def is_masked_lm(model) -> bool:
+    return getattr(model.config, "model_type", "") in MASKED_LM_TYPES
+
+
+def fixed_batch(vocab: int, batch: int, seq: int, seed: int = 0,
+                masked: bool = False) -> dict[str, torch.Tensor]:
+    """Random token ids. Causal LMs: every position scored, the dense case (all logits needed).
+    Masked LMs: one scored position per row (a prompt's <mask>), at a random place >= 1."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    if not masked:
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    pos = torch.randint(1, seq, (batch,), generator=g)
+    labels = torch.full_like(ids, -100)
+    rows = torch.arange(batch)
+    labels[rows, pos] = ids[rows, pos]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def masked_lm_stats(model, batch: dict[str, torch.Tensor], groups: int = 1,
+                    head_chunks=None) -> TokenStats:
+    """Cross-entropy of a masked LM at its scored positions (one per row), through the model's
+    own MLM head (RoBERTa: dense, GELU, LayerNorm, then the vocabulary projection, streamed in
+    chunks as `head_chunks` gives them, so a ZO run perturbs it like any other weight).
+
+    The workload's stand-in for prompt-based classification: same forward, same head, the full
+    vocabulary instead of the label words (a few logits per row either way)."""
+    labels = batch["labels"]
+    sel = labels != -100
+    if not bool((sel.sum(1) == 1).all()):
+        raise ValueError("masked_lm_stats: expected exactly one scored position per row")
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    lm = model.lm_head
+    x = lm.layer_norm(F.gelu(lm.dense(hidden[sel])))   # (B, H): row b is batch row b
+    tgt = labels[sel]
+    chunks = head_chunks(groups) if head_chunks is not None else \
+        plain_head_chunks(output_head(model), groups)
+    parts = [[] for _ in range(groups)]
+    xs = x.chunk(groups, 0)
+    for _, _, ws, bs in chunks:
+        for g in range(groups):
+            logits = xs[g] @ ws[g].to(x.dtype).T
+            parts[g].append((logits if bs[g] is None else logits + bs[g]).float())
+    logits = torch.cat([torch.cat(p, 1) for p in parts], 0)   # (B, V): B rows only
+    nll = torch.logsumexp(logits, 1) - logits.gather(1, tgt[:, None]).squeeze(1)
+    correct = (logits.argmax(1) == tgt).float()
+    return TokenStats(nll=nll, tokens=torch.ones_like(nll), correct=correct)
 
 
 def make_step(mode: str, model, batch, args: TrainArgs) -> Callable[[int], None]:
     """A callable running step i of `mode` on `batch` (LoRA/full already set by args)."""
+    stats = masked_lm_stats if is_masked_lm(model) else token_stats
     if mode.startswith("inference"):
         if mode == "inference-lora":
             setup_trainable(model, args)
 
         def run(i):
             with torch.no_grad():
-                group_losses(token_stats(model, batch), 1)
+                group_losses(stats(model, batch), 1)
         return run
     _, params = setup_trainable(model, args)
     if mode.startswith("naive-"):
@@ -50,16 +98,17 @@ def make_step(mode: str, model, batch, args: TrainArgs) -> Callable[[int], None]
             p.requires_grad_(False)
 
         def loss():
-            return group_losses(token_stats(model, batch), 1).item()
+            return group_losses(stats(model, batch), 1).item()
         return lambda i: naive_zo_step(plist, loss, args.eps, args.learning_rate, seed=i)
-    method = get_method("lora-adam" if mode == "lora-adam" else "zo-sgd")(model, params, args)
+    method = get_method(METHOD_OF[mode])(model, params, args)
+    method.stats = stats
     return lambda i: method.step([batch], i, args.learning_rate)
 
 
 def train_args(mode: str, dtype: str, model: str, **kw) -> TrainArgs:
-    trainable = "full" if mode.endswith("full") else "lora"
+    trainable = "full" if mode.endswith("full") or mode == "adam" else "lora"
     return TrainArgs(model=model, dtype=dtype, trainable=trainable,
-                     method="lora-adam" if mode == "lora-adam" else "zo-sgd",
+                     method=METHOD_OF.get(mode, "zo-sgd"),
                      learning_rate=1e-6 if trainable == "full" else 1e-3,
                      eps=1e-3 if trainable == "full" else 1e-2, **kw)
 
@@ -74,12 +123,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--zo-passes", default="auto", choices=("auto", "pair", "sequential"))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, a.dtype)
-    batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq)
-    args = train_args(a.mode, a.dtype, a.model, batch_size=a.batch_size)
+    batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq, masked=is_masked_lm(model))
+    args = train_args(a.mode, a.dtype, a.model, batch_size=a.batch_size, lora_rank=a.lora_rank,
+                      zo_passes=a.zo_passes)
     step = make_step(a.mode, model, batch, args)
     rss_loaded = memory.rss_mb()
     peak_load = memory.peak_rss_mb()

@@ -31,6 +31,8 @@ def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     """
     if not items:
         raise ValueError("collate() needs at least one item")
+    if len(items[0]) == 3:
+        return collate_task(items, pad_id)
     lengths = [len(ids) for ids, _ in items]
     if min(lengths) == 0:
         raise ValueError("collate() got an item with no tokens")
@@ -46,6 +48,28 @@ def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
         p = max(0, min(int(n_prompt), n))
         labels[row, p:n] = row_ids[p:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_task(items: Sequence[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Task items ``(ids, n_prompt, meta)`` (see ``data.tasks.encode_examples``).
+
+    Classification adds per-row ``class_label`` (B,), ``answer_pos`` (B,) and ``label_ids``
+    (B, C); multiple choice expands each example into its C candidate rows (consecutive) with
+    ``choice_label`` (1 on the right one) and ``n_choices``. Every tensor is per-row, so a
+    batch repeated along dim 0 stays consistent."""
+    metas = [m for _, _, m in items]
+    if "candidates" in metas[0]:
+        C = len(metas[0]["candidates"])
+        batch = collate([c for m in metas for c in m["candidates"]], pad_id)
+        batch["choice_label"] = torch.tensor([int(c == m["class_label"])
+                                              for m in metas for c in range(C)])
+        batch["n_choices"] = torch.full((len(metas) * C,), C, dtype=torch.long)
+        return batch
+    batch = collate([(ids, n) for ids, n, _ in items], pad_id)
+    batch["class_label"] = torch.tensor([m["class_label"] for m in metas])
+    batch["answer_pos"] = torch.tensor([m["answer_pos"] for m in metas])
+    batch["label_ids"] = torch.tensor([m["label_ids"] for m in metas])
+    return batch
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..loss import token_stats
+
 REGISTRY: dict[str, type["Method"]] = {}
 
 
@@ -33,6 +35,21 @@ def get_method(name: str) -> type["Method"]:
     return REGISTRY[name]
 
 
+def fill_defaults(args, cls: type["Method"]) -> None:
+    """Replace settings left at 0 (learning_rate, eps) by the method's default for the
+    trainable set, so a run works without a grid search. A default may differ by objective:
+    "lora:task" (prompt-based classification) before "lora" (any)."""
+    objective = "task" if getattr(args, "task", "") else "lm"
+    merged = {**cls.defaults.get(args.trainable, {}),
+              **cls.defaults.get(f"{args.trainable}:{objective}", {})}
+    for key, value in merged.items():
+        if not getattr(args, key, None):
+            setattr(args, key, value)
+    if not args.learning_rate:
+        raise SystemExit(f"--method {cls.name} has no default learning rate for "
+                         f"--trainable {args.trainable}: give --learning-rate")
+
+
 @dataclass
 class StepResult:
     loss: float                 # training loss of the step's batch(es)
@@ -47,8 +64,16 @@ class Method(ABC):
 
     name = "?"
     trainable_kinds: tuple[str, ...] = ("full", "lora")
+    # Settings used when the run leaves them at 0, per trainable set; each method documents
+    # where its figures come from.
+    defaults: dict[str, dict[str, float]] = {}
+    # What scores a batch: stats(model, batch, groups=1, head_chunks=None) -> TokenStats.
+    # An instance may be given another scorer with the same signature (the benchmark
+    # workload's masked-LM loss does).
+    stats = staticmethod(token_stats)
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], args):
+        fill_defaults(args, type(self))
         self.model, self.params, self.args = model, params, args
 
     @abstractmethod

@@ -11,16 +11,20 @@ hands the run over.
 
 from __future__ import annotations
 
-from .base import Method, register
+from .base import Method, fill_defaults, register
 
 
 @register("side")
 class SideTuning(Method):
     trainable_kinds = ("full", "lora")  # the backbone is frozen either way: --trainable is moot
+    # AdamW on a freshly initialised side network: the usual rate for a small network trained
+    # from scratch (not tuned here)
+    defaults = {"full": {"learning_rate": 1e-3}, "lora": {"learning_rate": 1e-3}}
 
-    @staticmethod
-    def run(args) -> dict:
+    @classmethod
+    def run(cls, args) -> dict:
         from ..split.client import train_side
+        fill_defaults(args, cls)
         return train_side(args)
 
     def step(self, batches, step, lr):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..loss import group_losses, token_stats
+from ..loss import group_losses, n_scored
 from ..zo import noise
 from ..zo.perturb import Perturber
 from .base import Method, StepResult, register
@@ -27,6 +27,15 @@ LOG_FORMAT = "pocketllm-zo-log/1"
 
 @register("zo-sgd")
 class ZOSGD(Method):
+    # MeZO (OPT-13B): full lr 1e-6..1e-7, eps 1e-3; LoRA lr 5e-5..1e-4, eps 1e-2, over 20k
+    # steps. The default model is 100x smaller and a device run is a few hundred steps, so
+    # larger steps; measured on SST-2 k=16 (benchmarks/results/sst2.md: LoRA lr 1e-3 had not
+    # moved valid accuracy off 50% at step 50, 3e-3 had) and on the demo's completion loss
+    # (demo.md: 3e-4 learns, 1e-3 diverges at batch 8).
+    defaults = {"full": {"learning_rate": 1e-5, "eps": 1e-3},
+                "lora": {"learning_rate": 3e-4, "eps": 1e-2},
+                "lora:task": {"learning_rate": 3e-3}}
+
     def __init__(self, model, params, args):
         super().__init__(model, params, args)
         for _, p in params:
@@ -49,12 +58,12 @@ class ZOSGD(Method):
                 # +eps and -eps as one forward: the batch twice, one row group per sign
                 pair = {k: torch.cat([v, v]) for k, v in b.items()}
                 with self.pert.active(keys, eps, (1.0, -1.0), rows=pair["input_ids"].shape[0]) as hc:
-                    lp, lm = group_losses(token_stats(self.model, pair, 2, hc), 2).tolist()
+                    lp, lm = group_losses(self.stats(self.model, pair, 2, hc), 2).tolist()
             else:
                 lp, lm = (self._single(b, keys, eps, s) for s in (1.0, -1.0))
             grads.append((lp - lm) / (2 * eps))
             losses.append((lp + lm) / 2)
-            tokens += int((b["labels"][:, 1:] != -100).sum())
+            tokens += n_scored(b)
         g = sum(grads) / len(grads)
         coef = -lr * g
         # Deferred: applied inside the next step's perturbation kernel (or at sync()).
@@ -66,7 +75,7 @@ class ZOSGD(Method):
 
     def _single(self, b, keys, eps, sign) -> float:
         with self.pert.active(keys, eps, (sign,), rows=b["input_ids"].shape[0]) as hc:
-            return group_losses(token_stats(self.model, b, 1, hc), 1).item()
+            return group_losses(self.stats(self.model, b, 1, hc), 1).item()
 
     def sync(self):
         self.pert.flush()

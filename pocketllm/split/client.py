@@ -31,7 +31,8 @@ from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from .quant import payload_bytes, quantize
 from .server import TOKEN_HEADER, config_to_spec, decode_tensor
-from .side import SideConfig, SideNetwork, head_loss_grad, label_positions, side_from_bytes, tapped
+from .side import (SideConfig, SideNetwork, batch_targets, head_loss_grad, scored_rows,
+                   side_from_bytes, tapped)
 
 log = logging.getLogger("pocketllm.split")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
@@ -52,6 +53,7 @@ class DeviceStep:
     msg: pb.Batch
     final: torch.Tensor | None      # private labels: the final hidden state at the label rows
     targets: torch.Tensor | None    # private labels: their target ids (never sent)
+    candidates: torch.Tensor | None = None  # classification: label words' ids (per row)
     forward_s: float = 0.0
     wire_bytes: int = 0
     extra: dict = field(default_factory=dict)
@@ -63,24 +65,31 @@ def qtensor(x: torch.Tensor, bits: int) -> pb.QTensor:
 
 
 def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: int) -> DeviceStep:
-    """The frozen forward of one batch and the message it becomes (label positions only)."""
+    """The frozen forward of one batch and the message it becomes (scored positions only)."""
     t0 = time.perf_counter()
-    sel, targets = label_positions(batch)
+    targets, candidates = batch_targets(batch)
     with torch.inference_mode(), tapped(model, cfg.taps) as taps:
         out = model.base_model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"], use_cache=False)
         final = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
-        final = final[:, :-1][sel].float()
-        rows = [taps[i][:, :-1][sel] for i in cfg.taps]
+        final = scored_rows(final, batch).float()
+        rows = [scored_rows(taps[i], batch) for i in cfg.taps]
     msg = pb.Batch(step=step, taps=[qtensor(r, cfg.act_bits) for r in rows])
     if not cfg.private_labels:
         msg.final.CopyFrom(qtensor(final, cfg.act_bits))
-        msg.targets = targets.to(torch.int32).numpy().astype("<i4").tobytes()
-    item = DeviceStep(step, msg, final if cfg.private_labels else None,
-                      targets if cfg.private_labels else None)
+        msg.targets = _int32(targets)
+        if candidates is not None:
+            msg.candidates, msg.n_candidates = _int32(candidates), candidates.shape[1]
+    keep = cfg.private_labels
+    item = DeviceStep(step, msg, final if keep else None, targets if keep else None,
+                      candidates if keep else None)
     item.forward_s = time.perf_counter() - t0
     item.wire_bytes = msg.ByteSize()
     return item
+
+
+def _int32(t: torch.Tensor) -> bytes:
+    return t.to(torch.int32).contiguous().numpy().astype("<i4").tobytes()
 
 
 def step_bytes(rows: int, cfg: SideConfig) -> int:
@@ -175,19 +184,21 @@ class SplitClient:
                     pass
             return end
 
+        def offer(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def produce():
             try:
                 for step in range(self.acked + 1, iters + 1):
-                    item = make_step(step)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.05)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
+                    if not offer(make_step(step)):
                         return
-                ready.put(end)
+                offer(end)
             except BaseException as e:  # surfaced by the main thread
                 failure.append(e)
                 stop.set()
@@ -215,7 +226,8 @@ class SplitClient:
                     item = inflight[o.step]
                     t0 = time.perf_counter()
                     delta = decode_tensor(o.delta, item.final.shape[0], cfg.hidden, "delta", (32,))
-                    loss, gz = head_loss_grad(item.final + delta, item.targets, *head)
+                    loss, gz = head_loss_grad(item.final + delta, item.targets, *head,
+                                              candidates=item.candidates)
                     item.extra["head_s"] = time.perf_counter() - t0
                     grads.put(pb.Grad(step=o.step, grad=qtensor(gz, 32), loss=loss))
                     item.wire_bytes += o.ByteSize()  # counted both ways
@@ -260,9 +272,10 @@ def train_side(args) -> dict:
     """Train a side network on the server from this device's data; returns the summary."""
     from .. import memory
     from ..config import save_yaml
-    from ..data import Batcher, encode_all, load_splits
-    from ..evaluate import evaluate, label_choices
-    from ..loss import output_head
+    from ..data import Batcher
+    from ..data.source import load_run_data
+    from ..evaluate import evaluate
+    from ..loss import is_masked_lm, output_head
     from ..models import load_model
     from ..train import Reporter
     from .server import read_token
@@ -276,20 +289,23 @@ def train_side(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = load_splits(args.data, splits=("train", "valid"), required=("train",))
+    data = load_run_data(args)
     model, tok = load_model(args.model, args.dtype)
+    if is_masked_lm(model):
+        raise SystemExit("--method side supports causal LMs only")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    enc = {k: encode_all(v, tok, mask_prompt=args.mask_prompt, max_seq_length=args.max_seq_length)
-           for k, v in splits.items()}
+    enc = data.encode(tok, False, args.max_seq_length, args.mask_prompt)
+    for w in data.warnings:
+        print(f"warning: {w}", flush=True)
     batcher = Batcher(enc["train"].items, args.batch_size, args.seed, tok.pad_token_id,
                       args.grad_accumulation)
     n_layers = model.config.num_hidden_layers
     cfg = SideConfig(model=args.model, hidden=model.config.hidden_size,
                      taps=tap_layers(n_layers, args.tap_every), width=args.side_width,
                      depth=args.side_depth, act_bits=args.act_bits,
-                     private_labels=private_labels(args.private_labels, False),
+                     private_labels=private_labels(args.private_labels, data.task is not None),
                      learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                      seed=args.seed)
     if args.grad_accumulation != 1:
@@ -303,29 +319,52 @@ def train_side(args) -> dict:
     client = SplitClient(args.server, read_token(args.token_file), args.tls_ca)
     start = client.open(sid, cfg) if args.resume else 0
     report = Reporter(out, args.iters, start, fresh=not args.resume)
-    valid = enc.get("valid")
-    choices = label_choices(splits["train"], tok)
+    choices = data.label_choices(tok)
+    final_split = "test" if data.task else "valid"
+    clock = [0.0]  # training seconds (steps only, not evaluation), as `pocketllm.train` counts
 
-    def run_eval(tag: str):
-        if not valid or not valid.items:
+    def run_eval(tag: str, split: str = final_split):
+        if not enc.get(split):
             return None
-        r = evaluate(model, valid.items, args.eval_batch_size, tok.pad_token_id,
-                     args.val_batches, choices)
-        report.say(f"{tag} | eval_{r.line().replace(' | ', ' | eval_')}")
+        r = evaluate(model, enc[split].items, args.eval_batch_size, tok.pad_token_id,
+                     args.val_batches if split == "valid" else -1, choices)
+        p = "eval" if split == "valid" else split
+        report.say(f"{tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
+        report.record({"step": client.acked, "wall": clock[0],
+                       **{f"{p}_{k}": v for k, v in r.metrics().items()}})
         return r
 
     report.say(f"model {args.model} | method side | server {args.server} | {len(cfg.taps)} "
                f"taps at {cfg.act_bits} bits | labels "
                f"{'private (U-shaped)' if cfg.private_labels else 'sent to the server'} | "
                f"train {len(enc['train'].items)} records")
-    before = run_eval("before") if start == 0 else None
+    before = run_eval("before") if start == 0 and args.eval_before else None
     memory.reset_peak()
     t_train = time.time()
     window: list[tuple[float, float]] = []
-    totals = {"wire_bytes": 0, "forward_s": 0.0}
+    totals = {"wire_bytes": 0, "forward_s": 0.0, "eval_s": 0.0}
+    # the forward thread and a mid-run evaluation (which attaches the side network to the
+    # same model) must not interleave
+    model_lock = threading.Lock()
+
+    def make_step(s: int) -> DeviceStep:
+        with model_lock:
+            return device_step(model, batcher(s - 1), cfg, s)
+
+    def test_now(step: int) -> None:
+        t0 = time.time()
+        _, side = client.fetch(sid)  # the server's state: this step, or one ahead
+        with model_lock:
+            attached = AttachedSide(model, side)
+            try:
+                run_eval("eval")
+            finally:
+                attached.detach()
+        totals["eval_s"] += time.time() - t0
 
     def on_ack(step: int, loss: float, item: DeviceStep | None) -> None:
-        rec = {"step": step, "loss": loss, "wall": time.time() - t_train}
+        clock[0] = time.time() - t_train - totals["eval_s"]
+        rec = {"step": step, "loss": loss, "wall": clock[0]}
         if item is not None:
             rec.update(forward_s=item.forward_s, wire_bytes=item.wire_bytes, **item.extra)
             totals["wire_bytes"] += item.wire_bytes
@@ -338,16 +377,18 @@ def train_side(args) -> dict:
                        f"wire {totals['wire_bytes'] / max(step - start, 1) / 1e6:.2f} MB/step | "
                        f"peak_rss {memory.peak_rss_mb():.0f}MB")
             window.clear()
+        if data.task and args.test_every and step % args.test_every == 0 and step < args.iters:
+            test_now(step)
 
     try:
-        client.train(sid, cfg, lambda s: device_step(model, batcher(s - 1), cfg, s), args.iters,
-                     head_t, on_ack, args.queue_depth, args.retry_seconds)
+        client.train(sid, cfg, make_step, args.iters, head_t, on_ack, args.queue_depth,
+                     args.retry_seconds)
         _, side = client.fetch(sid)
     except SplitError as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         client.close()
-    train_time = time.time() - t_train
+    train_time = time.time() - t_train - totals["eval_s"]
     peak = memory.peak_rss_mb()
     save_side(side, out / SIDE_FILE)
     attached = AttachedSide(model, side)

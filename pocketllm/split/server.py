@@ -75,7 +75,8 @@ class Session:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate,
                                      weight_decay=cfg.weight_decay)
         self.step = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()        # held by the one stream training the session
+        self.state_lock = threading.Lock()  # net, optimizer and step change together
 
     @property
     def tag(self) -> str:
@@ -207,7 +208,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
     def Fetch(self, request, context):
         self._auth(context)
         s = self._session(request.session_id, context)
-        with s.lock:
+        with s.state_lock:
             blob, step = side_to_bytes(s.net), s.step
         log.info("session %s: side network fetched at step %d", s.tag, step)
         return pb.FetchReply(step=step, safetensors=blob)
@@ -236,7 +237,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"step {b.step} sent, the session is at step {s.step}")
                 try:
-                    taps, final, targets = self._decode(s.cfg, b)
+                    taps, final, targets, cands = self._decode(s.cfg, b)
                 except ValueError as e:
                     log.warning("session %s: step %d rejected: %s", s.tag, b.step, e)
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {b.step}: {e}")
@@ -257,12 +258,14 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                     loss = float(g.grad.loss)
                 else:
                     weight, bias = self.heads.get(s.cfg.model)
-                    loss, gz = head_loss_grad(final + delta.detach(), targets, weight, bias)
-                s.opt.zero_grad(set_to_none=True)
-                delta.backward(gz)
-                s.opt.step()
-                s.step += 1
-                s.save()
+                    loss, gz = head_loss_grad(final + delta.detach(), targets, weight, bias,
+                                              candidates=cands)
+                with s.state_lock:
+                    s.opt.zero_grad(set_to_none=True)
+                    delta.backward(gz)
+                    s.opt.step()
+                    s.step += 1
+                    s.save()
                 trained += 1
                 yield pb.Reply(ack=pb.Ack(step=s.step, loss=loss))
         finally:
@@ -282,15 +285,27 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         if cfg.private_labels:
             if b.targets or b.HasField("final"):
                 raise ValueError("targets / final state sent to a private-labels session")
-            return taps, None, None
+            return taps, None, None, None
         final = decode_tensor(b.final, rows, cfg.hidden, "final", bits)
-        if len(b.targets) != 4 * rows:
-            raise ValueError(f"{len(b.targets)} target bytes for {rows} rows")
-        targets = torch.frombuffer(bytearray(b.targets), dtype=torch.int32).long()
         vocab = self.heads.get(cfg.model)[0].shape[0]
-        if rows and (targets.min() < 0 or targets.max() >= vocab):
-            raise ValueError(f"target id out of the vocabulary (0..{vocab - 1})")
-        return taps, final, targets
+        targets = _ids(b.targets, rows, 1, vocab if not b.n_candidates else b.n_candidates,
+                       "targets")[:, 0]
+        cands = None
+        if b.n_candidates:
+            if b.n_candidates > 1024:
+                raise ValueError(f"{b.n_candidates} label words is too many")
+            cands = _ids(b.candidates, rows, b.n_candidates, vocab, "candidates")
+        return taps, final, targets, cands
+
+
+def _ids(data: bytes, rows: int, cols: int, bound: int, what: str) -> torch.Tensor:
+    """(rows, cols) int32 ids in [0, bound) from little-endian bytes, else ValueError."""
+    if len(data) != 4 * rows * cols:
+        raise ValueError(f"{what}: {len(data)} bytes for {rows} x {cols} ids")
+    ids = torch.frombuffer(bytearray(data), dtype=torch.int32).long().reshape(rows, cols)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= bound):
+        raise ValueError(f"{what}: id out of range (0..{bound - 1})")
+    return ids
 
 
 def make_server(token: str, state_dir: str | os.PathLike, host: str = "127.0.0.1",

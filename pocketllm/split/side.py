@@ -14,6 +14,7 @@ carry the context), which is what lets the device send the label positions only.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -113,14 +114,27 @@ class SideNetwork(nn.Module):
 
 
 def head_loss_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+                   bias: torch.Tensor | None = None, candidates: torch.Tensor | None = None
+                   ) -> tuple[float, torch.Tensor]:
     """Mean cross-entropy of head(z) against `targets` and its gradient w.r.t. z, streamed over
     the vocabulary in chunks (two passes: log-sum-exp, then softmax @ W), so neither end ever
-    holds the (N, vocab) logits or an autograd graph through the head."""
+    holds the (N, vocab) logits or an autograd graph through the head.
+
+    With `candidates` (N, C) token ids (a classification task's label words), the softmax is
+    over those rows of the head only and `targets` are indices into them."""
     z = z.detach().float()
     n = z.shape[0]
     if n == 0:
         return 0.0, torch.zeros_like(z)
+    if candidates is not None:
+        wc = weight[candidates].float()                                   # (N, C, H)
+        lg = torch.einsum("nh,nch->nc", z, wc)
+        if bias is not None:
+            lg = lg + bias[candidates].float()
+        p = torch.softmax(lg, dim=1)
+        loss = float(torch.nn.functional.cross_entropy(lg, targets))
+        p[torch.arange(n), targets] -= 1.0
+        return loss, torch.einsum("nc,nch->nh", p, wc) / n
     chunks = [(v0, min(v0 + VOCAB_CHUNK, weight.shape[0]))
               for v0 in range(0, weight.shape[0], VOCAB_CHUNK)]
 
@@ -159,10 +173,12 @@ def tapped(model: nn.Module, taps: list[int]) -> Iterator[dict[int, torch.Tensor
     """Within the block, every forward stores layer i's output hidden state in out[i]."""
     out: dict[int, torch.Tensor] = {}
     layers = decoder_layers(model)
+    me = threading.get_ident()  # a forward of the same model in another thread is not ours
 
     def hook(i):
         def fn(_mod, _inp, output):
-            out[i] = output[0] if isinstance(output, (tuple, list)) else output
+            if threading.get_ident() == me:
+                out[i] = output[0] if isinstance(output, (tuple, list)) else output
         return fn
     handles = [layers[i].register_forward_hook(hook(i)) for i in taps]
     try:
@@ -172,11 +188,20 @@ def tapped(model: nn.Module, taps: list[int]) -> Iterator[dict[int, torch.Tensor
             h.remove()
 
 
-def label_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask over (B, T-1) positions whose next token is a label, those target ids)."""
-    targets = batch["labels"][:, 1:]
-    sel = targets != -100
-    return sel, targets[sel]
+def scored_rows(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (N, H) hidden states the loss is computed from: the answer position of each row
+    for a classification batch, else the positions whose next token is a label."""
+    if "class_label" in batch:
+        return hidden[torch.arange(hidden.shape[0]), batch["answer_pos"]]
+    return hidden[:, :-1][batch["labels"][:, 1:] != -100]
+
+
+def batch_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(targets, candidates): label token ids, or class indices among the label words."""
+    if "class_label" in batch:
+        return batch["class_label"], batch["label_ids"]
+    labels = batch["labels"][:, 1:]
+    return labels[labels != -100], None
 
 
 class AttachedSide:

@@ -129,10 +129,7 @@ class Perturber:
     def head_chunks(self, groups: int) -> Iterator[HeadChunk]:
         """The output head's rows in chunks, perturbed per group when the head is trained."""
         w, b = self.head.weight, getattr(self.head, "bias", None)
-        idx = next((i for a, i in self.owners.get(self.head, ()) if a == "weight"), None)
-        if idx is None:
-            # the head may still be tied to a trained embedding owned by another module
-            idx = next((i for i, p in enumerate(self.params) if p is w), None)
+        idx = self._head_index()
         bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
         if bias_idx is not None:
             bias_groups = self.copies(bias_idx, fresh=True)
@@ -148,6 +145,37 @@ class Perturber:
                 ws = self.copies(idx, flat=w.data[v0:v1], start=v0 * H, slot="head")
             bs = [None if bb is None else bb[v0:v1] for bb in bias_groups]
             yield v0, v1, ws, bs
+
+    def head_rows(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Rows `ids` of the output head per group (weight, bias): a classification forward
+        needs the label words' rows only, so only those rows of z are generated."""
+        w, b = self.head.weight, getattr(self.head, "bias", None)
+        G = len(self.signs)
+        idx = self._head_index()
+        if idx is None:
+            ws = [w[ids]] * G
+        else:
+            if idx in self.pending:
+                self._apply_pending(idx)  # rows only: update the whole table first
+            ws = []
+            for s in self.signs:
+                o = torch.empty(ids.numel(), w.shape[1], dtype=w.dtype)
+                noise.perturb_rows(w.data, ids, self.keys[idx], s * self.eps, self.dist, o, None)
+                ws.append(o)
+        bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
+        if bias_idx is not None:
+            bs = [c[ids] for c in self.copies(bias_idx, fresh=True)]
+        else:
+            bs = [None if b is None else b[ids]] * G
+        return ws, bs
+
+    def _head_index(self) -> int | None:
+        w = self.head.weight
+        idx = next((i for a, i in self.owners.get(self.head, ()) if a == "weight"), None)
+        if idx is None:
+            # the head may still be tied to a trained embedding owned by another module
+            idx = next((i for i, p in enumerate(self.params) if p is w), None)
+        return idx
 
     # ---- installing the wrapped forwards ----------------------------------------------------
     @contextmanager

@@ -17,14 +17,16 @@ def _setup(method, trainable="lora", **kw):
 
 
 def test_registry_names_and_errors():
-    assert {"zo-sgd", "lora-adam"} <= set(REGISTRY)
+    assert {"zo-sgd", "lora-adam", "adam"} <= set(REGISTRY)
     with pytest.raises(ValueError, match="zo-sgd"):
         get_method("nope")
 
 
-@pytest.mark.parametrize("method,lr,steps", [("zo-sgd", 2e-2, 60), ("lora-adam", 1e-2, 20)])
-def test_each_method_lowers_the_loss_of_a_fixed_batch(method, lr, steps):
-    model, tok, m, args = _setup(method, learning_rate=lr, eps=1e-2, lora_rank=4)
+@pytest.mark.parametrize("method,trainable,lr,steps", [("zo-sgd", "lora", 2e-2, 60),
+                                                       ("lora-adam", "lora", 1e-2, 20),
+                                                       ("adam", "full", 1e-3, 10)])
+def test_each_method_lowers_the_loss_of_a_fixed_batch(method, trainable, lr, steps):
+    model, tok, m, args = _setup(method, trainable, learning_rate=lr, eps=1e-2, lora_rank=4)
     b = tiny_batch(tok, TEXTS)
 
     def loss():
@@ -63,11 +65,34 @@ def test_first_order_grad_accumulation_equals_one_big_batch():
         assert a.abs().sum() > 0
 
 
-def test_lora_adam_refuses_full_parameters(tmp_path):
+@pytest.mark.parametrize("method,wrong,right", [("lora-adam", "full", "lora"),
+                                               ("adam", "lora", "full")])
+def test_first_order_methods_refuse_the_other_trainable_kind(tmp_path, method, wrong, right):
     from pocketllm.cli import main
-    with pytest.raises(SystemExit, match="lora"):
-        main(["train", "--model", "tiny-llama", "--method", "lora-adam", "--trainable", "full",
+    with pytest.raises(SystemExit, match=right):
+        main(["train", "--model", "tiny-llama", "--method", method, "--trainable", wrong,
               "--adapter-path", str(tmp_path)])
+
+
+def test_adam_trains_every_weight_and_its_checkpoint_restores_it(tmp_path):
+    model, tok, m, args = _setup("adam", "full", learning_rate=1e-3)
+    b = tiny_batch(tok, TEXTS)
+    assert {n for n, _ in m.params} == {n for n, _ in model.named_parameters()}
+    for s in range(2):
+        m.step([b], s, 1e-3)
+    m.save_state(tmp_path, 2)
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    after2 = {n: p.detach().clone() for n, p in m.params}
+    m.step([b], 2, 1e-3)
+    want = {n: p.detach().clone() for n, p in m.params}
+    # a fresh process would start from the base weights: restore must bring back step 2
+    model2, _, m2, _ = _setup("adam", "full", learning_rate=1e-3)
+    assert m2.restore(tmp_path) == 2
+    for n, p in m2.params:
+        assert torch.equal(p, after2[n]), n
+    m2.step([b], 2, 1e-3)  # the AdamW moments came back too: the same third step
+    for n, p in m2.params:
+        assert torch.equal(p, want[n]), n
 
 
 @pytest.mark.parametrize("trainable", ["lora", "full"])

@@ -139,3 +139,30 @@ def test_perturbed_head_in_several_chunks(monkeypatch):
     lp, lm = _pair_losses(model, Perturber(model, params), keys, 1e-2, b)
     assert lp == pytest.approx(_explicit_loss(model, params, keys, 1e-2, 1.0, b), abs=2e-5)
     assert lm == pytest.approx(_explicit_loss(model, params, keys, 1e-2, -1.0, b), abs=2e-5)
+
+
+@pytest.mark.parametrize("name,trainable", [("tiny-llama", "full"), ("tiny-gpt2", "full"),
+                                            ("tiny-roberta", "full"), ("tiny-llama", "lora")])
+def test_classification_pair_equals_explicitly_perturbed_weights(name, trainable):
+    """The label-word forward under perturbation: only the label rows of the (tied, trained)
+    head are perturbed, and a masked LM's head transform runs per group."""
+    from tests.test_loss import _task_batch, tiny_roberta
+    from pocketllm.loss import is_masked_lm
+    model, tok = tiny_roberta() if name == "tiny-roberta" else load_model(name)
+    if trainable == "lora":
+        torch.manual_seed(0)
+        apply_lora(model, LoraSpec(r=4, targets=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for _, p in lora_parameters(model):
+                p.add_(0.05)
+        params = lora_parameters(model)
+    else:
+        params = list(model.named_parameters())
+    b = _task_batch(model, tok, "sst2", is_masked_lm(model))
+    keys = [noise.derive_key(5, 1, i) for i in range(len(params))]
+    eps = 1e-2
+    pert = Perturber(model, params)
+    lp, lm = _pair_losses(model, pert, keys, eps, b)
+    assert lp == pytest.approx(_explicit_loss(model, params, keys, eps, 1.0, b), abs=2e-5)
+    assert lm == pytest.approx(_explicit_loss(model, params, keys, eps, -1.0, b), abs=2e-5)
+    assert lp != pytest.approx(lm, abs=1e-7)
