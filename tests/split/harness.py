@@ -36,7 +36,7 @@ class Server:
              "--port-file", str(port_file), "--token-file", str(self.token_file),
              "--state-dir", str(self.state_dir), "--threads", "1", "--max-message-mb", "4"],
             env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded CI machine imports torch slowly
         while not port_file.exists():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
