@@ -167,6 +167,26 @@ def bytes_table(a) -> list[list]:
     return rows
 
 
+def wire_table(a) -> list[list]:
+    """Bytes per step from the wire format alone (no model run): `step_bytes`, the exact
+    payload of the quantized tensors, protobuf framing excluded (a few bytes per tensor)."""
+    from pocketllm.split.client import step_bytes
+    from pocketllm.split.side import SideConfig, tap_layers
+    rows, n = [], a.layers
+    for every in (1, 2, 4):
+        for bits in (16, 8, 4):
+            cfg = SideConfig(model=a.model, hidden=a.hidden, taps=tap_layers(n, every),
+                             act_bits=bits, private_labels=True)
+            cfg_off = SideConfig(**{**cfg.__dict__, "private_labels": False})
+            N = a.batch_size * (a.seq - 1)  # every position but the last predicts a label
+            sent, sent_off = step_bytes(N, cfg), step_bytes(N, cfg_off)
+            rows.append([every, len(cfg.taps), bits, f"{sent / 1e6:.2f}", f"{sent_off / 1e6:.2f}",
+                         *[f"{sent * 8 / r:.2f}" for r in RATES], a.forward_s or "-",
+                         "-" if not a.forward_s else
+                         ("yes" if sent * 8 / RATES[0] <= a.forward_s else "no")])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
@@ -177,7 +197,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--big", default="", help="also measure this backbone (random:opt-1.3b)")
-    ap.add_argument("--only", default="", choices=("", "memory", "bytes", "big"))
+    ap.add_argument("--only", default="", choices=("", "memory", "bytes", "big", "wire"))
+    ap.add_argument("--hidden", type=int, default=576, help="--only wire: hidden size")
+    ap.add_argument("--layers", type=int, default=30, help="--only wire: layers")
+    ap.add_argument("--forward-s", type=float, default=0.0,
+                    help="--only wire: a measured device forward time to compare with")
     ap.add_argument("--out", default="split.md")
     # --device-run: the device process itself
     ap.add_argument("--device-run", action="store_true", help=argparse.SUPPRESS)
@@ -216,6 +240,8 @@ def main() -> None:
                              f"{adam / r['peak_run_mb']:.2f}", f"{r['step_s_median']:.2f}"])
     if a.only in ("", "bytes"):
         byte_rows = bytes_table(a)
+    if a.only == "wire":
+        byte_rows = wire_table(a)
     if a.big and a.only in ("", "big"):
         inf = run_mode("inference", model=a.big, batch_size=a.batch_size, seq=a.seq,
                        dtype=a.dtype, steps=1, warmup=0, threads=a.threads)
