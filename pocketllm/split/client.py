@@ -93,9 +93,13 @@ def _int32(t: torch.Tensor) -> bytes:
 
 
 def step_bytes(rows: int, cfg: SideConfig) -> int:
-    """Activation bytes one step sends (protobuf framing aside)."""
-    n = len(cfg.taps) + (0 if cfg.private_labels else 1)
-    return n * payload_bytes(rows, cfg.hidden, cfg.act_bits) + (0 if cfg.private_labels else 4 * rows)
+    """Bytes the device uploads per step (protobuf framing aside): the taps, and with private
+    labels the float32 gradient w.r.t. the side output, else the final state and the targets.
+    (With private labels the server also sends the float32 side output down: 4 * rows * hidden.)"""
+    taps = len(cfg.taps) * payload_bytes(rows, cfg.hidden, cfg.act_bits)
+    if cfg.private_labels:
+        return taps + payload_bytes(rows, cfg.hidden, 32)
+    return taps + payload_bytes(rows, cfg.hidden, cfg.act_bits) + 4 * rows
 
 
 class SplitClient:
