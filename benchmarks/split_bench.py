@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _run import RESULTS, ROOT, run_mode
+from _run import RESULTS, ROOT, run_mode, start_server
 
 sys.path.insert(0, str(ROOT))
 from pocketllm.bench.machine import describe  # noqa: E402
@@ -112,24 +112,6 @@ def run_device(model: str, server: str | None, token_file: str | None, private: 
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def start_server(tmp: Path, model: str, threads: int) -> tuple[subprocess.Popen, str, str]:
-    token = tmp / "token"
-    token.write_text(secrets.token_hex(16))
-    port_file = tmp / "port"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pocketllm.cli", "serve", "--port", "0",
-                             "--port-file", str(port_file), "--token-file", str(token),
-                             "--state-dir", str(tmp / "state"), "--models", model,
-                             "--threads", str(threads)],
-                            cwd=ROOT, env=env, stdout=open(tmp / "server.log", "w"),
-                            stderr=subprocess.STDOUT)
-    while not port_file.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"server failed: {(tmp / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    return proc, f"127.0.0.1:{port_file.read_text()}", str(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +197,7 @@ def main() -> None:
         return device_run(a)
     load = os.getloadavg()
     t_start = time.time()
-    sections, mem_rows, byte_rows, big_rows = [], [], [], []
+    mem_rows, byte_rows, big_rows = [], [], []
     if a.only in ("", "memory"):
         res = {}
         for mode, label in LOCAL:
@@ -223,7 +205,7 @@ def main() -> None:
                                   dtype=a.dtype, steps=a.steps, threads=a.threads)
             print(label, res[label], flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            proc, addr, token = start_server(Path(tmp), a.model, 1)
+            proc, addr, token = start_server(Path(tmp), 1, [a.model])
             try:
                 for private in (True, False):
                     label = (f"split, every layer at 8 bits, labels "

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _run import RESULTS, ROOT
+from _run import RESULTS, ROOT, start_server
 
 RUNS = ROOT / "runs" / "sst2-split"
 LOCAL = ROOT / "runs" / "sst2"
@@ -37,23 +36,6 @@ CONFIGS = {
     "k512-side-4bit": (512, ["--iters", "250", "--test-every", "25", "--act-bits", "4"]),
 }
 COMPARE = ("zo-lora", "lora-adam")
-
-
-def start_server(tmp: Path, threads: int):
-    token = tmp / "token"
-    token.write_text(secrets.token_hex(16))
-    port_file = tmp / "port"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pocketllm.cli", "serve", "--port", "0",
-                             "--port-file", str(port_file), "--token-file", str(token),
-                             "--state-dir", str(tmp / "state"), "--threads", str(threads or 1)],
-                            cwd=ROOT, env=env, stdout=open(RUNS / "server.log", "a"),
-                            stderr=subprocess.STDOUT)
-    while not port_file.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"server failed; see {RUNS / 'server.log'}")
-        time.sleep(0.2)
-    return proc, f"127.0.0.1:{port_file.read_text()}", token
 
 
 def curve(run: Path) -> list[tuple[float, float, int]]:
@@ -114,7 +96,7 @@ def main() -> None:
                                "--eval-batch-size", "16"])} if a.smoke else \
             {n: CONFIGS[n] for n in (a.only or CONFIGS)}
         with tempfile.TemporaryDirectory() as tmp:
-            proc, addr, token = start_server(Path(tmp), a.threads)
+            proc, addr, token = start_server(Path(tmp), a.threads, log=RUNS / "server.log")
             try:
                 for name, (k, flags) in todo.items():
                     if (RUNS / name / "summary.json").exists() and name != "smoke":

@@ -19,7 +19,6 @@ import hmac
 import logging
 import os
 import threading
-import time
 from concurrent import futures
 from dataclasses import asdict
 from pathlib import Path
