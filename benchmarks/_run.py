@@ -36,3 +36,24 @@ def write_table(name: str, title: str, command: str, machine: str, header: list[
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
+
+
+def start_server(tmp: Path, threads: int = 1, models: list[str] | None = None,
+                 log: Path | None = None):
+    """A `pocketllm serve` on a free loopback port: (process, "127.0.0.1:PORT", token file)."""
+    import os
+    import secrets
+    token = tmp / "token"
+    token.write_text(secrets.token_hex(16))
+    port_file = tmp / "port"
+    log = log or tmp / "server.log"
+    cmd = [sys.executable, "-m", "pocketllm.cli", "serve", "--port", "0", "--port-file",
+           str(port_file), "--token-file", str(token), "--state-dir", str(tmp / "state"),
+           "--threads", str(threads or 1)] + (["--models", *models] if models else [])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"server failed; see {log}")
+        time.sleep(0.2)
+    return proc, f"127.0.0.1:{port_file.read_text()}", str(token)

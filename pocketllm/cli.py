@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": (C.GenerateArgs, "generate text from a prompt"),
     "fuse": (C.FuseArgs, "merge a LoRA adapter into the base model and save an HF directory"),
     "replay": (C.ReplayArgs, "rebuild a zo-sgd run's weights from the base model and its log"),
+    "serve": (C.ServeArgs, "run the split-mode server that trains side networks for devices"),
 }
 
 
@@ -62,6 +63,12 @@ def _model_with_adapter(args):
     model, tok = load_model(args.model, args.dtype)
     if args.adapter_path:
         load_adapter(model, args.adapter_path)
+    if getattr(args, "side_network", ""):
+        from .split.side import attach_side
+        try:
+            attach_side(model, args.side_network)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --side-network {args.side_network}: {e}") from None
     return model, tok
 
 
@@ -96,9 +103,20 @@ def cmd_eval(args: C.EvalArgs) -> int:
     r = evaluate(model, enc[key].items, args.batch_size, tok.pad_token_id, args.max_batches,
                  data.label_choices(tok))
     print(f"{where} ({r.records} records, "
-          f"{'adapter ' + args.adapter_path if args.adapter_path else 'base model'}): "
+          f"{_what(args)}): "
           f"{r.line()} | {time.time() - t0:.1f}s")
     return 0
+
+
+def _what(args) -> str:
+    parts = [f"adapter {args.adapter_path}"] if args.adapter_path else []
+    parts += [f"side network {args.side_network}"] if args.side_network else []
+    return ", ".join(parts) or "base model"
+
+
+def cmd_serve(args: C.ServeArgs) -> int:
+    from .split.server import serve
+    return serve(args)
 
 
 def cmd_generate(args: C.GenerateArgs) -> int:

@@ -126,12 +126,46 @@ class TrainArgs(ModelArgs, DataArgs):
     val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)")
     eval_batch_size: int = opt(16, "sequences per evaluation batch")
     threads: int = opt(0, "torch threads (0: torch's default)")
+    # --method side (split mode): the device streams activations, a server trains
+    server: str = opt("", "side: HOST:PORT of a `pocketllm serve` server")
+    token_file: str = opt("", "side: file holding the server's access token")
+    tls_ca: str = opt("", "side: PEM certificate (or CA) to verify the server by; empty: "
+                      "plaintext (loopback / trusted network only)")
+    tap_every: int = opt(1, "side: stream every k-th layer's hidden states")
+    act_bits: int = opt(8, "side: bits per streamed activation (per-token scales)",
+                        choices=(16, 8, 4))
+    side_width: int = opt(64, "side: side network width")
+    side_depth: int = opt(1, "side: MLP blocks per tapped layer")
+    private_labels: str = opt("auto", "side: 'on' computes the loss on the device (the server "
+                              "sends the side output, the device returns its gradient), so "
+                              "target tokens never leave; 'auto': on whenever targets are text",
+                              choices=("auto", "on", "off"))
+    queue_depth: int = opt(2, "side: batches the device may run ahead of the server")
+    retry_seconds: float = opt(120.0, "side: give up after this long without reaching the server")
+
+
+@dataclass
+class ServeArgs:
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(50051, "port (0: any free port, see --port-file)")
+    token_file: str = opt("", "file holding the access token clients must present")
+    tls_cert: str = opt("", "PEM certificate chain for TLS (with --tls-key)")
+    tls_key: str = opt("", "PEM private key for TLS")
+    state_dir: str = opt("split_state", "where sessions are checkpointed (and resumed from)")
+    models: list = opt([], "public models whose output heads sessions may train against "
+                       "(default: the built-in aliases)")
+    max_message_mb: int = opt(64, "largest message accepted or sent, MiB")
+    workers: int = opt(16, "RPC worker threads (concurrent streams)")
+    threads: int = opt(0, "torch threads (0: torch's default)")
+    port_file: str = opt("", "write the bound port here once listening")
 
 
 @dataclass
 class EvalArgs(ModelArgs, DataArgs):
     split: str = opt("test", "which split of --data to score (or a path to a .jsonl file)")
     adapter_path: str = opt("", "LoRA adapter directory (empty: the base model)")
+    side_network: str = opt("", "side network (.safetensors from --method side) to run with "
+                            "the backbone")
     batch_size: int = opt(16, "sequences per batch")
     max_batches: int = opt(-1, "stop after N batches (-1: all)")
 
@@ -140,6 +174,8 @@ class EvalArgs(ModelArgs, DataArgs):
 class GenerateArgs(ModelArgs):
     prompt: str = opt("", "the prompt")
     adapter_path: str = opt("", "LoRA adapter directory (empty: the base model)")
+    side_network: str = opt("", "side network (.safetensors from --method side) to run with "
+                            "the backbone")
     max_tokens: int = opt(64, "tokens to generate")
     temp: float = opt(0.0, "sampling temperature (0: greedy)")
     chat: bool = opt(False, "wrap the prompt in the tokenizer's chat template")

@@ -94,6 +94,8 @@ def train(args: TrainArgs) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     method_cls = get_method(args.method)
+    if hasattr(method_cls, "run"):  # a method with a loop of its own (split mode)
+        return method_cls.run(args)
     if args.trainable not in method_cls.trainable_kinds:
         raise SystemExit(f"--method {args.method} trains {'/'.join(method_cls.trainable_kinds)}"
                          f" weights, not --trainable {args.trainable}")

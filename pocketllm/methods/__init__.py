@@ -1,6 +1,6 @@
 """Training methods, by name. One file per method; importing it registers it."""
 
 from .base import REGISTRY, Method, StepResult, get_method, register
-from . import adam, lora_adam, prge, zo_sgd  # noqa: F401  (registration)
+from . import adam, lora_adam, prge, side, zo_sgd  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "Method", "StepResult", "get_method", "register"]

@@ -1,0 +1,411 @@
+"""The device's side of split mode: frozen forward passes, taps, quantization, streaming.
+
+A producer thread runs the backbone under `torch.inference_mode` (no autograd graph, no
+training state on the device) one step ahead of the server, through a bounded queue: while the
+server trains step t, the device already computes step t+1, and never runs more than
+`--queue-depth` steps ahead. Only the label positions are sent.
+
+Nothing is buffered for resends: `Batcher` makes step t's batch a pure function of t and the
+forward is deterministic, so after a lost connection the client asks the server for the last
+step it acknowledged (trained *and* checkpointed) and recomputes from the one after. That is how
+no batch is lost or trained twice, across client reconnects and server restarts alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from . import split_pb2 as pb
+from . import split_pb2_grpc as pb_grpc
+from .quant import payload_bytes, quantize
+from .server import TOKEN_HEADER, config_to_spec, decode_tensor
+from .side import (SideConfig, SideNetwork, batch_targets, head_loss_grad, scored_rows,
+                   side_from_bytes, tapped)
+
+log = logging.getLogger("pocketllm.split")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.CANCELLED}
+MAX_BACKOFF_S = 8.0
+
+
+class SplitError(RuntimeError):
+    """The server refused the run (bad token, bad spec) or stayed out of reach."""
+
+
+@dataclass
+class DeviceStep:
+    """One step's message and what the device keeps of it until it is acknowledged."""
+
+    step: int
+    msg: pb.Batch
+    final: torch.Tensor | None      # private labels: the final hidden state at the label rows
+    targets: torch.Tensor | None    # private labels: their target ids (never sent)
+    candidates: torch.Tensor | None = None  # classification: label words' ids (per row)
+    forward_s: float = 0.0
+    wire_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def qtensor(x: torch.Tensor, bits: int) -> pb.QTensor:
+    data, scales = quantize(x, bits)
+    return pb.QTensor(bits=bits, rows=x.shape[0], cols=x.shape[1], data=data, scales=scales)
+
+
+def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: int) -> DeviceStep:
+    """The frozen forward of one batch and the message it becomes (scored positions only)."""
+    t0 = time.perf_counter()
+    targets, candidates = batch_targets(batch)
+    with torch.inference_mode(), tapped(model, cfg.taps) as taps:
+        out = model.base_model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"], use_cache=False)
+        final = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+        final = scored_rows(final, batch).float()
+        rows = [scored_rows(taps[i], batch) for i in cfg.taps]
+    msg = pb.Batch(step=step, taps=[qtensor(r, cfg.act_bits) for r in rows])
+    if not cfg.private_labels:
+        msg.final.CopyFrom(qtensor(final, cfg.act_bits))
+        msg.targets = _int32(targets)
+        if candidates is not None:
+            msg.candidates, msg.n_candidates = _int32(candidates), candidates.shape[1]
+    keep = cfg.private_labels
+    item = DeviceStep(step, msg, final if keep else None, targets if keep else None,
+                      candidates if keep else None)
+    item.forward_s = time.perf_counter() - t0
+    item.wire_bytes = msg.ByteSize()
+    return item
+
+
+def _int32(t: torch.Tensor) -> bytes:
+    return t.to(torch.int32).contiguous().numpy().astype("<i4").tobytes()
+
+
+def step_bytes(rows: int, cfg: SideConfig) -> int:
+    """Bytes the device uploads per step (protobuf framing aside): the taps, and with private
+    labels the float32 gradient w.r.t. the side output, else the final state and the targets.
+    (With private labels the server also sends the float32 side output down: 4 * rows * hidden.)"""
+    taps = len(cfg.taps) * payload_bytes(rows, cfg.hidden, cfg.act_bits)
+    if cfg.private_labels:
+        return taps + payload_bytes(rows, cfg.hidden, 32)
+    return taps + payload_bytes(rows, cfg.hidden, cfg.act_bits) + 4 * rows
+
+
+class SplitClient:
+    """A connection to a `pocketllm serve` server."""
+
+    def __init__(self, address: str, token: str, tls_ca: str = "", max_message_mb: int = 64):
+        limit = max_message_mb * 2**20
+        # grpc's own reconnect backoff grows to 2 minutes by default; ours (`train`) decides
+        opts = [("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, creds, options=opts)
+        else:
+            self.channel = grpc.insecure_channel(address, options=opts)
+        self.address = address
+        self.stub = pb_grpc.SideTuningStub(self.channel)
+        self.md = ((TOKEN_HEADER, f"Bearer {token}"),)
+        self.acked = 0
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def health(self, timeout: float = 5.0) -> pb.HealthReply:
+        return self.stub.Health(pb.HealthRequest(), timeout=timeout)
+
+    def open(self, sid: str, cfg: SideConfig) -> int:
+        """Create or rejoin the session; returns the server's last acknowledged step."""
+        r = self.stub.Open(pb.OpenRequest(session_id=sid, spec=config_to_spec(cfg)),
+                           metadata=self.md, timeout=120, wait_for_ready=True)
+        return int(r.step)
+
+    def fetch(self, sid: str) -> tuple[int, SideNetwork]:
+        r = self.stub.Fetch(pb.FetchRequest(session_id=sid), metadata=self.md, timeout=120)
+        return int(r.step), side_from_bytes(r.safetensors)
+
+    def train(self, sid: str, cfg: SideConfig, make_step: Callable[[int], DeviceStep],
+              iters: int, head: tuple[torch.Tensor, torch.Tensor | None] | None,
+              on_ack: Callable[[int, float, DeviceStep], None], queue_depth: int = 2,
+              retry_seconds: float = 120.0) -> int:
+        """Train steps 1..iters, reconnecting with backoff; returns the last acknowledged step."""
+        attempt, last_ok = 0, time.time()
+        while True:
+            before = self.acked
+            try:
+                self.acked = self.open(sid, cfg)
+                if self.acked >= iters:
+                    return self.acked
+                self._stream(sid, cfg, make_step, iters, head, on_ack, queue_depth)
+                if self.acked >= iters:
+                    return self.acked
+                err = "the server closed the stream early"
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise SplitError(f"server {self.address}: {e.code().name}: "
+                                     f"{e.details()}") from None
+                err = f"{e.code().name}: {e.details()}"
+            if self.acked > before:
+                attempt, last_ok = 0, time.time()
+            if time.time() - last_ok > retry_seconds:
+                raise SplitError(f"server {self.address} out of reach for {retry_seconds:.0f}s "
+                                 f"({err}); rerun with --resume to continue after step "
+                                 f"{self.acked}")
+            delay = min(MAX_BACKOFF_S, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
+            attempt += 1
+            log.warning("connection to %s lost (%s); retrying in %.1fs from step %d",
+                        self.address, err, delay, self.acked + 1)
+            time.sleep(delay)
+
+    def _stream(self, sid, cfg, make_step, iters, head, on_ack, queue_depth) -> None:
+        stop = threading.Event()
+        ready: queue.Queue = queue.Queue(maxsize=max(1, queue_depth))
+        grads: queue.Queue = queue.Queue()
+        inflight: dict[int, DeviceStep] = {}
+        failure: list[BaseException] = []
+        end = object()
+
+        def wait_get(q):
+            while not stop.is_set():
+                try:
+                    return q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            return end
+
+        def offer(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce():
+            try:
+                for step in range(self.acked + 1, iters + 1):
+                    if not offer(make_step(step)):
+                        return
+                offer(end)
+            except BaseException as e:  # surfaced by the main thread
+                failure.append(e)
+                stop.set()
+
+        def requests():
+            while True:
+                item = wait_get(ready)
+                if item is end:
+                    return
+                inflight[item.step] = item
+                yield pb.Upload(session_id=sid, batch=item.msg)
+                if cfg.private_labels:
+                    g = wait_get(grads)
+                    if g is end:
+                        return
+                    yield pb.Upload(session_id=sid, grad=g)
+
+        producer = threading.Thread(target=produce, name="split-forward", daemon=True)
+        producer.start()
+        call = self.stub.Train(requests(), metadata=self.md)
+        try:
+            for reply in call:
+                if reply.WhichOneof("kind") == "output":
+                    o = reply.output
+                    item = inflight[o.step]
+                    t0 = time.perf_counter()
+                    delta = decode_tensor(o.delta, item.final.shape[0], cfg.hidden, "delta", (32,))
+                    loss, gz = head_loss_grad(item.final + delta, item.targets, *head,
+                                              candidates=item.candidates)
+                    item.extra["head_s"] = time.perf_counter() - t0
+                    grads.put(pb.Grad(step=o.step, grad=qtensor(gz, 32), loss=loss))
+                    item.wire_bytes += o.ByteSize()  # counted both ways
+                else:
+                    a = reply.ack
+                    item = inflight.pop(a.step, None)
+                    if not a.duplicate and a.step == self.acked + 1:
+                        self.acked = a.step
+                        on_ack(a.step, float(a.loss), item)
+        finally:
+            stop.set()
+            call.cancel()
+            producer.join()
+        if failure:
+            raise failure[0]
+
+
+# --------------------------------------------------------------------------------------------
+# `pocketllm train --method side`
+# --------------------------------------------------------------------------------------------
+SESSION_FILE = "session.json"
+SIDE_FILE = "side_network.safetensors"
+
+
+def private_labels(setting: str, class_labels: bool) -> bool:
+    """'auto': private unless the targets are class labels (text targets *are* the text)."""
+    return setting == "on" or (setting == "auto" and not class_labels)
+
+
+def session_id(out: Path, resume: bool, server: str) -> str:
+    """The run's session id: kept in the output directory so `--resume` rejoins it."""
+    path = out / SESSION_FILE
+    if resume and path.exists():
+        return json.loads(path.read_text())["session_id"]
+    sid = secrets.token_hex(16)
+    path.write_text(json.dumps({"session_id": sid, "server": server}))
+    path.chmod(0o600)  # the id lets its holder (with the token) read the side network back
+    return sid
+
+
+def train_side(args) -> dict:
+    """Train a side network on the server from this device's data; returns the summary."""
+    from .. import memory
+    from ..config import save_yaml
+    from ..data import Batcher
+    from ..data.source import load_run_data
+    from ..evaluate import evaluate
+    from ..loss import is_masked_lm, output_head
+    from ..models import load_model
+    from ..train import Reporter
+    from .server import read_token
+    from .side import AttachedSide, save_side, tap_layers
+
+    if not args.server or not args.token_file:
+        raise SystemExit("--method side needs --server HOST:PORT and --token-file F")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t_start = time.time()
+    out = Path(args.adapter_path)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_run_data(args)
+    model, tok = load_model(args.model, args.dtype)
+    if is_masked_lm(model):
+        raise SystemExit("--method side supports causal LMs only")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    enc = data.encode(tok, False, args.max_seq_length, args.mask_prompt)
+    for w in data.warnings:
+        print(f"warning: {w}", flush=True)
+    batcher = Batcher(enc["train"].items, args.batch_size, args.seed, tok.pad_token_id,
+                      args.grad_accumulation)
+    n_layers = model.config.num_hidden_layers
+    cfg = SideConfig(model=args.model, hidden=model.config.hidden_size,
+                     taps=tap_layers(n_layers, args.tap_every), width=args.side_width,
+                     depth=args.side_depth, act_bits=args.act_bits,
+                     private_labels=private_labels(args.private_labels, data.task is not None),
+                     learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                     seed=args.seed)
+    if args.grad_accumulation != 1:
+        raise SystemExit("--method side trains one micro-batch per step: use --batch-size, "
+                         "not --grad-accumulation")
+    save_yaml(args, out / "config.yaml")
+    head = output_head(model)
+    head_t = (head.weight.detach(), None if head.bias is None else head.bias.detach()) \
+        if cfg.private_labels else None
+    sid = session_id(out, args.resume, args.server)
+    client = SplitClient(args.server, read_token(args.token_file), args.tls_ca)
+    start = client.open(sid, cfg) if args.resume else 0
+    report = Reporter(out, args.iters, start, fresh=not args.resume)
+    choices = data.label_choices(tok)
+    final_split = "test" if data.task else "valid"
+    clock = [0.0]  # training seconds (steps only, not evaluation), as `pocketllm.train` counts
+
+    def run_eval(tag: str, split: str = final_split):
+        if not enc.get(split):
+            return None
+        r = evaluate(model, enc[split].items, args.eval_batch_size, tok.pad_token_id,
+                     args.val_batches if split == "valid" else -1, choices)
+        p = "eval" if split == "valid" else split
+        report.say(f"{tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
+        report.record({"step": client.acked, "wall": clock[0],
+                       **{f"{p}_{k}": v for k, v in r.metrics().items()}})
+        return r
+
+    report.say(f"model {args.model} | method side | server {args.server} | {len(cfg.taps)} "
+               f"taps at {cfg.act_bits} bits | labels "
+               f"{'private (U-shaped)' if cfg.private_labels else 'sent to the server'} | "
+               f"train {len(enc['train'].items)} records")
+    before = run_eval("before") if start == 0 and args.eval_before else None
+    memory.reset_peak()
+    t_train = time.time()
+    window: list[tuple[float, float]] = []
+    totals = {"wire_bytes": 0, "forward_s": 0.0, "eval_s": 0.0}
+    # the forward thread and a mid-run evaluation (which attaches the side network to the
+    # same model) must not interleave
+    model_lock = threading.Lock()
+
+    def make_step(s: int) -> DeviceStep:
+        with model_lock:
+            return device_step(model, batcher(s - 1), cfg, s)
+
+    def test_now(step: int) -> None:
+        t0 = time.time()
+        _, side = client.fetch(sid)  # the server's state: this step, or one ahead
+        with model_lock:
+            attached = AttachedSide(model, side)
+            try:
+                run_eval("eval")
+            finally:
+                attached.detach()
+        totals["eval_s"] += time.time() - t0
+
+    def on_ack(step: int, loss: float, item: DeviceStep | None) -> None:
+        clock[0] = time.time() - t_train - totals["eval_s"]
+        rec = {"step": step, "loss": loss, "wall": clock[0]}
+        if item is not None:
+            rec.update(forward_s=item.forward_s, wire_bytes=item.wire_bytes, **item.extra)
+            totals["wire_bytes"] += item.wire_bytes
+            totals["forward_s"] += item.forward_s
+        report.record(rec)
+        report.progress(1, {"loss": f"{loss:.3f}"})
+        window.append((loss, rec["wall"]))
+        if step % args.steps_per_report == 0 or step == args.iters:
+            report.say(f"step {step} | loss {sum(w[0] for w in window) / len(window):.4f} | "
+                       f"wire {totals['wire_bytes'] / max(step - start, 1) / 1e6:.2f} MB/step | "
+                       f"peak_rss {memory.peak_rss_mb():.0f}MB")
+            window.clear()
+        if data.task and args.test_every and step % args.test_every == 0 and step < args.iters:
+            test_now(step)
+
+    try:
+        client.train(sid, cfg, make_step, args.iters, head_t, on_ack, args.queue_depth,
+                     args.retry_seconds)
+        _, side = client.fetch(sid)
+    except SplitError as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        client.close()
+    train_time = time.time() - t_train - totals["eval_s"]
+    peak = memory.peak_rss_mb()
+    save_side(side, out / SIDE_FILE)
+    attached = AttachedSide(model, side)
+    after = run_eval("after")
+    attached.detach()
+    report.close()
+    summary = {"steps": args.iters - start, "train_seconds": train_time,
+               "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
+               "wire_bytes": totals["wire_bytes"], "device_forward_s": totals["forward_s"],
+               "output": str(out / SIDE_FILE),
+               "before": before.__dict__ if before else None,
+               "after": after.__dict__ if after else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"side network saved to {out / SIDE_FILE} | peak RSS {peak:.0f} MB | "
+          f"{train_time:.0f}s training | {totals['wire_bytes'] / 1e6:.1f} MB over the wire")
+    return summary

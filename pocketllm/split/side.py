@@ -1,0 +1,293 @@
+"""The side network, the taps that feed it, and the output-head loss both ends of a split share.
+
+The side network is a ladder of small position-wise blocks beside the frozen backbone: each
+tapped layer's hidden state is RMS-normalised, projected down to the side width and added to
+the side stream, which `depth` residual MLP blocks refine; the stream is projected back up to
+the hidden size and *added to the backbone's final hidden state* before the output head. The up
+projection starts at zero, so the untrained side network changes nothing: the combined model
+predicts exactly what the backbone does (the LoRA trick, applied to a whole side path).
+
+Position-wise blocks need no attention over the sequence (the backbone's hidden states already
+carry the context), which is what lets the device send the label positions only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..loss import VOCAB_CHUNK
+from .quant import roundtrip
+
+
+@dataclass
+class SideConfig:
+    """What defines a side network (the server builds it from this; it is saved beside it)."""
+
+    model: str
+    hidden: int
+    taps: list[int]
+    width: int = 64
+    depth: int = 1
+    act_bits: int = 8
+    private_labels: bool = True
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SideConfig":
+        return cls(**json.loads(text))
+
+    def check(self, n_layers: int | None = None) -> None:
+        """ValueError naming the field when the config cannot describe a side network."""
+        if not 1 <= self.hidden <= 65536:
+            raise ValueError(f"hidden size {self.hidden} out of range")
+        if not 1 <= self.width <= 16384 or not 0 <= self.depth <= 16:
+            raise ValueError(f"side width {self.width} / depth {self.depth} out of range "
+                             "(1..16384, 0..16)")
+        if not self.taps or len(self.taps) > 512 or sorted(set(self.taps)) != list(self.taps):
+            raise ValueError(f"taps must be 1..512 distinct ascending layer indices, got {self.taps}")
+        if n_layers is not None and self.taps[-1] >= n_layers:
+            raise ValueError(f"tap {self.taps[-1]} beyond the backbone's {n_layers} layers")
+        if self.act_bits not in (16, 8, 4):
+            raise ValueError(f"act_bits must be 16, 8 or 4, got {self.act_bits}")
+
+
+def tap_layers(n_layers: int, every: int) -> list[int]:
+    """Every `every`-th layer's output, counting from the first: 0-based indices ending at or
+    before the last layer (every=1: all layers)."""
+    if every < 1:
+        raise ValueError(f"--tap-every must be >= 1, got {every}")
+    return list(range(every - 1, n_layers, every)) or [n_layers - 1]
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return s + self.fc2(nn.functional.gelu(self.fc1(self.norm(s))))
+
+
+class SideNetwork(nn.Module):
+    """Ladder side network: taps (each (N, hidden)) -> delta (N, hidden) for the final state."""
+
+    def __init__(self, cfg: SideConfig):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        self.down = nn.ModuleList(nn.Linear(cfg.hidden, cfg.width) for _ in cfg.taps)
+        self.blocks = nn.ModuleList(nn.Sequential(*(_Block(cfg.width) for _ in range(cfg.depth)))
+                                    for _ in cfg.taps)
+        self.out_norm = nn.LayerNorm(cfg.width)
+        self.up = nn.Linear(cfg.width, cfg.hidden)
+        with torch.no_grad():  # seeded, independent of the global RNG: both ends agree
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, m.in_features ** -0.5, generator=g)
+                    m.bias.zero_()
+            self.up.weight.zero_()  # untrained: delta = 0, the backbone's own prediction
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        if len(taps) != len(self.down):
+            raise ValueError(f"side network takes {len(self.down)} taps, got {len(taps)}")
+        s = None
+        for h, down, blocks in zip(taps, self.down, self.blocks):
+            h = h.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)  # tames outlier layers
+            s = down(h) if s is None else s + down(h)
+            s = blocks(s)
+        return self.up(self.out_norm(s))
+
+
+def head_loss_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, candidates: torch.Tensor | None = None
+                   ) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy of head(z) against `targets` and its gradient w.r.t. z, streamed over
+    the vocabulary in chunks (two passes: log-sum-exp, then softmax @ W), so neither end ever
+    holds the (N, vocab) logits or an autograd graph through the head.
+
+    With `candidates` (N, C) token ids (a classification task's label words), the softmax is
+    over those rows of the head only and `targets` are indices into them."""
+    z = z.detach().float()
+    n = z.shape[0]
+    if n == 0:
+        return 0.0, torch.zeros_like(z)
+    if candidates is not None:
+        wc = weight[candidates].float()                                   # (N, C, H)
+        lg = torch.einsum("nh,nch->nc", z, wc)
+        if bias is not None:
+            lg = lg + bias[candidates].float()
+        p = torch.softmax(lg, dim=1)
+        loss = float(torch.nn.functional.cross_entropy(lg, targets))
+        p[torch.arange(n), targets] -= 1.0
+        return loss, torch.einsum("nc,nch->nh", p, wc) / n
+    chunks = [(v0, min(v0 + VOCAB_CHUNK, weight.shape[0]))
+              for v0 in range(0, weight.shape[0], VOCAB_CHUNK)]
+
+    def logits(v0, v1):
+        out = z @ weight[v0:v1].float().T
+        return out if bias is None else out + bias[v0:v1].float()
+
+    lse = torch.full((n,), float("-inf"))
+    for v0, v1 in chunks:
+        lse = torch.logaddexp(lse, torch.logsumexp(logits(v0, v1), dim=1))
+    grad = torch.zeros_like(z)
+    for v0, v1 in chunks:
+        grad += torch.exp(logits(v0, v1) - lse[:, None]) @ weight[v0:v1].float()
+    grad -= weight[targets].float()
+    tgt_logit = (z * weight[targets].float()).sum(1)
+    if bias is not None:
+        tgt_logit = tgt_logit + bias[targets].float()
+    loss = float((lse - tgt_logit).mean())
+    return loss, grad / n
+
+
+# --------------------------------------------------------------------------------------------
+# Taps on the device
+# --------------------------------------------------------------------------------------------
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The backbone's list of transformer blocks (llama, gpt2, opt, gemma, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for m in model.base_model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+@contextmanager
+def tapped(model: nn.Module, taps: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, every forward stores layer i's output hidden state in out[i]."""
+    out: dict[int, torch.Tensor] = {}
+    layers = decoder_layers(model)
+    me = threading.get_ident()  # a forward of the same model in another thread is not ours
+
+    def hook(i):
+        def fn(_mod, _inp, output):
+            if threading.get_ident() == me:
+                out[i] = output[0] if isinstance(output, (tuple, list)) else output
+        return fn
+    handles = [layers[i].register_forward_hook(hook(i)) for i in taps]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def scored_rows(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (N, H) hidden states the loss is computed from: the answer position of each row
+    for a classification batch, else the positions whose next token is a label."""
+    if "class_label" in batch:
+        return hidden[torch.arange(hidden.shape[0]), batch["answer_pos"]]
+    return hidden[:, :-1][batch["labels"][:, 1:] != -100]
+
+
+def batch_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(targets, candidates): label token ids, or class indices among the label words."""
+    if "class_label" in batch:
+        return batch["class_label"], batch["label_ids"]
+    labels = batch["labels"][:, 1:]
+    return labels[labels != -100], None
+
+
+class AttachedSide:
+    """A trained side network running on the device with its backbone: the backbone's final
+    hidden state gets the side network's delta added (at every position), so `generate`,
+    `evaluate` and `token_stats` see the combined model. Remove with `detach()`."""
+
+    def __init__(self, model: nn.Module, side: SideNetwork):
+        self.side = side.eval()
+        cfg = side.cfg
+        self._taps: dict[int, torch.Tensor] = {}
+        layers = decoder_layers(model)
+        self._handles = [layers[i].register_forward_hook(self._store(i)) for i in cfg.taps]
+        self._handles.append(model.base_model.register_forward_hook(self._add))
+
+    def _store(self, i):
+        def fn(_mod, _inp, output):
+            self._taps[i] = output[0] if isinstance(output, (tuple, list)) else output
+        return fn
+
+    def _add(self, _mod, _inp, output):
+        cfg = self.side.cfg
+        taps = [roundtrip(self._taps[i], cfg.act_bits) for i in cfg.taps]
+        shape = taps[0].shape
+        delta = self.side([t.reshape(-1, shape[-1]) for t in taps]).reshape(shape)
+        if isinstance(output, tuple):
+            return (output[0] + delta.to(output[0].dtype),) + output[1:]
+        output.last_hidden_state = output.last_hidden_state + delta.to(output.last_hidden_state.dtype)
+        return output
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def save_side(side: SideNetwork, path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous() for k, v in side.state_dict().items()}, str(path),
+              metadata={"pocketllm_side_config": side.cfg.to_json()})
+
+
+def side_to_bytes(side: SideNetwork) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.detach().contiguous() for k, v in side.state_dict().items()},
+                metadata={"pocketllm_side_config": side.cfg.to_json()})
+
+
+def side_from_bytes(data: bytes) -> SideNetwork:
+    """The side network in a safetensors blob (what the server's Fetch returns)."""
+    from safetensors.torch import load
+    if len(data) < 8:
+        raise ValueError("side network blob too short")
+    n = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
+    meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+    return _build(meta, load(data), "<fetched side network>")
+
+
+def load_side(path) -> SideNetwork:
+    """A side network saved by `save_side` / fetched from the server (a .safetensors file)."""
+    from safetensors import safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        with safe_open(str(path), "pt") as st:
+            meta = st.metadata() or {}
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"not a safetensors file ({e})") from None
+    return _build(meta, tensors, str(path))
+
+
+def _build(meta: dict, tensors: dict, where: str) -> SideNetwork:
+    if "pocketllm_side_config" not in meta:
+        raise ValueError(f"{where}: not a pocketllm side network (no pocketllm_side_config "
+                         "metadata)")
+    side = SideNetwork(SideConfig.from_json(meta["pocketllm_side_config"]))
+    side.load_state_dict(tensors)
+    return side
+
+
+def attach_side(model: nn.Module, path) -> AttachedSide:
+    """Load the side network at `path` and attach it to `model` (checking it fits)."""
+    side = load_side(path)
+    n = model.config.num_hidden_layers
+    if side.cfg.hidden != model.config.hidden_size or side.cfg.taps[-1] >= n:
+        raise ValueError(f"{path}: side network for hidden {side.cfg.hidden}, taps "
+                         f"{side.cfg.taps}; model {side.cfg.model!r} expected, this one has "
+                         f"hidden {model.config.hidden_size} and {n} layers")
+    return AttachedSide(model, side)
