@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:12s} {doc}")
             for kind, d in cls.defaults.items():
-                print(f"{'':12s}   defaults with --trainable {kind}: "
-                      + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in d.items()))
+                trainable, _, objective = kind.partition(":")
+                on = f"--trainable {trainable}" + (" on a --task" if objective == "task" else "")
+                print(f"{'':12s}   defaults with {on}: " + ", ".join(
+                    f"{k.replace('_', '-')} {v:g}" if isinstance(v, float) else
+                    f"{k.replace('_', '-')} {v}" for k, v in d.items()))
         return 0
     cls, _ = COMMANDS[ns.command]
     args = C.resolve(cls, ns)

@@ -21,6 +21,7 @@ from .zo_sgd import ZOSGD
 @register("prge")
 class PRGE(ZOSGD):
     trainable_kinds = ("lora",)
+    defaults = {k: v for k, v in ZOSGD.defaults.items() if k.startswith("lora")}
 
     def plan(self, args) -> tuple[int, list]:
         return args.queries, plan_passes(args.queries, args.parallel, args.max_replicas)
