@@ -67,6 +67,8 @@ def models_table(a) -> None:
                 elif key in reused:
                     r, why = reused[key], "measured"
                     n_reused += 1
+                elif a.reuse_only:
+                    why = "estimate only (not run in this session's time)"
                 else:
                     r = run_mode(mode, model=name, dtype=dtype, batch_size=batch, seq=seq,
                                  steps=1, warmup=1 if mode in ("adam", "lora-adam") else 0)
@@ -132,6 +134,8 @@ def main() -> None:
                     help="run only where the estimate is below this many MB")
     ap.add_argument("--reuse", default="", help="JSONL of workload results to take measurements "
                     "from (same model, dtype, mode, batch, seq) instead of running them")
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="run nothing: what --reuse lacks is left as estimate only")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
