@@ -107,7 +107,8 @@ Estimate: `pocketllm memory --model M --method X --trainable T --batch-size B
 framework's own footprint, {framework:.0f} MB, measured once in a fresh process). Measured:
 peak RSS of `python -m pocketllm.bench.workload --mode M --model X --dtype D --batch-size B
 --seq L --steps 1 --warmup W` in a fresh process (W = 1 for lora-adam and adam, so AdamW's state
-exists; 0 otherwise), from just after loading (the kernel's high-water mark is reset there)
+exists; 0 otherwise; the smollm2-135m lora-adam rows ran with W = 0: LoRA's AdamW state is 4 MB
+either way), from just after loading (the kernel's high-water mark is reset there)
 through the step, or the loaded RSS if larger. Batches: random tokens; causal LMs score every
 position (the dense language-modelling case), RoBERTa one <mask> per row through its MLM head.
 zo-sgd runs its defaults: sequential passes for full parameters, one pair-batched forward for
@@ -120,7 +121,8 @@ smaller batches (2 x 64, 8 x 64) because one forward of OPT-1.3B at 16 x 128 tak
 this shared 2-core CPU, and are given as estimates at 16 x 128. Runs whose estimate exceeds the
 memory free on this shared 24 GB machine were not run. Load average (1/5/15 min) at start:
 {load_start}; at end: {load_end}. Measurements taken from {reuse}: {n_reused} (the same
-workload command, run by a queue earlier in the session; the rest ran here).
+workload command, run by a queue earlier in the session, whose start times and load averages are
+in memory_models_queue.log; the rest ran here).
 """
 
 
