@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pocketllm.bench.workload import run_in_fresh_process  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run_mode(mode: str, **kw) -> dict:
     """`python -m pocketllm.bench.workload --mode mode --k v ...` in a fresh process."""
-    cmd = [sys.executable, "-m", "pocketllm.bench.workload", "--mode", mode]
-    for k, v in kw.items():
-        cmd += ["--" + k.replace("_", "-"), str(v)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return run_in_fresh_process(mode, **kw)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def write_table(name: str, title: str, command: str, machine: str, header: list[str],

@@ -1,6 +1,8 @@
 """Peak RSS of inference and of each training method at the same batch, each in a fresh process.
 
     python benchmarks/memory_table.py [--model smollm2-135m] [--batch-size 8] [--seq 64] [--dtype float32]
+    python benchmarks/memory_table.py --models smollm2-135m:16x128 random:opt-1.3b:2x64 ... \
+        [--estimate-only random:opt-1.3b:16x128] --out memory_models.md
 
 "peak (run)" is the high-water mark from just after loading through a few steps (the kernel's
 counter is reset once the model is in memory), which is what tells the methods apart; "peak
@@ -25,8 +27,117 @@ MODES = [("inference", "inference (forward + loss, no grad)"),
          ("lora-adam", "lora-adam (backprop), LoRA r=8 q/v")]
 
 
+# (workload mode, method, trainable, label) of the estimate-vs-measurement table
+RUNS = [("inference", "inference", "full", "inference"),
+        ("zo-full", "zo-sgd", "full", "zo-sgd full"),
+        ("zo-lora", "zo-sgd", "lora", "zo-sgd LoRA r=8"),
+        ("lora-adam", "lora-adam", "lora", "lora-adam r=8"),
+        ("adam", "adam", "full", "adam (full)")]
+
+
+def models_table(a) -> None:
+    """Estimated vs measured peak RSS for each model x dtype x run (`--models`)."""
+    import json
+    import os
+
+    from pocketllm.memory_estimate import estimate, framework_mb
+    from pocketllm.models import load_config
+
+    load_start = os.getloadavg()
+    framework = framework_mb()
+    reused = {}
+    if a.reuse:
+        for line in Path(a.reuse).read_text().splitlines():
+            r = json.loads(line)
+            reused[(r["model"], r["dtype"], r["mode"], r["batch"], r["seq"])] = r
+    rows, n_reused = [], 0
+    for spec in a.models:
+        name, _, size = spec.rpartition(":")
+        batch, seq = (int(x) for x in size.split("x"))
+        cfg = load_config(name)
+        for dtype in a.dtypes:
+            for mode, method, trainable, label in RUNS:
+                est = estimate(cfg, method, trainable, batch, seq, dtype, framework=framework)
+                key = (name, dtype, mode, batch, seq)
+                r = None
+                if spec in a.estimate_only:
+                    why = "estimate only (MeZO's batch: too slow to run on this CPU)"
+                elif est.total > a.measure_below:
+                    why = f"estimate only (> {a.measure_below / 1024:.0f} GiB: does not fit now)"
+                elif key in reused:
+                    r, why = reused[key], "measured"
+                    n_reused += 1
+                elif a.reuse_only:
+                    why = "estimate only (not run in this session's time)"
+                else:
+                    r = run_mode(mode, model=name, dtype=dtype, batch_size=batch, seq=seq,
+                                 steps=1, warmup=1 if mode in ("adam", "lora-adam") else 0)
+                    why = "measured"
+                    print(json.dumps(r), flush=True)
+                meas = max(r["peak_run_mb"], r["rss_loaded_mb"]) if r else None
+                c = est.components
+                act = sum(v for k, v in c.items() if "activation" in k or "temporar" in k
+                          or "scratch" in k or "heap" in k)
+                state = sum(v for k, v in c.items() if "gradient" in k or "optimizer" in k
+                            or "AdamW" in k)
+                rows.append([name, f"{batch} x {seq}", dtype, label,
+                             f"{c['weights'] + c.get('LoRA weights (float32)', 0):.0f}",
+                             f"{act:.0f}", f"{state:.0f}", f"{est.total:.0f}",
+                             f"{meas:.0f}" if meas else "-",
+                             f"{(est.total - meas) / meas:+.1%}" if meas else "-",
+                             f"{r['step_s_median']:.1f}" if r else "-", why])
+                print(rows[-1], flush=True)
+    cmd = "python benchmarks/memory_table.py " + " ".join(sys.argv[1:])
+    notes = MODELS_NOTES.format(framework=framework, load_start=_load(load_start),
+                                load_end=_load(os.getloadavg()), reuse=a.reuse or "-",
+                                n_reused=n_reused)
+    write_table(a.out, "Peak RSS: estimated (`pocketllm memory`) and measured", cmd.strip(),
+                describe(), ["model", "batch x seq", "dtype", "run", "weights MB",
+                             "activations MB", "grads + AdamW MB", "estimate MB", "measured MB",
+                             "estimate error", "step s", ""], rows, notes)
+
+
+def _load(avg) -> str:
+    return " / ".join(f"{x:.2f}" for x in avg)
+
+
+MODELS_NOTES = """
+Estimate: `pocketllm memory --model M --method X --trainable T --batch-size B
+--max-seq-length L --dtype D` (pocketllm/memory_estimate.py: from the config alone; the
+framework's own footprint, {framework:.0f} MB, measured once in a fresh process). Measured:
+peak RSS of `python -m pocketllm.bench.workload --mode M --model X --dtype D --batch-size B
+--seq L --steps 1 --warmup W` in a fresh process (W = 1 for lora-adam and adam, so AdamW's state
+exists; 0 otherwise; the smollm2-135m lora-adam rows ran with W = 0: LoRA's AdamW state is 4 MB
+either way), from just after loading (the kernel's high-water mark is reset there)
+through the step, or the loaded RSS if larger. Batches: random tokens; causal LMs score every
+position (the dense language-modelling case), RoBERTa one <mask> per row through its MLM head.
+zo-sgd runs its defaults: sequential passes for full parameters, one pair-batched forward for
+LoRA (so LoRA's activations are of 2 x B rows). `random:` models have the published configs
+of facebook/opt-1.3b and FacebookAI/roberta-large with random weights (no pretrained weights
+here, and none are needed to measure memory); smollm2-135m is the real default model.
+
+Sizes: smollm2-135m at 16 x 128 (MeZO's batch 16); OPT-1.3B and RoBERTa-large were measured at
+smaller batches (2 x 64, 8 x 64) because one forward of OPT-1.3B at 16 x 128 takes minutes on
+this shared 2-core CPU, and are given as estimates at 16 x 128. Runs whose estimate exceeds the
+memory free on this shared 24 GB machine were not run. Load average (1/5/15 min) at start:
+{load_start}; at end: {load_end}. Measurements taken from {reuse}: {n_reused} (the same
+workload command, run by a queue earlier in the session, whose start times and load averages are
+in memory_models_queue.log; the rest ran here).
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", nargs="+", default=[],
+                    help="NAME:BxL ...: the estimate-vs-measurement table of every run")
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--estimate-only", nargs="*", default=[], help="NAME:BxL entries not run")
+    ap.add_argument("--measure-below", type=float, default=9000.0,
+                    help="run only where the estimate is below this many MB")
+    ap.add_argument("--reuse", default="", help="JSONL of workload results to take measurements "
+                    "from (same model, dtype, mode, batch, seq) instead of running them")
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="run nothing: what --reuse lacks is left as estimate only")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
@@ -34,6 +145,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="memory.md")
     a = ap.parse_args()
+    if a.models:
+        return models_table(a)
     res = {}
     for mode, _ in MODES:
         res[mode] = run_mode(mode, model=a.model, batch_size=a.batch_size, seq=a.seq,

@@ -16,6 +16,8 @@ COMMANDS = {
     "fuse": (C.FuseArgs, "merge a LoRA adapter into the base model and save an HF directory"),
     "replay": (C.ReplayArgs, "rebuild a zo-sgd run's weights from the base model and its log"),
     "serve": (C.ServeArgs, "run the split-mode server that trains side networks for devices"),
+    "memory": (C.MemoryArgs, "estimate a run's peak memory from the model's config "
+                             "(--measure: and measure it)"),
 }
 
 
@@ -148,6 +150,35 @@ def cmd_replay(args: C.ReplayArgs) -> int:
     _, n = replay(args.adapter_path, args.save_path)
     print(f"replayed {n} steps of {args.adapter_path} in {time.time() - t0:.1f}s; "
           f"saved to {args.save_path}")
+    return 0
+
+
+def cmd_memory(args: C.MemoryArgs) -> int:
+    from .memory_estimate import estimate, framework_mb
+    from .models import load_config
+    config = load_config(args.model)
+    trainable = "full" if args.method == "adam" else "lora" if args.method == "lora-adam" \
+        else args.trainable
+    try:
+        est = estimate(config, args.method, trainable, args.batch_size, args.max_seq_length,
+                       args.dtype, args.lora_rank, args.zo_passes, list(args.lora_targets),
+                       framework=framework_mb())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    what = args.method + ("" if args.method == "inference" else f", {trainable}")
+    print(f"{args.model} ({args.dtype}), {what}, batch {args.batch_size} x "
+          f"{args.max_seq_length} tokens")
+    measured = None
+    if args.measure:
+        from .bench.workload import mode_for, run_in_fresh_process
+        r = run_in_fresh_process(mode_for(args.method, trainable), model=args.model,
+                                 dtype=args.dtype, batch_size=args.batch_size,
+                                 seq=args.max_seq_length, steps=args.steps,
+                                 warmup=1 if args.method in ("adam", "lora-adam") else 0,
+                                 lora_rank=args.lora_rank, zo_passes=args.zo_passes)
+        measured = max(r["peak_run_mb"], r["rss_loaded_mb"])
+    print(est.table(measured))
     return 0
 
 

@@ -193,6 +193,23 @@ class ReplayArgs(ModelArgs):
     save_path: str = opt("replayed_model", "where to write the rebuilt model / adapter")
 
 
+@dataclass
+class MemoryArgs(ModelArgs):
+    method: str = opt("zo-sgd", "what to estimate", choices=("inference", "zo-sgd", "lora-adam",
+                                                              "adam"))
+    trainable: str = opt("lora", "which weights train", choices=("full", "lora"))
+    batch_size: int = opt(8, "sequences per micro-batch")
+    max_seq_length: int = opt(256, "tokens per sequence (every sequence assumed this long; a "
+                              "causal LM scores every position, a masked LM one <mask> per row)")
+    lora_rank: int = opt(8, "LoRA rank r")
+    lora_targets: list = opt([], "module names to adapt (default: the query/value projections)")
+    zo_passes: str = opt("auto", "zo-sgd passes, as for train", choices=("auto", "pair",
+                                                                        "sequential"))
+    measure: bool = opt(False, "also run it in a fresh process and print the measured peak RSS")
+    steps: int = opt(1, "--measure: measured steps (first-order methods run one more, "
+                     "unmeasured, first: AdamW's state exists from the second step on)")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -30,6 +30,29 @@ MODES = ("inference", "inference-lora", "zo-full", "zo-lora", "naive-zo-full", "
 METHOD_OF = {"zo-full": "zo-sgd", "zo-lora": "zo-sgd", "lora-adam": "lora-adam", "adam": "adam"}
 
 
+def mode_for(method: str, trainable: str) -> str:
+    """The workload mode that runs `method` on `trainable` weights."""
+    if method == "zo-sgd":
+        return f"zo-{trainable}"
+    return method  # inference, lora-adam, adam
+
+
+def run_in_fresh_process(mode: str, **kw) -> dict:
+    """`python -m pocketllm.bench.workload --mode mode --k v ...` in a fresh process (so its
+    peak RSS is its own); returns the JSON it prints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    cmd = [sys.executable, "-m", "pocketllm.bench.workload", "--mode", mode]
+    for k, v in kw.items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def is_masked_lm(model) -> bool:
     return getattr(model.config, "model_type", "") in MASKED_LM_TYPES
 

@@ -1,0 +1,128 @@
+"""The memory estimate: its breakdown, its shape in batch / seq / method, the saved-activation
+table it reads (re-derived here by tracing), and the `pocketllm memory` CLI."""
+
+import numpy as np
+import pytest
+import torch
+
+from pocketllm import memory_estimate as ME
+from pocketllm.cli import main
+from pocketllm.config import TrainArgs
+from pocketllm.models import _auto_class, load_config
+from pocketllm.train import setup_trainable
+
+FRAMEWORK = 340.0  # given, so that no test starts the framework probe process
+
+
+@pytest.fixture(autouse=True)
+def _no_probe(monkeypatch):
+    monkeypatch.setattr(ME, "_framework", FRAMEWORK)
+
+
+def _est(method, trainable, batch=4, seq=32, name="tiny-llama", **kw):
+    return ME.estimate(load_config(name), method, trainable, batch, seq, framework=FRAMEWORK, **kw)
+
+
+def test_breakdown_has_every_component_and_sums_to_the_total():
+    e = _est("adam", "full")
+    c = e.components
+    for part in ("framework", "weights", "optimizer state", "activations kept", "gradients"):
+        assert any(k.startswith(part) for k in c), (part, list(c))
+    assert e.total == pytest.approx(sum(c.values()))
+    assert all(v >= 0 for v in c.values())
+    z = _est("zo-sgd", "full").components
+    assert "ZO scratch (perturbed copies)" in z and "gradients" not in z
+    assert "LoRA weights (float32)" in _est("lora-adam", "lora").components
+    table = e.table(measured=e.total * 1.1)
+    assert "estimated peak RSS" in table and "measured peak RSS" in table and "-9.1%" in table
+
+
+@pytest.mark.parametrize("method,trainable", [("inference", "full"), ("zo-sgd", "full"),
+                                              ("zo-sgd", "lora"), ("lora-adam", "lora"),
+                                              ("adam", "full")])
+def test_monotone_in_batch_and_sequence_length(method, trainable):
+    totals = [_est(method, trainable, b, L, name="random:smollm2-135m").total
+              for b, L in [(1, 32), (4, 32), (4, 128), (16, 128)]]
+    assert totals == sorted(totals) and totals[0] < totals[-1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_method_order_adam_over_lora_adam_over_zo_about_inference(dtype):
+    t = {m: _est(m, tr, 16, 128, name="random:smollm2-135m", dtype=dtype).total
+         for m, tr in [("inference", "full"), ("zo-sgd", "full"), ("lora-adam", "lora"),
+                       ("adam", "full")]}
+    t["zo-lora"] = _est("zo-sgd", "lora", 16, 128, name="random:smollm2-135m", dtype=dtype).total
+    assert t["adam"] > t["lora-adam"] > 2 * t["zo-sgd"]
+    for zo in ("zo-sgd", "zo-lora"):
+        assert abs(t[zo] - t["inference"]) / t["inference"] < 0.15, t
+
+
+def test_weights_are_the_parameter_count_times_the_dtype():
+    cfg = load_config("random:opt-1.3b")
+    w32 = ME.estimate(cfg, "inference", "full", 1, 8, "float32", framework=0).components["weights"]
+    w16 = ME.estimate(cfg, "inference", "full", 1, 8, "bfloat16", framework=0).components["weights"]
+    assert w32 == pytest.approx(1315.8e6 * 4 / 2**20, rel=2e-3)
+    assert w16 == pytest.approx(w32 / 2, rel=2e-3)
+
+
+def test_bad_method_or_trainable_is_an_actionable_error():
+    with pytest.raises(ValueError, match="lora-adam"):
+        _est("sgd", "full")
+    with pytest.raises(ValueError, match="--trainable lora"):
+        _est("adam", "lora")
+
+
+def _trace_per_layer(family, trainable, dtype, h, f, heads):
+    """Saved bytes per token of one more layer (3 vs 2 layers), traced."""
+    kw = {"gated": dict(model_type="llama", intermediate_size=f, num_key_value_heads=heads),
+          "relu": dict(model_type="opt", ffn_dim=f, word_embed_proj_dim=h),
+          "encoder": dict(model_type="roberta", intermediate_size=f, type_vocab_size=1)}[family]
+    from transformers import AutoConfig
+    out = []
+    for layers in (2, 3):
+        k = dict(kw)
+        cfg = AutoConfig.for_model(k.pop("model_type"), vocab_size=300, pad_token_id=1,
+                                   hidden_size=h, num_hidden_layers=layers,
+                                   num_attention_heads=heads, max_position_embeddings=64, **k)
+        torch.manual_seed(0)
+        model = _auto_class(cfg).from_config(cfg).to(getattr(torch, dtype)).eval()
+        _, params = setup_trainable(model, TrainArgs(trainable=trainable))
+        for _, p in params:
+            p.requires_grad_(True)
+        ids = torch.randint(2, 300, (2, 16))
+        out.append(ME.saved_activation_bytes(model, {"input_ids": ids,
+                                                     "attention_mask": torch.ones_like(ids)}))
+    return (out[1] - out[0]) / 32
+
+
+@pytest.mark.parametrize("key", sorted(ME.SAVED_PER_LAYER))
+def test_saved_activation_table_matches_a_trace(key):
+    family, trainable, dtype = key
+    ch, cf, ca = ME.SAVED_PER_LAYER[key]
+    for h, f, heads in [(64, 256, 4), (128, 128, 8)]:
+        traced = _trace_per_layer(family, trainable, dtype, h, f, heads)
+        assert traced == pytest.approx(ch * h + cf * f + ca * heads, rel=0.1), (h, f, heads)
+
+
+def test_memory_cli_on_tiny_llama_and_tiny_roberta(capsys):
+    assert main(["memory", "--model", "tiny-llama", "--method", "lora-adam", "--batch-size", "2",
+                 "--max-seq-length", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama (float32), lora-adam, lora, batch 2 x 16 tokens" in out
+    assert "estimated peak RSS" in out and "optimizer state" in out
+    assert main(["memory", "--model", "tiny-roberta", "--method", "zo-sgd", "--trainable", "full",
+                 "--dtype", "bfloat16", "--batch-size", "2", "--max-seq-length", "16"]) == 0
+    assert "ZO scratch" in capsys.readouterr().out
+
+
+def test_memory_cli_measure_runs_the_configuration(capsys):
+    assert main(["memory", "--model", "tiny-roberta", "--method", "adam", "--batch-size", "2",
+                 "--max-seq-length", "16", "--measure"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("measured peak RSS"))
+    assert float(line.split()[3]) > 100  # MB: at least the framework
+
+
+def test_memory_cli_rejects_an_unknown_method():
+    with pytest.raises(SystemExit):
+        main(["memory", "--model", "tiny-llama", "--method", "sgd"])
