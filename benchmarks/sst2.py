@@ -114,8 +114,8 @@ fine-tuning is 10 to 19 points better after 100 steps, at 2.1-4.0 GB. The MeZO p
 (ZO within a few points of fine-tuning) is not reproduced here, and the step counts say why:
 MeZO ran 100k ZO steps for k=16 RoBERTa-large and 20k for OPT, we ran 200-250 (0.2% of that).
 The ZO curves are still rising when they stop (k=16 LoRA valid 53 -> 88%, k=512 full 54 -> 67%,
-k=512 LoRA 53 -> 63%); with k=512 ZO has seen only 3,200 of the 1,024 x many examples it could
-use. Longer runs (MeZO-like step counts would take days on this CPU) are what would close the
+k=512 LoRA 53 -> 63%); at k=512 a 200-step ZO run sees 3,200 examples, about 3 epochs of
+its 1,024. Longer runs (MeZO-like step counts would take days on this CPU) are what would close the
 gap; at ~6 s a step, a 30-minute run is ~300 steps.
 
 `k16-zo-lora-lr3e-3-const`: the ZO LoRA run before the linear decay became the default
