@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +41,6 @@ def write_table(name: str, title: str, command: str, machine: str, header: list[
 def start_server(tmp: Path, threads: int = 1, models: list[str] | None = None,
                  log: Path | None = None):
     """A `pocketllm serve` on a free loopback port: (process, "127.0.0.1:PORT", token file)."""
-    import os
-    import secrets
     token = tmp / "token"
     token.write_text(secrets.token_hex(16))
     port_file = tmp / "port"
