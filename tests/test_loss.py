@@ -47,16 +47,8 @@ def test_gradients_flow_through_chunks():
 
 
 def tiny_roberta():
-    """A 2-layer RoBERTa masked LM and a byte tokenizer with a mask token."""
-    from transformers import RobertaConfig, RobertaForMaskedLM
-    _, tok = load_model("tiny-llama")
-    if tok.mask_token is None:
-        tok.add_special_tokens({"mask_token": "<mask>"})
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=len(tok) + 1, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=tok.pad_token_id + 80,
-                        pad_token_id=tok.pad_token_id, type_vocab_size=1)
-    return RobertaForMaskedLM(cfg).eval(), tok
+    """The tiny masked LM (2-layer RoBERTa, byte tokenizer with <mask>)."""
+    return load_model("tiny-roberta")
 
 
 def _task_batch(model, tok, name, masked):

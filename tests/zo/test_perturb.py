@@ -28,28 +28,34 @@ def _pair_losses(model, pert, keys, eps, batch):
         return group_losses(token_stats(model, pair, 2, hc), 2).tolist()
 
 
+def _trainable(model, name, trainable):
+    """LoRA (with B moved off 0, which would hide a wrong A perturbation) or all weights."""
+    if trainable != "lora":
+        return list(model.named_parameters())
+    torch.manual_seed(0)
+    apply_lora(model, LoraSpec(r=4, targets=["c_attn"] if "gpt2" in name else ["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, p in lora_parameters(model):
+            p.add_(0.05)
+    return lora_parameters(model)
+
+
+def _check_pair_equals_explicit(model, params, b, seed):
+    keys = [noise.derive_key(seed, 0, i) for i in range(len(params))]
+    eps = 1e-2
+    lp, lm = _pair_losses(model, Perturber(model, params), keys, eps, b)
+    assert lp == pytest.approx(_explicit_loss(model, params, keys, eps, 1.0, b), abs=2e-5)
+    assert lm == pytest.approx(_explicit_loss(model, params, keys, eps, -1.0, b), abs=2e-5)
+    assert lp != pytest.approx(lm, abs=1e-7)
+
+
 @pytest.mark.parametrize("name,trainable", [("tiny-llama", "full"), ("tiny-gpt2", "full"),
                                             ("tiny-opt", "full"), ("tiny-gemma", "full"),
                                             ("tiny-llama", "lora"), ("tiny-gpt2", "lora")])
 def test_pair_forward_equals_explicitly_perturbed_weights(name, trainable):
     model, tok = load_model(name)
-    if trainable == "lora":
-        torch.manual_seed(0)
-        apply_lora(model, LoraSpec(r=4, targets=["c_attn"] if "gpt2" in name else ["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for _, p in lora_parameters(model):
-                p.add_(0.05)  # B = 0 would hide a wrong A perturbation
-        params = lora_parameters(model)
-    else:
-        params = list(model.named_parameters())
-    b = tiny_batch(tok, TEXTS)
-    keys = [noise.derive_key(3, 0, i) for i in range(len(params))]
-    eps = 1e-2
-    pert = Perturber(model, params)
-    lp, lm = _pair_losses(model, pert, keys, eps, b)
-    assert lp == pytest.approx(_explicit_loss(model, params, keys, eps, 1.0, b), abs=2e-5)
-    assert lm == pytest.approx(_explicit_loss(model, params, keys, eps, -1.0, b), abs=2e-5)
-    assert lp != pytest.approx(lm, abs=1e-6)
+    params = _trainable(model, name, trainable)
+    _check_pair_equals_explicit(model, params, tiny_batch(tok, TEXTS), seed=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -149,20 +155,6 @@ def test_classification_pair_equals_explicitly_perturbed_weights(name, trainable
     from tests.test_loss import _task_batch, tiny_roberta
     from pocketllm.loss import is_masked_lm
     model, tok = tiny_roberta() if name == "tiny-roberta" else load_model(name)
-    if trainable == "lora":
-        torch.manual_seed(0)
-        apply_lora(model, LoraSpec(r=4, targets=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for _, p in lora_parameters(model):
-                p.add_(0.05)
-        params = lora_parameters(model)
-    else:
-        params = list(model.named_parameters())
+    params = _trainable(model, name, trainable)
     b = _task_batch(model, tok, "sst2", is_masked_lm(model))
-    keys = [noise.derive_key(5, 1, i) for i in range(len(params))]
-    eps = 1e-2
-    pert = Perturber(model, params)
-    lp, lm = _pair_losses(model, pert, keys, eps, b)
-    assert lp == pytest.approx(_explicit_loss(model, params, keys, eps, 1.0, b), abs=2e-5)
-    assert lm == pytest.approx(_explicit_loss(model, params, keys, eps, -1.0, b), abs=2e-5)
-    assert lp != pytest.approx(lm, abs=1e-7)
+    _check_pair_equals_explicit(model, params, b, seed=5)
