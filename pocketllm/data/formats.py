@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 __all__ = [
     "DataError",
@@ -172,6 +172,30 @@ def _validate_record(path, line: int, rec: Any) -> str:
     return kind
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; a missing, unreadable or non-UTF-8 file is a DataError."""
+    try:
+        return path.read_text(encoding="utf-8-sig")  # tolerate a BOM
+    except FileNotFoundError:
+        raise DataError(path, None, None, "file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(path, None, None, f"cannot read file ({e.strerror or e})") from None
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed value) of each non-blank line of a .jsonl file."""
+    # split("\n") rather than splitlines(): JSON strings may legally hold U+2028 etc.
+    for lineno, raw in enumerate(read_text(path).split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield lineno, json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read and validate a ``.jsonl`` file; return its records (blank lines skipped).
 
@@ -182,26 +206,10 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
     first record), or a file with no records at all.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(path, None, None, f"cannot read file ({e.strerror or e})") from None
-
     records: list[dict] = []
     first_kind: str | None = None
     first_line = 0
-    # split("\n") rather than splitlines(): JSON strings may legally hold U+2028 etc.
-    for lineno, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    for lineno, rec in json_lines(path):
         kind = _validate_record(path, lineno, rec)
         if first_kind is None:
             first_kind, first_line = kind, lineno

@@ -13,13 +13,13 @@ templates.py) for causal LMs and LM-BFF's manual templates for masked LMs; see T
 from __future__ import annotations
 
 import csv
-import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from .formats import DataError
+from .formats import DataError, json_lines, read_text
 
 MASK = "{mask}"  # where a masked-LM template puts the tokenizer's mask token
 
@@ -157,11 +157,10 @@ def get_task(name: str, template: str = "", label_words: dict | None = None) -> 
 
 
 # ---- readers -------------------------------------------------------------------------------
-def _label_index(task: Task, value, where: str) -> int:
+def _label_index(task: Task, value, path: Path, line: int) -> int:
     v = str(value).lower() if isinstance(value, bool) else str(value)
     if v not in task.classes:
-        raise DataError(where.rsplit(":", 1)[0], int(where.rsplit(":", 1)[1]), "label",
-                        f"{value!r} is not one of {', '.join(task.classes)}")
+        raise DataError(path, line, "label", f"{value!r} is not one of {', '.join(task.classes)}")
     return task.classes.index(v)
 
 
@@ -177,59 +176,51 @@ def _check_fields(task: Task, rec: dict, path: Path, line: int) -> dict[str, str
     return out
 
 
+def _records(task: Task, path: Path) -> Iterator[tuple[int, dict, object]]:
+    """(line, record, label value) of each non-blank line, in the task's file format."""
+    if task.reader == "jsonl":
+        for line, rec in json_lines(path):
+            if not isinstance(rec, dict):
+                raise DataError(path, line, None, "expected a JSON object")
+            if "label" not in rec:
+                raise DataError(path, line, "label", "missing")
+            yield line, rec, rec["label"]
+        return
+    lines = [l.rstrip("\r") for l in read_text(path).split("\n")]
+    if task.reader == "tsv":
+        rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows, None)
+        if header is None:
+            raise DataError(path, None, None, "empty file")
+        cols = {h.strip(): i for i, h in enumerate(header)}
+        for f in (*task.text_fields, "label"):
+            if f not in cols:
+                raise DataError(path, 1, f, f"column missing from the header {header}")
+        for line, row in enumerate(rows, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(path, line, None, f"{len(row)} columns, the header has "
+                                f"{len(header)}")
+            yield line, {f: row[cols[f]] for f in task.text_fields}, row[cols["label"]].strip()
+    else:  # trec: "COARSE:fine question"
+        for line, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            head, _, question = text.strip().partition(" ")
+            if ":" not in head or not question:
+                raise DataError(path, line, None, "expected 'COARSE:fine question'")
+            yield line, {"question": question}, head.split(":", 1)[0]
+
+
 def read_examples(task: Task, path: str | os.PathLike) -> list[Example]:
     """Read one split file of `task`; every record validated, errors name file:line:field."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, f"no such file (the {task.name} task expects "
                         f"{', '.join(task.files.values())} in its data folder)")
-    out: list[Example] = []
-    with open(path, encoding="utf-8") as fh:
-        if task.reader == "tsv":
-            rows = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(rows, None)
-            if header is None:
-                raise DataError(path, None, None, "empty file")
-            cols = {h.strip(): i for i, h in enumerate(header)}
-            for f in (*task.text_fields, "label"):
-                if f not in cols:
-                    raise DataError(path, 1, f, f"column missing from the header {header}")
-            for line, row in enumerate(rows, start=2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    raise DataError(path, line, None, f"{len(row)} columns, the header has "
-                                    f"{len(header)}")
-                rec = {f: row[cols[f]] for f in task.text_fields}
-                where = f"{path}:{line}"
-                out.append(Example(_check_fields(task, rec, path, line),
-                                   _label_index(task, row[cols['label']].strip(), where), where))
-        elif task.reader == "trec":
-            for line, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                head, _, question = text.strip().partition(" ")
-                coarse = head.split(":", 1)[0]
-                if ":" not in head or not question:
-                    raise DataError(path, line, None, "expected 'COARSE:fine question'")
-                where = f"{path}:{line}"
-                out.append(Example({"question": question}, _label_index(task, coarse, where),
-                                   where))
-        else:
-            for line, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    rec = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, line, None, f"not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(path, line, None, "expected a JSON object")
-                if "label" not in rec:
-                    raise DataError(path, line, "label", "missing")
-                where = f"{path}:{line}"
-                out.append(Example(_check_fields(task, rec, path, line),
-                                   _label_index(task, rec["label"], where), where))
+    out = [Example(_check_fields(task, rec, path, line), _label_index(task, label, path, line),
+                   f"{path}:{line}") for line, rec, label in _records(task, path)]
     if not out:
         raise DataError(path, None, None, "no records")
     return out
@@ -252,7 +243,6 @@ def few_shot(pool: list[Example], n_classes: int, k: int, seed: int
     """k examples per class for training and, disjoint from them, k per class for validation,
     drawn with `seed` (deterministic). k <= 0 takes the whole pool for training and no
     validation. Returns (train, valid, warnings) -- a class short of 2k examples is named."""
-    import random
     if k <= 0:
         return list(pool), [], []
     rng = random.Random(seed)
@@ -273,7 +263,6 @@ def few_shot(pool: list[Example], n_classes: int, k: int, seed: int
 
 def subsample(examples: list[Example], n: int, seed: int = EVAL_SEED) -> list[Example]:
     """Up to n examples, a seeded random subset in file order (all of them when n <= 0)."""
-    import random
     if n <= 0 or len(examples) <= n:
         return list(examples)
     keep = sorted(random.Random(seed).sample(range(len(examples)), n))
@@ -295,7 +284,6 @@ def task_splits(task: Task, data_dir: str | os.PathLike, k: int, seed: int,
         pool = read_examples(task, d / task.files["train"])
         test = subsample(test, eval_examples)
     else:
-        import random
         order = list(range(len(test)))
         random.Random(EVAL_SEED).shuffle(order)
         n_test = min(eval_examples if eval_examples > 0 else len(test) // 2, len(test) // 2)
