@@ -51,8 +51,9 @@ def backbone(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def is_masked_lm(model: nn.Module) -> bool:
-    return not getattr(model.config, "is_decoder", False) and \
-        type(model).__name__.endswith("ForMaskedLM")
+    """Built as a masked LM by `models.load_model` (the same list of architectures)."""
+    from .models import MASKED_LM_TYPES
+    return getattr(model.config, "model_type", None) in MASKED_LM_TYPES
 
 
 def answer_transform(model: nn.Module):
