@@ -22,6 +22,7 @@ def child(mode: str, batch: int, seq: int, rounds: int, dtype: str) -> dict:
 
     from pocketllm import memory
     from pocketllm.loss import class_stats
+    memory.tune_allocator()
     from pocketllm.models import load_model
     model, tok = load_model("smollm2-135m", dtype)
     g = torch.Generator().manual_seed(0)

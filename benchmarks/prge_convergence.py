@@ -9,6 +9,8 @@ spread over invocations (`--only NAME`) and the plot and table rebuilt from what
 wall-clock comparison would mean nothing.
 
     python benchmarks/prge_convergence.py [--k 16] [--iters 400] [--prge-iters 200] [--test-every 25]
+    python benchmarks/prge_convergence.py --iters 250 --prge-batch-size 4 --test-every 50 \
+        --eval-examples 500 --threads 1       # what benchmarks/results/prge_convergence.md ran
     python benchmarks/prge_convergence.py --table
     python benchmarks/prge_convergence.py --model tiny-llama --k 4 --iters 6 --prge-iters 4 \
         --test-every 2 --eval-examples 16 --runs /tmp/conv --out /tmp/conv.md    # smoke test
@@ -59,6 +61,8 @@ def command(a, name: str) -> list[str]:
     lr = a.adam_lr if "adam" in name else a.lr
     cmd = [sys.executable, "-m", "pocketllm.cli", "train", *common(a), "--iters", str(iters),
            "--adapter-path", str(Path(a.runs) / name), *flags]
+    if name != BASELINE and a.prge_batch_size:
+        cmd += ["--batch-size", str(a.prge_batch_size)]  # the later flag wins
     return cmd + (["--learning-rate", str(lr)] if lr else [])
 
 
@@ -140,7 +144,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="training examples per class")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 rank)")
-    ap.add_argument("--batch-size", type=int, default=16, help="per-query batch")
+    ap.add_argument("--batch-size", type=int, default=16, help="zo-sgd's batch (and prge's "
+                    "per-query batch unless --prge-batch-size)")
+    ap.add_argument("--prge-batch-size", type=int, default=0,
+                    help="prge's per-query batch (0: --batch-size); --batch-size 16 "
+                    "--prge-batch-size 4 gives both 32 rows per forward")
     ap.add_argument("--iters", type=int, default=400, help="zo-sgd steps")
     ap.add_argument("--prge-iters", type=int, default=0, help="prge steps (0: --iters)")
     ap.add_argument("--lr", type=float, default=0.0, help="sgd learning rate (0: method default)")

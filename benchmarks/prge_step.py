@@ -32,8 +32,10 @@ def child(a) -> list[dict]:
 
     from pocketllm.config import TrainArgs
     from pocketllm.models import load_model
+    from pocketllm.memory import tune_allocator
     from pocketllm.train import setup_trainable
 
+    tune_allocator()  # as `pocketllm train` does
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model)

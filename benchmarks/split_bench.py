@@ -55,6 +55,8 @@ def device_run(a) -> None:
     from pocketllm.split.client import SplitClient, device_step
     from pocketllm.split.side import SideConfig, head_loss_grad, tap_layers
 
+    from pocketllm.memory import tune_allocator
+    tune_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, a.dtype)
@@ -125,6 +127,8 @@ def bytes_table(a) -> list[list]:
     from pocketllm.split.client import device_step
     from pocketllm.split.side import SideConfig, tap_layers
 
+    from pocketllm.memory import tune_allocator
+    tune_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, a.dtype)

@@ -30,10 +30,10 @@ LOCAL = ROOT / "runs" / "sst2"
 COMMON = ["--task", "sst2", "--seed", "42", "--save-every", "0", "--steps-per-report", "10",
           "--eval-batch-size", "32", "--no-eval-before", "--method", "side", "--batch-size", "16"]
 CONFIGS = {
-    "k16-side-8bit":  (16, ["--iters", "250", "--test-every", "25", "--act-bits", "8"]),
-    "k16-side-4bit":  (16, ["--iters", "250", "--test-every", "25", "--act-bits", "4"]),
-    "k512-side-8bit": (512, ["--iters", "250", "--test-every", "25", "--act-bits", "8"]),
-    "k512-side-4bit": (512, ["--iters", "250", "--test-every", "25", "--act-bits", "4"]),
+    "k16-side-8bit":  (16, ["--iters", "250", "--test-every", "50", "--act-bits", "8"]),
+    "k16-side-4bit":  (16, ["--iters", "250", "--test-every", "50", "--act-bits", "4"]),
+    "k512-side-8bit": (512, ["--iters", "250", "--test-every", "50", "--act-bits", "8"]),
+    "k512-side-4bit": (512, ["--iters", "250", "--test-every", "50", "--act-bits", "4"]),
 }
 COMPARE = ("zo-lora", "lora-adam")
 

@@ -37,8 +37,10 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
     from pocketllm.loss import group_losses, token_stats
     from pocketllm.methods import get_method
     from pocketllm.models import load_model
+    from pocketllm.memory import tune_allocator
     from pocketllm.train import setup_trainable
 
+    tune_allocator()  # as `pocketllm train` does
     model, _ = load_model(model_name)
     args = train_args(f"zo-{kind}", "float32", model_name, batch_size=B, perturbation=dist)
     _, params = setup_trainable(model, args)
@@ -124,12 +126,15 @@ def main() -> None:
 - floor = 2 x one forward at batch {B} x {T} (the issue's definition; the faster of two
   back-to-back forwards); pair floor = one forward at batch {2 * B} x {T}, the batch the
   pair-batched step runs (+eps rows and -eps rows).
-- pair-batched (`--zo-passes pair`, the default for LoRA): one forward over the batch twice, z
-  generated once (two noise evaluations per element with the fused update), but on this CPU a
-  16-row forward costs as much as two 8-row ones or more. sequential (`--zo-passes sequential`,
-  the default for full parameters): the
-  +eps pass builds its copies with the previous step's update fused in, the -eps pass
-  regenerates z (three noise evaluations per element); activations of one batch only.
+- pair-batched (`--zo-passes pair`, the default): one forward over the batch twice, z
+  generated once (two noise evaluations per element with the fused update). sequential
+  (`--zo-passes sequential`, the least memory): the +eps pass builds its copies with the
+  previous step's update fused in, the -eps pass regenerates z (three noise evaluations per
+  element); activations of one batch only.
+- defaults: rademacher z for full parameters, gaussian for LoRA (`pocketllm methods`).
+- every process tunes glibc's allocator as `pocketllm train` does (memory.tune_allocator):
+  without it the 16-row forward page-faulted 230k times (its activations unmapped and zeroed
+  again on every forward) and cost more than two 8-row forwards.
 - forward = backbone + output head streamed in vocabulary chunks + loss over all {T} positions.
 - ratios are medians over {a.rounds} rounds of the per-round ratio; times are medians.
 - noise backend: {noise.backend()}; float32 weights; LoRA r=8 on q/v. The naive reference

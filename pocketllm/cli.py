@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cls, _ = COMMANDS[ns.command]
     args = C.resolve(cls, ns)
+    from .memory import tune_allocator
+    tune_allocator()  # before any tensor exists: no page-fault churn on activations
     from .data import DataError
     from .models import ModelError
     try:

@@ -84,13 +84,14 @@ class TrainArgs(ModelArgs, DataArgs):
     learning_rate: float = opt(0.0, "learning rate (0: the method's default for --trainable, "
                                "`pocketllm methods` lists them)")
     eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)")
-    perturbation: str = opt("gaussian", "ZO perturbation distribution",
-                            choices=("gaussian", "rademacher"))
+    perturbation: str = opt("auto", "ZO perturbation distribution; 'auto': the method's default "
+                            "(zo-sgd: rademacher for full parameters, the cheaper of the two to "
+                            "generate over every weight; gaussian for LoRA)",
+                            choices=("auto", "gaussian", "rademacher"))
     zo_passes: str = opt("auto", "ZO: 'pair' runs the +eps/-eps passes as one forward over the "
-                         "batch twice (z generated once); 'sequential' runs two forwards "
-                         "(activations of one batch); 'auto': pair for LoRA, sequential for "
-                         "full parameters (the faster of the two for each, measured)",
-                         choices=("auto", "pair", "sequential"))
+                         "batch twice (z generated once, the faster, measured); 'sequential' "
+                         "runs two forwards (activations of one batch: the least memory); "
+                         "'auto': pair", choices=("auto", "pair", "sequential"))
     lora_fa: bool = opt(False, "LoRA-FA: A stays frozen at its random init, only B is trained")
     queries: int = opt(1, "prge: perturbation queries q per step (the estimate averages q "
                        "two-point estimates)")

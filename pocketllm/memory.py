@@ -50,3 +50,35 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_tuned = False
+
+
+def tune_allocator(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024) -> bool:
+    """Keep freed activation buffers in the heap instead of returning them to the OS.
+
+    With glibc's defaults a tensor of a few MB (an MLP activation at batch 16 x 64) is mmapped
+    when allocated and unmapped when freed, so every forward page-faults its activations in
+    again and the kernel zeroes them: 230k faults (900 MB zeroed) per forward of the default
+    model at 16 x 64, which made a 16-row forward cost more than two 8-row ones
+    (benchmarks/results/zo_step.md). Serving such sizes from the heap (mmap threshold 32 MB,
+    glibc's maximum) and not trimming the heap's top below 1 GB removes them: 0 faults, the
+    same peak RSS (the heap's high-water mark is the peak anyway). A no-op off glibc, and with
+    POCKETLLM_MALLOC_TUNE=0. Returns whether it applied."""
+    global _tuned
+    import ctypes
+    import os
+    if _tuned or os.environ.get("POCKETLLM_MALLOC_TUNE", "1") == "0" or \
+            not sys.platform.startswith("linux"):
+        return _tuned
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb << 20) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb << 20) == 1 and ok
+    except (OSError, AttributeError):  # musl or another libc without mallopt
+        return False
+    _tuned = ok
+    return ok

@@ -243,16 +243,20 @@ def estimate(config, method: str, trainable: str, batch: int, seq: int,
         c["LoRA weights (float32)"] = s.lora_params * 4 / MB
 
     # scored positions: every position of a causal LM's batch, one <mask> per row of a masked LM
-    pair = method == "zo-sgd" and (zo_passes == "pair" or zo_passes == "auto" and lora)
+    pair = method == "zo-sgd" and zo_passes != "sequential"
     rows = batch * (2 if pair else 1)
     tokens = rows * seq
     scored = rows if s.masked else rows * (seq - 1)
     chunks = math.ceil(s.vocab / 2048)
     chunk_rows = min(2048, s.vocab)
     working = _layer_working_set(s, tokens, bpe)
-    # the final hidden states and the scored positions' copy, plus one chunk's float32 logits,
-    # their exp() and the running log-sum-exp state
-    loss_scratch = tokens * s.hidden * bpe + scored * s.hidden * bpe + 3 * scored * chunk_rows * 4
+    # the final hidden states and the scored positions' copy, plus one chunk's logits: without
+    # autograd two buffers reused by every chunk (the matmul's output and, below float32, its
+    # float32 copy; exp() in place), with autograd the float32 logits, their exp() and more
+    no_grad = method in ("inference", "zo-sgd")
+    chunk_bytes = (bpe + (4 if bpe != 4 else 0)) if no_grad else 3 * 4
+    loss_scratch = tokens * s.hidden * bpe + scored * s.hidden * bpe + \
+        scored * chunk_rows * chunk_bytes
     if s.masked:  # the MLM head's dense + LayerNorm at the scored rows, then (rows, V) logits
         loss_scratch += 3 * scored * s.hidden * bpe + 2 * scored * s.vocab * 4
 

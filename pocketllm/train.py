@@ -91,6 +91,7 @@ def train(args: TrainArgs) -> dict:
     t_start = time.time()
     out = Path(args.adapter_path)
     out.mkdir(parents=True, exist_ok=True)
+    memory.tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     method_cls = get_method(args.method)

@@ -28,6 +28,22 @@ def test_chunked_loss_equals_full_logits(name, monkeypatch):
     assert group_losses(s, 1).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_in_place_chunk_buffers_match_the_autograd_path(dtype, monkeypatch):
+    # without autograd the chunk loop reuses two buffers and exponentiates in place; with it,
+    # fresh tensors. Same figures, per group, with a short last chunk (260 = 2 x 100 + 60).
+    import pocketllm.loss as L
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 100)
+    model, tok = load_model("tiny-gemma", dtype=dtype)
+    b = tiny_batch(tok, TEXTS[:2] * 2)
+    with torch.no_grad():
+        fast = token_stats(model, b, groups=2)
+    with torch.enable_grad():
+        ref = token_stats(model, b, groups=2)
+    for a, r in ((fast.nll, ref.nll), (fast.tokens, ref.tokens), (fast.correct, ref.correct)):
+        assert torch.equal(a, r.detach())
+
+
 def test_prompt_masked_positions_are_not_scored():
     model, tok = load_model("tiny-llama")
     b = tiny_batch(tok, ["Category of 'ran 5k':", "Category of 'paid rent':"], [" health", " money"])

@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--zo-passes", default="auto", choices=("auto", "pair", "sequential"))
     a = ap.parse_args()
+    memory.tune_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, a.dtype)

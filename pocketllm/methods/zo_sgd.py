@@ -39,8 +39,11 @@ class ZOSGD(Method):
     # moved valid accuracy off 50% at step 50; 3e-3 constant reached 66% at step 100, then
     # diverged and ended at 47% dev; 3e-3 decaying linearly to 0 is stable) and on the demo's
     # completion loss (demo.md: 3e-4 learns, 1e-3 diverges at batch 8).
-    defaults = {"full": {"learning_rate": 1e-5, "eps": 1e-3},
-                "lora": {"learning_rate": 3e-4, "eps": 1e-2},
+    # Perturbation: rademacher (+-1, the classic SPSA choice; E[z z^T] = I as for gaussian z)
+    # over the full model, where z is generated for every weight twice a step and gaussian z
+    # costs the kernel 2.5x more (zo_step.md); gaussian for LoRA, where z costs nothing.
+    defaults = {"full": {"learning_rate": 1e-5, "eps": 1e-3, "perturbation": "rademacher"},
+                "lora": {"learning_rate": 3e-4, "eps": 1e-2, "perturbation": "gaussian"},
                 "lora:task": {"learning_rate": 3e-3, "lr_schedule": "linear"}}
 
     def __init__(self, model, params, args):
@@ -53,11 +56,11 @@ class ZOSGD(Method):
         self.opt = optim.build(optim.spec_from_args(args), [p for _, p in params])
 
     def plan(self, args) -> tuple[int, list]:
-        """(queries, forward passes) of a step. One query; on the full model the 2x-batch
-        forward costs more than two forwards on this kind of CPU (benchmarks/results/
-        zo_step*.md); with LoRA the shared base makes pairing free."""
-        passes = args.zo_passes
-        pair = passes == "pair" or (passes == "auto" and args.trainable == "lora")
+        """(queries, forward passes) of a step. One query, its +eps/-eps passes as one forward
+        over the batch twice unless `--zo-passes sequential`: z is generated once instead of
+        twice, and the 2x-batch forward costs no more than two forwards once freed activations
+        stay in the heap (memory.tune_allocator; benchmarks/results/zo_step.md)."""
+        pair = args.zo_passes != "sequential"
         return 1, plan_passes(1, "both" if pair else "none", args.max_replicas)
 
     def keys(self, step: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -169,16 +169,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextmanager
-def tapped(model: nn.Module, taps: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Within the block, every forward stores layer i's output hidden state in out[i]."""
-    out: dict[int, torch.Tensor] = {}
+def tapped(model: nn.Module, taps: list[int], keep: Callable[[torch.Tensor], object] | None = None
+           ) -> Iterator[dict[int, object]]:
+    """Within the block, every forward stores layer i's output hidden state in out[i], or
+    `keep(hidden)` when given: the device quantizes each tap as it is produced, so it never
+    holds more than one layer's full hidden state beyond what the forward itself holds."""
+    out: dict[int, object] = {}
     layers = decoder_layers(model)
     me = threading.get_ident()  # a forward of the same model in another thread is not ours
 
     def hook(i):
         def fn(_mod, _inp, output):
             if threading.get_ident() == me:
-                out[i] = output[0] if isinstance(output, (tuple, list)) else output
+                h = output[0] if isinstance(output, (tuple, list)) else output
+                out[i] = h if keep is None else keep(h)
         return fn
     handles = [layers[i].register_forward_hook(hook(i)) for i in taps]
     try:

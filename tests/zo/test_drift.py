@@ -36,22 +36,23 @@ def _run(dtype: str, lr: float):
         g = zo.step([batch], step, lr).extra["projected_grad"]
         coefs.append({"step": step, "lr": lr, "projected_grad": g})
     zo.sync()
-    return model, base, coefs
+    return model, base, coefs, zo.args.perturbation
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_no_drift_with_zero_learning_rate(dtype):
-    model, base, _ = _run(dtype, 0.0)
+    model, base, _, _ = _run(dtype, 0.0)
     for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q), n
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_are_exactly_base_plus_updates(dtype):
-    model, base, coefs = _run(dtype, 1e-3)
+    model, base, coefs, dist = _run(dtype, 1e-3)
+    assert dist == "rademacher"  # the full-parameter default
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
     params = list(base.named_parameters())
-    replay_steps(params, coefs, seed=5, dist="gaussian")
+    replay_steps(params, coefs, seed=5, dist=dist)
     for (n, p), (_, q) in zip(model.named_parameters(), params):
         assert torch.equal(p, q), n
 

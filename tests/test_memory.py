@@ -1,0 +1,24 @@
+import subprocess
+import sys
+
+import pytest
+
+from pocketllm import memory
+
+
+def _in_fresh_process(code: str, env_extra: dict | None = None) -> str:
+    import os
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_tune_allocator_applies_once_and_can_be_turned_off():
+    code = "from pocketllm import memory; print(memory.tune_allocator(), memory.tune_allocator())"
+    assert _in_fresh_process(code) == "True True"
+    assert _in_fresh_process(code, {"POCKETLLM_MALLOC_TUNE": "0"}) == "False False"
+
+
+def test_peak_is_at_least_current_rss():
+    assert memory.peak_rss_mb() >= memory.rss_mb() * 0.99 > 0
