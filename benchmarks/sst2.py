@@ -22,13 +22,16 @@ from _run import ROOT, write_table
 RUNS = ROOT / "runs" / "sst2"
 COMMON = ["--task", "sst2", "--seed", "42", "--save-every", "0", "--steps-per-report", "10",
           "--eval-batch-size", "32", "--eval-examples", "0", "--no-eval-before"]
+# the full-parameter ZO defaults when sst2.md's zo-full rows ran (now rademacher z, pair passes)
+ZO_FULL_THEN = ["--perturbation", "gaussian", "--zo-passes", "sequential"]
 # name -> (k, flags). Step counts are sized for at most ~30 minutes of training per run on
 # this 2-core CPU with one thread (a ZO step at batch 16 costs two forwards, ~7 s here).
 CONFIGS = {
     "k16-zo-lora":   (16, ["--method", "zo-sgd", "--trainable", "lora", "--batch-size", "16",
                            "--iters", "250", "--steps-per-eval", "50", "--lr-schedule", "linear"]),
+    # zo-full: gaussian z, sequential passes -- the defaults when sst2.md's rows ran
     "k16-zo-full":   (16, ["--method", "zo-sgd", "--trainable", "full", "--batch-size", "16",
-                           "--iters", "250", "--steps-per-eval", "50"]),
+                           "--iters", "250", "--steps-per-eval", "50", *ZO_FULL_THEN]),
     "k16-lora-adam": (16, ["--method", "lora-adam", "--trainable", "lora", "--batch-size", "16",
                            "--iters", "100", "--steps-per-eval", "25"]),
     "k16-adam":      (16, ["--method", "adam", "--trainable", "full", "--batch-size", "16",
@@ -36,7 +39,7 @@ CONFIGS = {
     "k512-zo-lora":  (512, ["--method", "zo-sgd", "--trainable", "lora", "--batch-size", "16",
                             "--iters", "200", "--steps-per-eval", "50", "--lr-schedule", "linear"]),
     "k512-zo-full":  (512, ["--method", "zo-sgd", "--trainable", "full", "--batch-size", "16",
-                            "--iters", "200", "--steps-per-eval", "50"]),
+                            "--iters", "200", "--steps-per-eval", "50", *ZO_FULL_THEN]),
     "k512-lora-adam": (512, ["--method", "lora-adam", "--trainable", "lora", "--batch-size", "16",
                              "--iters", "100", "--steps-per-eval", "25"]),
     "k512-adam":     (512, ["--method", "adam", "--trainable", "full", "--batch-size", "16",
