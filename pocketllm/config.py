@@ -91,7 +91,9 @@ class TrainArgs(ModelArgs, DataArgs):
     zo_passes: str = opt("auto", "ZO: 'pair' runs the +eps/-eps passes as one forward over the "
                          "batch twice (z generated once, the faster, measured); 'sequential' "
                          "runs two forwards (activations of one batch: the least memory); "
-                         "'auto': pair", choices=("auto", "pair", "sequential"))
+                         "'auto': pair unless its second batch of activations would add more "
+                         "than 5% to the estimated peak at --batch-size x --max-seq-length "
+                         "(LoRA: always pair)", choices=("auto", "pair", "sequential"))
     lora_fa: bool = opt(False, "LoRA-FA: A stays frozen at its random init, only B is trained")
     queries: int = opt(1, "prge: perturbation queries q per step (the estimate averages q "
                        "two-point estimates)")

@@ -221,6 +221,24 @@ def _layer_working_set(s: Shape, tokens: int, bpe: int) -> float:
     return tokens * bpe * (6 * s.hidden + ffn_tensors * s.ffn)
 
 
+PAIR_BUDGET = 0.05  # zo-sgd's promise: about inference's memory (issue 3: within 5%)
+
+
+def pair_passes_fit(config, trainable: str, batch: int, seq: int, dtype: str = "float32",
+                    lora_rank: int = 8, lora_targets: list[str] | None = None) -> bool:
+    """What `--zo-passes auto` picks: one pair-batched forward (z generated once, the faster)
+    when LoRA is trained, or when the second batch's activations add at most PAIR_BUDGET to the
+    run's estimated peak; else two sequential forwards. (Full parameters, default model:
+    pair at 8 x 64, sequential at 16 x 128; OPT-1.3B: pair at 2 x 64, sequential at 16 x 128.)"""
+    if trainable == "lora":
+        return True
+    kw = dict(dtype=dtype, lora_rank=lora_rank, lora_targets=lora_targets,
+              framework=FRAMEWORK_MB)
+    one = estimate(config, "zo-sgd", trainable, batch, seq, zo_passes="sequential", **kw).total
+    two = estimate(config, "zo-sgd", trainable, batch, seq, zo_passes="pair", **kw).total
+    return two <= (1 + PAIR_BUDGET) * one
+
+
 def estimate(config, method: str, trainable: str, batch: int, seq: int,
              dtype: str = "float32", lora_rank: int = 8, zo_passes: str = "auto",
              lora_targets: list[str] | None = None, framework: float | None = None) -> Estimate:
@@ -243,7 +261,8 @@ def estimate(config, method: str, trainable: str, batch: int, seq: int,
         c["LoRA weights (float32)"] = s.lora_params * 4 / MB
 
     # scored positions: every position of a causal LM's batch, one <mask> per row of a masked LM
-    pair = method == "zo-sgd" and zo_passes != "sequential"
+    pair = method == "zo-sgd" and (zo_passes == "pair" or zo_passes == "auto" and pair_passes_fit(
+        config, trainable, batch, seq, dtype, lora_rank, lora_targets))
     rows = batch * (2 if pair else 1)
     tokens = rows * seq
     scored = rows if s.masked else rows * (seq - 1)

@@ -126,3 +126,30 @@ def test_memory_cli_measure_runs_the_configuration(capsys):
 def test_memory_cli_rejects_an_unknown_method():
     with pytest.raises(SystemExit):
         main(["memory", "--model", "tiny-llama", "--method", "sgd"])
+
+
+def test_auto_passes_pair_only_within_the_memory_budget():
+    cfg = load_config("random:smollm2-135m")
+    assert ME.pair_passes_fit(cfg, "full", 8, 64)           # +22 MB of activations: pair
+    assert not ME.pair_passes_fit(cfg, "full", 16, 128)     # +120 MB, over 5%: sequential
+    assert ME.pair_passes_fit(cfg, "lora", 16, 128)         # LoRA always pairs
+    for b, s in ((8, 64), (16, 128)):
+        auto = ME.estimate(cfg, "zo-sgd", "full", b, s, framework=FRAMEWORK).total
+        pair = ME.estimate(cfg, "zo-sgd", "full", b, s, zo_passes="pair",
+                           framework=FRAMEWORK).total
+        one = ME.estimate(cfg, "zo-sgd", "full", b, s, zo_passes="sequential",
+                          framework=FRAMEWORK).total
+        assert auto == (pair if ME.pair_passes_fit(cfg, "full", b, s) else one)
+        assert auto <= 1.05 * one
+
+
+def test_zo_sgd_auto_passes_follow_the_estimate():
+    from pocketllm.methods import get_method
+    from pocketllm.models import load_model
+    model, _ = load_model("tiny-llama")
+    for seq, n_passes in ((16, 1), (4096, 2)):  # pair: one forward; sequential: two
+        args = TrainArgs(model="tiny-llama", trainable="full", batch_size=64,
+                         max_seq_length=seq, learning_rate=1e-3)
+        _, params = setup_trainable(model, args)
+        m = get_method("zo-sgd")(model, params, args)
+        assert len(m.passes) == n_passes

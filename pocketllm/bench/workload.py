@@ -155,7 +155,7 @@ def main() -> None:
     model, _ = load_model(a.model, a.dtype)
     batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq, masked=is_masked_lm(model))
     args = train_args(a.mode, a.dtype, a.model, batch_size=a.batch_size, lora_rank=a.lora_rank,
-                      zo_passes=a.zo_passes)
+                      zo_passes=a.zo_passes, max_seq_length=a.seq)
     step = make_step(a.mode, model, batch, args)
     rss_loaded = memory.rss_mb()
     peak_load = memory.peak_rss_mb()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..memory_estimate import pair_passes_fit
 from ..loss import group_losses, n_scored
 from ..schedules import eps_at
 from ..zo import optim
@@ -57,10 +58,19 @@ class ZOSGD(Method):
 
     def plan(self, args) -> tuple[int, list]:
         """(queries, forward passes) of a step. One query, its +eps/-eps passes as one forward
-        over the batch twice unless `--zo-passes sequential`: z is generated once instead of
-        twice, and the 2x-batch forward costs no more than two forwards once freed activations
-        stay in the heap (memory.tune_allocator; benchmarks/results/zo_step.md)."""
-        pair = args.zo_passes != "sequential"
+        over the batch twice (`pair`: z generated once instead of twice, and the 2x-batch
+        forward costs no more than two forwards once freed activations stay in the heap,
+        memory.tune_allocator; zo_step.md) or as two forwards (`sequential`: activations of
+        one batch). `auto` pairs unless that would cost more than 5% of memory
+        (memory_estimate.pair_passes_fit, at --batch-size x --max-seq-length)."""
+        pair = args.zo_passes == "pair"
+        if args.zo_passes == "auto":
+            try:
+                pair = pair_passes_fit(self.model.config, args.trainable, args.batch_size,
+                                       args.max_seq_length, args.dtype, args.lora_rank,
+                                       list(args.lora_targets) or None)
+            except (ValueError, KeyError, AttributeError, TypeError):
+                pair = args.trainable == "lora"  # a config the estimator cannot read
         return 1, plan_passes(1, "both" if pair else "none", args.max_replicas)
 
     def keys(self, step: int) -> list[list[int]]:
