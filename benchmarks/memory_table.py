@@ -111,8 +111,10 @@ exists; 0 otherwise; the smollm2-135m lora-adam rows ran with W = 0: LoRA's Adam
 either way), from just after loading (the kernel's high-water mark is reset there)
 through the step, or the loaded RSS if larger. Batches: random tokens; causal LMs score every
 position (the dense language-modelling case), RoBERTa one <mask> per row through its MLM head.
-zo-sgd runs its defaults: sequential passes for full parameters, one pair-batched forward for
-LoRA (so LoRA's activations are of 2 x B rows). `random:` models have the published configs
+zo-sgd runs its defaults (`--zo-passes auto`): one pair-batched forward (activations of 2 x B
+rows) for LoRA, and for full parameters where that adds at most 5% to the estimated peak
+(OPT-1.3B at 2 x 64, RoBERTa-large at 8 x 64), else sequential passes (smollm2-135m at
+16 x 128). `random:` models have the published configs
 of facebook/opt-1.3b and FacebookAI/roberta-large with random weights (no pretrained weights
 here, and none are needed to measure memory); smollm2-135m is the real default model.
 
@@ -122,7 +124,11 @@ this shared 2-core CPU, and are given as estimates at 16 x 128. Runs whose estim
 memory free on this shared 24 GB machine were not run. Load average (1/5/15 min) at start:
 {load_start}; at end: {load_end}. Measurements taken from {reuse}: {n_reused} (the same
 workload command, run by a queue earlier in the session, whose start times and load averages are
-in memory_models_queue.log; the rest ran here).
+in memory_models_queue.log; the rest ran here). Each line of the JSONL says which build measured
+it: the smollm2-135m inference and zo-sgd rows and every zo-sgd full row were re-measured after
+the allocator tuning (memory.tune_allocator), the in-place loss buffers and the `auto` passes
+rule; the first-order rows and the OPT/RoBERTa inference and LoRA rows are from the earlier build
+(their code paths did not change; the allocator setting did).
 """
 
 
