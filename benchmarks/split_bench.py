@@ -55,8 +55,9 @@ def device_run(a) -> None:
     from pocketllm.split.client import SplitClient, device_step
     from pocketllm.split.side import SideConfig, head_loss_grad, tap_layers
 
-    from pocketllm.memory import tune_allocator
+    from pocketllm.memory import limit_arenas, tune_allocator
     tune_allocator()
+    limit_arenas(1)  # as `pocketllm train --method side` does on the device
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, a.dtype)

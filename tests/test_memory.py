@@ -20,5 +20,12 @@ def test_tune_allocator_applies_once_and_can_be_turned_off():
     assert _in_fresh_process(code, {"POCKETLLM_MALLOC_TUNE": "0"}) == "False False"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_limit_arenas_applies_and_can_be_turned_off():
+    code = "from pocketllm import memory; print(memory.limit_arenas(1))"
+    assert _in_fresh_process(code) == "True"
+    assert _in_fresh_process(code, {"POCKETLLM_MALLOC_TUNE": "0"}) == "False"
+
+
 def test_peak_is_at_least_current_rss():
     assert memory.peak_rss_mb() >= memory.rss_mb() * 0.99 > 0

@@ -288,6 +288,8 @@ def train_side(args) -> dict:
     from .server import read_token
     from .side import AttachedSide, save_side, tap_layers
 
+    memory.limit_arenas(1)  # forward, gRPC and head-pass threads share one heap (memory.py)
+
     if not args.server or not args.token_file:
         raise SystemExit("--method side needs --server HOST:PORT and --token-file F")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
