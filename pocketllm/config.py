@@ -92,7 +92,7 @@ class TrainArgs(ModelArgs, DataArgs):
                          "batch twice (z generated once, the faster, measured); 'sequential' "
                          "runs two forwards (activations of one batch: the least memory); "
                          "'auto': pair unless its second batch of activations would add more "
-                         "than 5% to the estimated peak at --batch-size x --max-seq-length "
+                         "than 5 percent to the estimated peak at --batch-size x --max-seq-length "
                          "(LoRA: always pair)", choices=("auto", "pair", "sequential"))
     lora_fa: bool = opt(False, "LoRA-FA: A stays frozen at its random init, only B is trained")
     queries: int = opt(1, "prge: perturbation queries q per step (the estimate averages q "
