@@ -57,6 +57,20 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _tuned = False
 
 
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt(param, value) for each setting; False (nothing done) off Linux, with
+    POCKETLLM_MALLOC_TUNE=0, or on a libc without mallopt (musl)."""
+    import ctypes
+    import os
+    if os.environ.get("POCKETLLM_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all([libc.mallopt(param, value) == 1 for param, value in settings])
+    except (OSError, AttributeError):
+        return False
+
+
 def tune_allocator(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024) -> bool:
     """Keep freed activation buffers in the heap instead of returning them to the OS.
 
@@ -66,22 +80,13 @@ def tune_allocator(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024) -
     model at 16 x 64, which made a 16-row forward cost more than two 8-row ones
     (benchmarks/results/zo_step.md). Serving such sizes from the heap (mmap threshold 32 MB,
     glibc's maximum) and not trimming the heap's top below 1 GB removes them: 0 faults, the
-    same peak RSS (the heap's high-water mark is the peak anyway). A no-op off glibc, and with
-    POCKETLLM_MALLOC_TUNE=0. Returns whether it applied."""
+    same peak RSS (the heap's high-water mark is the peak anyway). Applied once per process;
+    returns whether it applied."""
     global _tuned
-    import ctypes
-    import os
-    if _tuned or os.environ.get("POCKETLLM_MALLOC_TUNE", "1") == "0" or \
-            not sys.platform.startswith("linux"):
-        return _tuned
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb << 20) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb << 20) == 1 and ok
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
-    _tuned = ok
-    return ok
+    if not _tuned:
+        _tuned = _mallopt((_M_MMAP_THRESHOLD, mmap_threshold_mb << 20),
+                          (_M_TRIM_THRESHOLD, trim_threshold_mb << 20))
+    return _tuned
 
 
 def limit_arenas(n: int = 1) -> bool:
@@ -89,12 +94,5 @@ def limit_arenas(n: int = 1) -> bool:
     gRPC plus the private-label head pass in others; with an arena per thread each keeps its own
     freed memory, and the device peaked 70 MB higher (benchmarks/results/split.md: 997 -> 926
     MB with labels sent, 1085 -> 1024 MB with private labels, inference 924). Call before the
-    threads start. A no-op off glibc and with POCKETLLM_MALLOC_TUNE=0."""
-    import ctypes
-    import os
-    if os.environ.get("POCKETLLM_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, n) == 1
-    except (OSError, AttributeError):
-        return False
+    threads start. Returns whether it applied."""
+    return _mallopt((_M_ARENA_MAX, n))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..memory_estimate import pair_passes_fit
 from ..loss import group_losses, n_scored
+from ..memory_estimate import pair_passes_fit
 from ..schedules import eps_at
 from ..zo import optim
 from ..zo.estimate import plan_passes, replica_losses
