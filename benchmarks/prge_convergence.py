@@ -5,8 +5,8 @@ Each run is an ordinary `pocketllm train --task sst2 ... --test-every N` in a fr
 writing runs/prge_convergence/<name>/ (metrics.jsonl holds `test_accuracy` and `wall`, the
 training seconds so far). A finished run (its summary.json) is not run again, so runs can be
 spread over invocations (`--only NAME`) and the plot and table rebuilt from what is there
-(`--table`). Runs go one after the other: side by side they would slow each other down and the
-wall-clock comparison would mean nothing.
+(`--table`). Runs go one after the other, or with `--jobs 2 --threads 1` two at a time, each
+pinned to its own core, so that a baseline and its rival share the same machine and time window.
 
     python benchmarks/prge_convergence.py [--k 16] [--iters 400] [--prge-iters 200] [--test-every 25]
     python benchmarks/prge_convergence.py --iters 250 --prge-batch-size 4 --test-every 50 \
@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,13 @@ CONFIGS = {
     "prge-q4-adam": ("prge q=4, both, ZO-Adam",
                      ["--method", "prge", "--queries", "4", "--parallel", "both",
                       "--zo-optimizer", "adam"]),
+    # prge with zo-sgd's rows per forward: per-query batch = zo-sgd's batch / 4
+    "prge-q4-wide": ("prge q=4, both, batch / 4 (as many rows a step as zo-sgd)",
+                     ["--method", "prge", "--queries", "4", "--parallel", "both"]),
+    # the control: zo-sgd at prge's per-query batch, so that what P-RGE's queries bring is
+    # not confused with what a small batch brings
+    "zo-sgd-q1-small": ("zo-sgd LoRA, q=1, sequential +/-, prge's batch",
+                        ["--method", "zo-sgd", "--zo-passes", "sequential"]),
 }
 BASELINE = "zo-sgd-q1"
 
@@ -58,11 +66,13 @@ def common(a) -> list[str]:
 def command(a, name: str) -> list[str]:
     _, flags = CONFIGS[name]
     iters = a.iters if name == BASELINE else a.prge_iters or a.iters
-    lr = a.adam_lr if "adam" in name else a.lr
+    lr = a.adam_lr if "adam" in name else a.prge_lr or a.lr if "prge" in name else a.lr
     cmd = [sys.executable, "-m", "pocketllm.cli", "train", *common(a), "--iters", str(iters),
            "--adapter-path", str(Path(a.runs) / name), *flags]
-    if name != BASELINE and a.prge_batch_size:
-        cmd += ["--batch-size", str(a.prge_batch_size)]  # the later flag wins
+    if name == "prge-q4-wide":
+        cmd += ["--batch-size", str(max(1, a.batch_size // 4))]  # the later flag wins
+    elif name != BASELINE and a.prge_batch_size:  # prge's runs and the small-batch control
+        cmd += ["--batch-size", str(a.prge_batch_size)]
     return cmd + (["--learning-rate", str(lr)] if lr else [])
 
 
@@ -109,8 +119,12 @@ def report(a, cmds: dict[str, list[str]], load: tuple) -> None:
     for n, pts in curves.items():
         s = json.loads((runs[n] / "summary.json").read_text())
         t = time_to(pts, target) if target is not None else None
-        rows.append([CONFIGS[n][0], s["steps"], f"{s['train_seconds']:.0f}",
-                     f"{s['train_seconds'] / max(s['steps'], 1):.2f}",
+        # training seconds (the runs' own clock, evaluation excluded, like the curves');
+        # summary.json's train_seconds also counts the dev-set evaluations
+        train_s = max(json.loads(line).get("wall", 0.0)
+                      for line in (runs[n] / "metrics.jsonl").read_text().splitlines())
+        rows.append([CONFIGS[n][0], s["steps"], f"{train_s:.0f}",
+                     f"{train_s / max(s['steps'], 1):.2f}",
                      f"{100 * pts[0][1]:.1f}" if pts else "-",
                      f"{100 * pts[-1][1]:.1f}" if pts else "-",
                      f"{100 * max(p[1] for p in pts):.1f}" if pts else "-",
@@ -128,7 +142,8 @@ def report(a, cmds: dict[str, list[str]], load: tuple) -> None:
   "vs zo-sgd" is that time over zo-sgd's own. Target (issue 5): prge at most 0.5.
 - dev set: SST-2 validation, {a.eval_examples or 'all'} examples, every {a.test_every} steps.
 - load average (1/5/15 min) at start: {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end:
-  {'/'.join(f'{x:.2f}' for x in os.getloadavg())}; runs one after the other.
+  {'/'.join(f'{x:.2f}' for x in os.getloadavg())}; {'runs one after the other' if a.jobs == 1
+  else f'{a.jobs} runs at a time, each pinned to its own core'}.
 """
     write_table(a.out, f"P-RGE convergence on SST-2 ({a.model}, k={a.k})", cmd, describe(),
                 ["run", "steps", "train s", "s/step", "first dev acc %", "final dev acc %",
@@ -152,7 +167,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=400, help="zo-sgd steps")
     ap.add_argument("--prge-iters", type=int, default=0, help="prge steps (0: --iters)")
     ap.add_argument("--lr", type=float, default=0.0, help="sgd learning rate (0: method default)")
+    ap.add_argument("--prge-lr", type=float, default=0.0,
+                    help="prge's sgd learning rate (0: --lr). q queries average q estimates, "
+                    "so the step is less noisy and can be larger")
     ap.add_argument("--adam-lr", type=float, default=1e-4, help="ZO-Adam learning rate")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs side by side, each pinned to its own core (taskset); use with "
+                    "--threads 1 so that every run sees the same machine")
     ap.add_argument("--test-every", type=int, default=25)
     ap.add_argument("--eval-examples", type=int, default=872)
     ap.add_argument("--threads", type=int, default=0)
@@ -165,17 +186,29 @@ def main() -> None:
     cmds = {n: command(a, n) for n in CONFIGS}
     if not a.table:
         Path(a.runs).mkdir(parents=True, exist_ok=True)
-        for name in a.only or CONFIGS:
-            run = Path(a.runs) / name
-            if (run / "summary.json").exists():
-                continue
-            t0 = time.time()
-            with open(Path(a.runs) / f"{name}.log", "w") as log:
-                r = subprocess.run(cmds[name], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            if r.returncode:
-                raise SystemExit(f"{name} failed (see {Path(a.runs) / f'{name}.log'}): "
-                                 f"{' '.join(cmds[name])}")
-            print(f"{name}: {time.time() - t0:.0f}s", flush=True)
+        todo = [n for n in a.only or CONFIGS if not (Path(a.runs) / n / "summary.json").exists()]
+        failed = []
+
+        def worker(slot: int) -> None:
+            """Runs from the shared list, one at a time, pinned to core `slot` with --jobs > 1."""
+            while todo and not failed:
+                name = todo.pop(0)
+                pin = ["taskset", "-c", str(slot)] if a.jobs > 1 else []
+                t0 = time.time()
+                with open(Path(a.runs) / f"{name}.log", "w") as log:
+                    r = subprocess.run(pin + cmds[name], cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT)
+                if r.returncode:
+                    failed.append(f"{name} failed (see {Path(a.runs) / f'{name}.log'}): "
+                                  f"{' '.join(cmds[name])}")
+                print(f"{name}: {time.time() - t0:.0f}s", flush=True)
+        workers = [threading.Thread(target=worker, args=(i,)) for i in range(a.jobs)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if failed:
+            raise SystemExit("\n".join(failed))
     report(a, cmds, load)
 
 

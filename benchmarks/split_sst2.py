@@ -32,6 +32,10 @@ COMMON = ["--task", "sst2", "--seed", "42", "--save-every", "0", "--steps-per-re
 CONFIGS = {
     "k16-side-8bit":  (16, ["--iters", "250", "--test-every", "50", "--act-bits", "8"]),
     "k16-side-4bit":  (16, ["--iters", "250", "--test-every", "50", "--act-bits", "4"]),
+    # few-shot: a smaller side network (width 8 on every 4th layer) with weight decay, against
+    # the over-fitting of the default one on 32 examples
+    "k16-side-small": (16, ["--iters", "250", "--test-every", "50", "--act-bits", "8",
+                            "--side-width", "8", "--tap-every", "4", "--weight-decay", "0.1"]),
     "k512-side-8bit": (512, ["--iters", "250", "--test-every", "50", "--act-bits", "8"]),
     "k512-side-4bit": (512, ["--iters", "250", "--test-every", "50", "--act-bits", "4"]),
 }

@@ -15,24 +15,15 @@ import torch
 import torch.nn as nn
 
 from ..loss import token_stats
+from ..registry import Registry
 
-REGISTRY: dict[str, type["Method"]] = {}
-
-
-def register(name: str):
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-    return deco
+REGISTRY = Registry("method")
+register = REGISTRY.register
 
 
 def get_method(name: str) -> type["Method"]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    """The method class registered as `name`."""
+    return REGISTRY.lookup(name)
 
 
 def fill_defaults(args, cls: type["Method"]) -> None:

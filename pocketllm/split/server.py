@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import asdict
 from pathlib import Path
@@ -228,7 +229,13 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one session per stream")
                 if up.WhichOneof("kind") != "batch":
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a batch")
-                b = up.batch
+                try:
+                    b = _whole(up, request_iterator, s.cfg)
+                except ValueError as e:
+                    log.warning("session %s: step %d rejected: %s", s.tag, up.batch.step, e)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {up.batch.step}: {e}")
+                if b is None:
+                    return  # client gone mid-step: nothing was changed
                 if b.step <= s.step:
                     yield pb.Reply(ack=pb.Ack(step=b.step, duplicate=True))
                     continue
@@ -295,6 +302,31 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                 raise ValueError(f"{b.n_candidates} label words is too many")
             cands = _ids(b.candidates, rows, b.n_candidates, vocab, "candidates")
         return taps, final, targets, cands
+
+
+def _whole(up: pb.Upload, rest: Iterator[pb.Upload], cfg: SideConfig) -> pb.Batch | None:
+    """The step whose batch `up` begins, reading its other parts (`Batch.parts` > 1) from
+    `rest`; None if the stream ends before the last part, ValueError on a part out of place."""
+    first = up.batch
+    n = first.parts
+    if n <= 1 and first.part == 0:
+        return first
+    if first.part != 0 or n > len(cfg.taps):
+        raise ValueError(f"part {first.part} of {n} begins the step (the session takes "
+                         f"{len(cfg.taps)} taps, at most one part each)")
+    whole = pb.Batch()
+    whole.CopyFrom(first)
+    for i in range(1, n):
+        nxt = next(rest, None)
+        if nxt is None:
+            return None
+        b = nxt.batch
+        if nxt.session_id != up.session_id:
+            raise ValueError("one session per stream")
+        if nxt.WhichOneof("kind") != "batch" or (b.step, b.part, b.parts) != (first.step, i, n):
+            raise ValueError(f"expected part {i} of {n} of step {first.step}")
+        whole.MergeFrom(b)  # repeated taps append in order; final / targets come with the last
+    return whole
 
 
 def _ids(data: bytes, rows: int, cols: int, bound: int, what: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpocketllm/split/split.proto\x12\x0fpocketllm.split\"Q\n\x07QTensor\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\"\xba\x01\n\x08SideSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06hidden\x18\x02 \x01(\r\x12\x0c\n\x04taps\x18\x03 \x03(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\r\x12\x10\n\x08\x61\x63t_bits\x18\x06 \x01(\r\x12\x16\n\x0eprivate_labels\x18\x07 \x01(\x08\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x14\n\x0cweight_decay\x18\t \x01(\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\"J\n\x0bOpenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.pocketllm.split.SideSpec\"*\n\tOpenReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\xa1\x01\n\x05\x42\x61tch\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x04taps\x18\x02 \x03(\x0b\x32\x18.pocketllm.split.QTensor\x12\'\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.pocketllm.split.QTensor\x12\x0f\n\x07targets\x18\x04 \x01(\x0c\x12\x12\n\ncandidates\x18\x05 \x01(\x0c\x12\x14\n\x0cn_candidates\x18\x06 \x01(\r\"J\n\x04Grad\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x04grad\x18\x02 \x01(\x0b\x32\x18.pocketllm.split.QTensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\"t\n\x06Upload\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x16.pocketllm.split.BatchH\x00\x12%\n\x04grad\x18\x03 \x01(\x0b\x32\x15.pocketllm.split.GradH\x00\x42\x06\n\x04kind\"C\n\nSideOutput\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.pocketllm.split.QTensor\"4\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"c\n\x05Reply\x12#\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x14.pocketllm.split.AckH\x00\x12-\n\x06output\x18\x02 \x01(\x0b\x32\x1b.pocketllm.split.SideOutputH\x00\x42\x06\n\x04kind\"\"\n\x0c\x46\x65tchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"/\n\nFetchReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\"\x0f\n\rHealthRequest\"/\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08sessions\x18\x02 \x01(\r2\x99\x02\n\nSideTuning\x12\x46\n\x06Health\x12\x1e.pocketllm.split.HealthRequest\x1a\x1c.pocketllm.split.HealthReply\x12@\n\x04Open\x12\x1c.pocketllm.split.OpenRequest\x1a\x1a.pocketllm.split.OpenReply\x12<\n\x05Train\x12\x17.pocketllm.split.Upload\x1a\x16.pocketllm.split.Reply(\x01\x30\x01\x12\x43\n\x05\x46\x65tch\x12\x1d.pocketllm.split.FetchRequest\x1a\x1b.pocketllm.split.FetchReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpocketllm/split/split.proto\x12\x0fpocketllm.split\"Q\n\x07QTensor\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\"\xba\x01\n\x08SideSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06hidden\x18\x02 \x01(\r\x12\x0c\n\x04taps\x18\x03 \x03(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\r\x12\x10\n\x08\x61\x63t_bits\x18\x06 \x01(\r\x12\x16\n\x0eprivate_labels\x18\x07 \x01(\x08\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x14\n\x0cweight_decay\x18\t \x01(\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\"J\n\x0bOpenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.pocketllm.split.SideSpec\"*\n\tOpenReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\xbe\x01\n\x05\x42\x61tch\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x04taps\x18\x02 \x03(\x0b\x32\x18.pocketllm.split.QTensor\x12\'\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.pocketllm.split.QTensor\x12\x0f\n\x07targets\x18\x04 \x01(\x0c\x12\x12\n\ncandidates\x18\x05 \x01(\x0c\x12\x14\n\x0cn_candidates\x18\x06 \x01(\r\x12\x0c\n\x04part\x18\x07 \x01(\r\x12\r\n\x05parts\x18\x08 \x01(\r\"J\n\x04Grad\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x04grad\x18\x02 \x01(\x0b\x32\x18.pocketllm.split.QTensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\"t\n\x06Upload\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x16.pocketllm.split.BatchH\x00\x12%\n\x04grad\x18\x03 \x01(\x0b\x32\x15.pocketllm.split.GradH\x00\x42\x06\n\x04kind\"C\n\nSideOutput\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.pocketllm.split.QTensor\"4\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"c\n\x05Reply\x12#\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x14.pocketllm.split.AckH\x00\x12-\n\x06output\x18\x02 \x01(\x0b\x32\x1b.pocketllm.split.SideOutputH\x00\x42\x06\n\x04kind\"\"\n\x0c\x46\x65tchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"/\n\nFetchReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\"\x0f\n\rHealthRequest\"/\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08sessions\x18\x02 \x01(\r2\x99\x02\n\nSideTuning\x12\x46\n\x06Health\x12\x1e.pocketllm.split.HealthRequest\x1a\x1c.pocketllm.split.HealthReply\x12@\n\x04Open\x12\x1c.pocketllm.split.OpenRequest\x1a\x1a.pocketllm.split.OpenReply\x12<\n\x05Train\x12\x17.pocketllm.split.Upload\x1a\x16.pocketllm.split.Reply(\x01\x30\x01\x12\x43\n\x05\x46\x65tch\x12\x1d.pocketllm.split.FetchRequest\x1a\x1b.pocketllm.split.FetchReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENREPLY']._serialized_start=396
   _globals['_OPENREPLY']._serialized_end=438
   _globals['_BATCH']._serialized_start=441
-  _globals['_BATCH']._serialized_end=602
-  _globals['_GRAD']._serialized_start=604
-  _globals['_GRAD']._serialized_end=678
-  _globals['_UPLOAD']._serialized_start=680
-  _globals['_UPLOAD']._serialized_end=796
-  _globals['_SIDEOUTPUT']._serialized_start=798
-  _globals['_SIDEOUTPUT']._serialized_end=865
-  _globals['_ACK']._serialized_start=867
-  _globals['_ACK']._serialized_end=919
-  _globals['_REPLY']._serialized_start=921
-  _globals['_REPLY']._serialized_end=1020
-  _globals['_FETCHREQUEST']._serialized_start=1022
-  _globals['_FETCHREQUEST']._serialized_end=1056
-  _globals['_FETCHREPLY']._serialized_start=1058
-  _globals['_FETCHREPLY']._serialized_end=1105
-  _globals['_HEALTHREQUEST']._serialized_start=1107
-  _globals['_HEALTHREQUEST']._serialized_end=1122
-  _globals['_HEALTHREPLY']._serialized_start=1124
-  _globals['_HEALTHREPLY']._serialized_end=1171
-  _globals['_SIDETUNING']._serialized_start=1174
-  _globals['_SIDETUNING']._serialized_end=1455
+  _globals['_BATCH']._serialized_end=631
+  _globals['_GRAD']._serialized_start=633
+  _globals['_GRAD']._serialized_end=707
+  _globals['_UPLOAD']._serialized_start=709
+  _globals['_UPLOAD']._serialized_end=825
+  _globals['_SIDEOUTPUT']._serialized_start=827
+  _globals['_SIDEOUTPUT']._serialized_end=894
+  _globals['_ACK']._serialized_start=896
+  _globals['_ACK']._serialized_end=948
+  _globals['_REPLY']._serialized_start=950
+  _globals['_REPLY']._serialized_end=1049
+  _globals['_FETCHREQUEST']._serialized_start=1051
+  _globals['_FETCHREQUEST']._serialized_end=1085
+  _globals['_FETCHREPLY']._serialized_start=1087
+  _globals['_FETCHREPLY']._serialized_end=1134
+  _globals['_HEALTHREQUEST']._serialized_start=1136
+  _globals['_HEALTHREQUEST']._serialized_end=1151
+  _globals['_HEALTHREPLY']._serialized_start=1153
+  _globals['_HEALTHREPLY']._serialized_end=1200
+  _globals['_SIDETUNING']._serialized_start=1203
+  _globals['_SIDETUNING']._serialized_end=1484
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..registry import Registry
 from . import noise
 
 # updates as (keys of every tensor, coefficient): p_i += coef * z(keys[i])
@@ -86,17 +87,8 @@ def immediate(params: Sequence[torch.Tensor], dist: str) -> Target:
     return Target(params, apply)
 
 
-REGISTRY: dict[str, type["ZOOptimizer"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        if name in REGISTRY:
-            raise ValueError(f"ZO optimizer {name!r} registered twice")
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-    return deco
+REGISTRY = Registry("ZO optimizer")
+register = REGISTRY.register
 
 
 class ZOOptimizer(ABC):
@@ -204,8 +196,7 @@ class Conservative(ZOOptimizer):
 def spec_from_args(args) -> dict:
     """The optimizer named by --zo-optimizer with its hyperparameters from the run's flags."""
     name = args.zo_optimizer
-    if name not in REGISTRY:
-        raise ValueError(f"--zo-optimizer {name!r}: available {', '.join(REGISTRY)}")
+    REGISTRY.lookup(name)  # an unknown name fails here, naming the choices
     hyper = {"momentum": {"beta": args.zo_beta1},
              "adam": {"beta1": args.zo_beta1, "beta2": args.zo_beta2, "eps": args.zo_adam_eps}}
     return {"name": name, **hyper.get(name, {})}
@@ -215,6 +206,4 @@ def build(spec: dict, params: Sequence[torch.Tensor]) -> ZOOptimizer:
     """The optimizer a spec (from `spec_from_args` or a log header) describes."""
     spec = dict(spec)
     name = spec.pop("name")
-    if name not in REGISTRY:
-        raise ValueError(f"unknown ZO optimizer {name!r}; available: {', '.join(REGISTRY)}")
-    return REGISTRY[name](params, **spec)
+    return REGISTRY.lookup(name)(params, **spec)

@@ -132,6 +132,51 @@ def test_malformed_payloads_get_an_error_and_the_server_keeps_serving(server, to
     assert [a[0] for a in acks] == [1, 2]
 
 
+def test_a_step_in_parts_is_checked_part_by_part(server, token_file, device):
+    """The device sends a step as one message per tap; the server reassembles them in order
+    and refuses a part out of place, from another session or missing (stream cut short)."""
+    from pocketllm.split.server import read_token
+    model, _, _, batcher = device
+    cfg = side_config(model)
+    client = SplitClient(server.address, read_token(token_file))
+    sid = secrets.token_hex(16)
+    assert client.open(sid, cfg) == 0
+    step = device_step(model, batcher(0), cfg, 1)
+    parts = step.uploads
+    assert len(parts) == len(cfg.taps) > 1
+    assert [(p.batch.part, p.batch.parts, len(p.batch.taps)) for p in parts] == \
+        [(i, len(parts), 1) for i in range(len(parts))]
+    for p in parts:
+        p.session_id = sid
+
+    def copy(up, **batch_fields):
+        out = pb.Upload()
+        out.CopyFrom(up)
+        for k, v in batch_fields.items():
+            setattr(out.batch, k, v)
+        return out
+    swapped = [parts[1], parts[0], *parts[2:]]
+    other = [parts[0], copy(parts[1], step=2), *parts[2:]]
+    stranger = copy(parts[1])
+    stranger.session_id = secrets.token_hex(16)
+    for what, ups in {"out of order": swapped, "another step": other,
+                      "another session": [parts[0], stranger, *parts[2:]],
+                      "does not begin at part 0": parts[1:]}.items():
+        with pytest.raises(grpc.RpcError) as e:
+            _send(client, sid, *ups)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+    # the stream ends before the last part: nothing trained, no reply
+    assert _send(client, sid, *parts[:-1]) == []
+    # the parts in order: the side network's output comes back (private labels)
+    replies = _send(client, sid, *parts)
+    assert [r.WhichOneof("kind") for r in replies] == ["output"]
+    # the merged single message is the same step to the server
+    replies = _send(client, sid, pb.Upload(session_id=sid, batch=step.msg))
+    assert [r.WhichOneof("kind") for r in replies] == ["output"]
+    assert client.open(sid, cfg) == 0  # none of it trained a step
+    client.close()
+
+
 def test_reconnect_after_network_drops_loses_and_repeats_nothing(server, token_file, device,
                                                                  reference):
     proxy = Proxy(server.port)
