@@ -122,6 +122,8 @@ class TrainArgs(ModelArgs, DataArgs):
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")
     save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)")
     steps_per_eval: int = opt(50, "evaluate on valid every N steps (0: only before and after)")
+    keep_best: bool = opt(False, "also keep the adapter that scored best on valid (accuracy "
+                          "for a task, else loss) at any evaluation, in ADAPTER_PATH/best/")
     steps_per_report: int = opt(10, "print a report line every N steps")
     eval_before: bool = opt(True, "evaluate before training (the zero-shot figure for a task)")
     test_every: int = opt(0, "task: score the dev/test set every N steps (0: only before and "

@@ -147,8 +147,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, spec: LoraSpec,
-                 base_model: str) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (atomically) into `path`."""
+                 base_model: str, metadata: dict[str, str] | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (atomically) into `path`;
+    `metadata` goes into the safetensors header, in the same atomic write as the weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fan_in_fan_out = any(isinstance(m.base_layer, Conv1D) for m in lora_modules(model).values())
@@ -159,7 +160,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, spec: LoraSpec,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "use_rslora": False, "use_dora": False, "layers_to_transform": None,
     }
-    _atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(lora_state_dict(model), str(p)))
+    _atomic_write(path / ADAPTER_WEIGHTS,
+                  lambda p: save_file(lora_state_dict(model), str(p), metadata=metadata))
     _atomic_write(path / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
     return path
 

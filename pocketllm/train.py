@@ -13,7 +13,8 @@ from . import memory
 from .config import TrainArgs, save_yaml
 from .data import Batcher
 from .data.source import load_run_data
-from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, save_adapter
+from .lora import (ADAPTER_WEIGHTS, LoraSpec, apply_lora, default_targets, lora_parameters,
+                   save_adapter)
 from .evaluate import EvalResult, evaluate
 from .loss import is_masked_lm
 from .methods import get_method
@@ -29,6 +30,7 @@ class Reporter:
     def __init__(self, out: Path, total: int, start: int, fresh: bool):
         self.path = out / METRICS
         self.last_wall = 0.0  # training seconds logged before a resume
+        self.valid_steps: set[int] = set()  # steps whose valid evaluation is logged
         if fresh:
             self.path.write_text("")
         else:
@@ -48,6 +50,8 @@ class Reporter:
                     if rec.get("step", 0) <= step:
                         keep.append(line)
                         self.last_wall = rec.get("wall", self.last_wall)
+                        if "eval_loss" in rec:
+                            self.valid_steps.add(rec["step"])
                 except json.JSONDecodeError:
                     pass  # a line torn by the interruption
             self.path.write_text("".join(l + "\n" for l in keep))
@@ -97,6 +101,9 @@ def train(args: TrainArgs) -> dict:
     method_cls = get_method(args.method)
     if hasattr(method_cls, "run"):  # a method with a loop of its own (split mode)
         return method_cls.run(args)
+    if args.keep_best and args.trainable != "lora":
+        raise SystemExit("--keep-best keeps a LoRA adapter (--trainable lora); a full-parameter "
+                         "copy per improvement would double the disk a run takes")
     if args.trainable not in method_cls.trainable_kinds:
         raise SystemExit(f"--method {args.method} trains {'/'.join(method_cls.trainable_kinds)}"
                          f" weights, not --trainable {args.trainable}")
@@ -136,7 +143,25 @@ def train(args: TrainArgs) -> dict:
         report.say(f"step {step} | {tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
         report.record({"step": step, "wall": clock[0],
                        **{f"{p}_{k}": v for k, v in r.metrics().items()}})
+        if args.keep_best and split == "valid":
+            keep_if_best(step, r)
         return r
+
+    # --keep-best: valid decides (a task's dev/test split stays held out for reporting). The
+    # record (step, score) rides in the adapter's safetensors header, written atomically with
+    # the weights, so a kill at any moment cannot leave the two out of step.
+    best_dir = out / BEST_DIR
+    best = read_best(best_dir) if args.resume else None
+
+    def keep_if_best(step: int, r: EvalResult) -> None:
+        nonlocal best
+        score = [r.accuracy, -r.loss] if r.accuracy is not None else [-r.loss]
+        if best is not None and score <= best["score"]:
+            return
+        best = {"step": step, "score": score, "valid_loss": r.loss, "valid_accuracy": r.accuracy}
+        save_adapter(model, best_dir, spec, base_model=args.model,
+                     metadata={"pocketllm_best": json.dumps(best)})
+        report.say(f"step {step} | best on valid so far: adapter kept in {best_dir}")
 
     n_train = sum(p.numel() for _, p in params)
     report.say(f"model {args.model} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params, "
@@ -150,6 +175,10 @@ def train(args: TrainArgs) -> dict:
         before = run_eval(0, "before", final_split)
         if data.task:
             run_eval(0, "before")
+    if (args.keep_best and start and args.steps_per_eval and start % args.steps_per_eval == 0
+            and start < args.iters and start not in report.valid_steps):
+        run_eval(start, "eval")  # interrupted between a step and its evaluation: --keep-best
+        #                          must see every evaluation an uninterrupted run sees
     memory.reset_peak()  # peak from here on: training, not model loading
     t_train, tokens_seen, fwd, window = time.time(), 0, 0, []
     for step in range(start, args.iters):
@@ -192,10 +221,26 @@ def train(args: TrainArgs) -> dict:
                "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
                "forward_passes": fwd, "tokens": tokens_seen, "output": str(out),
                "before": before.__dict__ if before else None,
-               "after": after.__dict__ if after else None}
+               "after": after.__dict__ if after else None,
+               "best": dict(best, path=str(best_dir)) if best else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, before, after, spec is not None)
     return summary
+
+
+BEST_DIR = "best"
+
+
+def read_best(best_dir: Path) -> dict | None:
+    """The --keep-best record ({step, score, valid_loss, valid_accuracy}) of the adapter kept
+    in `best_dir`, or None if there is none."""
+    from safetensors import safe_open
+    weights = best_dir / ADAPTER_WEIGHTS
+    if not weights.exists():
+        return None
+    with safe_open(str(weights), "pt") as f:
+        rec = (f.metadata() or {}).get("pocketllm_best")
+    return json.loads(rec) if rec else None
 
 
 def save(method, model, spec, args: TrainArgs, out: Path, step: int) -> None:
@@ -228,4 +273,9 @@ def _print_summary(s: dict, before: EvalResult | None, after: EvalResult | None,
     print(f"wall time          {s['wall_seconds']:.0f} s ({s['train_seconds']:.0f} s training, "
           f"{s['steps']} steps, {s['forward_passes']} forward passes)")
     print(f"{'adapter' if lora else 'output'} saved to   {s['output']}")
+    if s.get("best"):
+        b = s["best"]
+        what = (f"valid accuracy {b['valid_accuracy']:.1%}" if b["valid_accuracy"] is not None
+                else f"valid loss {b['valid_loss']:.4f}")
+        print(f"best on valid      step {b['step']} ({what}): {b['path']}")
     print("=" * 72, flush=True)

@@ -148,3 +148,35 @@ def test_task_train_and_eval_end_to_end(tmp_path, capsys, model):
 def test_task_errors_are_clear(tmp_path, capsys):
     assert main(["eval", "--model", "tiny-llama", "--task", "rte", "--data", str(tmp_path)]) == 2
     assert "val.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_keep_best_keeps_the_best_valid_adapter(tmp_path, capsys):
+    """--keep-best: ADAPTER_PATH/best holds the adapter of the best valid evaluation, its
+    record in the weights' header (kill -9 and --resume: tests/test_resume.py)."""
+    import re
+
+    from pocketllm.train import read_best
+    d = _sst2_dir(tmp_path)
+    run = ["train", "--model", "tiny-llama", "--task", "sst2", "--data", str(d), "--k", "4",
+           "--batch-size", "4", "--steps-per-eval", "2", "--save-every", "2", "--keep-best",
+           "--learning-rate", "0.05"]
+    whole = tmp_path / "whole"
+    assert main([*run, "--iters", "8", "--adapter-path", str(whole)]) == 0
+    assert "best on valid" in capsys.readouterr().out
+    metrics = [json.loads(l) for l in (whole / "metrics.jsonl").read_text().splitlines()]
+    valid = [(m["eval_accuracy"], -m["eval_loss"], m["step"]) for m in metrics
+             if "eval_loss" in m]
+    assert [v[2] for v in valid] == [0, 2, 4, 6, 8]
+    best = read_best(whole / "best")
+    acc, neg_loss, step = max(valid, key=lambda v: (v[0], v[1], -v[2]))  # first of the best
+    assert best["step"] == step and best["score"] == [acc, neg_loss]
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["best"]["step"] == step
+    # the kept adapter scores on valid what was recorded for it
+    assert main(["eval", "--model", "tiny-llama", "--task", "sst2", "--data", str(d), "--k", "4",
+                 "--split", "valid", "--adapter-path", str(whole / "best")]) == 0
+    loss = float(re.search(r"loss (\d+\.\d+)", capsys.readouterr().out).group(1))
+    assert loss == pytest.approx(best["valid_loss"], abs=2e-4)
+    # full parameters: refused with a reason
+    with pytest.raises(SystemExit, match="--keep-best keeps a LoRA adapter"):
+        main([*run, "--iters", "2", "--trainable", "full", "--adapter-path", str(tmp_path / "f")])

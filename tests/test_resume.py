@@ -24,9 +24,11 @@ def _args(out, method, trainable, iters):
             *EXTRA.get(method, [])]
 
 
-# a stateful ZO optimizer (its state rebuilt by replaying the log), P-RGE queries, schedules
+# a stateful ZO optimizer (its state rebuilt by replaying the log), P-RGE queries, schedules;
+# LoRA runs also keep their best adapter, which must come out the same
+KEEP = ["--keep-best", "--steps-per-eval", "5"]
 EXTRA = {"prge": ["--queries", "2", "--zo-optimizer", "adam", "--lr-schedule", "cosine",
-                  "--eps-schedule", "linear"]}
+                  "--eps-schedule", "linear", *KEEP], "lora-adam": KEEP}
 
 
 def _weights(out: Path, trainable: str) -> dict:
@@ -65,3 +67,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, method, trainable):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if "--keep-best" in EXTRA.get(method, []):
+        from pocketllm.train import read_best
+        assert read_best(out / "best") == read_best(ref / "best") is not None
+        a, b = _weights(ref / "best", trainable), _weights(out / "best", trainable)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
