@@ -100,6 +100,9 @@ def train(args: TrainArgs) -> dict:
         torch.set_num_threads(args.threads)
     method_cls = get_method(args.method)
     if hasattr(method_cls, "run"):  # a method with a loop of its own (split mode)
+        if args.keep_best:
+            raise SystemExit(f"--keep-best is not available with --method {args.method}: "
+                             "its side network is trained and kept on the server")
         return method_cls.run(args)
     if args.keep_best and args.trainable != "lora":
         raise SystemExit("--keep-best keeps a LoRA adapter (--trainable lora); a full-parameter "

@@ -180,3 +180,5 @@ def test_keep_best_keeps_the_best_valid_adapter(tmp_path, capsys):
     # full parameters: refused with a reason
     with pytest.raises(SystemExit, match="--keep-best keeps a LoRA adapter"):
         main([*run, "--iters", "2", "--trainable", "full", "--adapter-path", str(tmp_path / "f")])
+    with pytest.raises(SystemExit, match="--keep-best is not available with --method side"):
+        main([*run, "--iters", "2", "--method", "side", "--adapter-path", str(tmp_path / "s")])
