@@ -103,8 +103,10 @@ def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: in
         final = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
         final = scored_rows(final, batch).float()
         del out
-    if list(taps) != list(cfg.taps):  # hooks fire in layer order; the spec lists taps in it
-        raise RuntimeError(f"taps arrived in order {list(taps)}, expected {list(cfg.taps)}")
+    if list(taps) != list(cfg.taps) or len(uploads) != len(cfg.taps):
+        # hooks fire once per layer, in layer order, and the spec lists taps in that order
+        raise RuntimeError(f"{len(uploads)} taps arrived in order {list(taps)}, expected "
+                           f"{list(cfg.taps)}")
     if not cfg.private_labels:
         last = uploads[-1].batch
         qtensor(final, cfg.act_bits, last.final)
