@@ -1,5 +1,6 @@
 """SST-2 dev accuracy against wall-clock: zo-sgd LoRA (q=1, sequential) vs P-RGE (q=4, one
-batched forward) vs P-RGE with ZO-Adam, same seed, data and LoRA.
+batched forward) vs P-RGE with ZO-Adam, same seed, data and LoRA; with two more rows: prge at
+zo-sgd's rows per step, and the control, zo-sgd at prge's per-query batch.
 
 Each run is an ordinary `pocketllm train --task sst2 ... --test-every N` in a fresh process,
 writing runs/prge_convergence/<name>/ (metrics.jsonl holds `test_accuracy` and `wall`, the
@@ -9,8 +10,9 @@ spread over invocations (`--only NAME`) and the plot and table rebuilt from what
 pinned to its own core, so that a baseline and its rival share the same machine and time window.
 
     python benchmarks/prge_convergence.py [--k 16] [--iters 400] [--prge-iters 200] [--test-every 25]
-    python benchmarks/prge_convergence.py --iters 250 --prge-batch-size 4 --test-every 50 \
-        --eval-examples 500 --threads 1       # what benchmarks/results/prge_convergence.md ran
+    python benchmarks/prge_convergence.py --rank 8 --iters 200 --prge-batch-size 2 \
+        --test-every 25 --eval-examples 500 --threads 1 --jobs 2 --adam-lr 1e-2
+        # what benchmarks/results/prge_convergence.md ran (~40 min)
     python benchmarks/prge_convergence.py --table
     python benchmarks/prge_convergence.py --model tiny-llama --k 4 --iters 6 --prge-iters 4 \
         --test-every 2 --eval-examples 16 --runs /tmp/conv --out /tmp/conv.md    # smoke test
