@@ -126,9 +126,23 @@ def _meta_model(config):
         return _auto_class(config).from_config(config)
 
 
+class UnknownShape(ValueError):
+    """A config the estimator cannot build or read (an architecture transformers does not know
+    from its config alone, or one without the usual size fields)."""
+
+
 def model_shape(config, dtype: str = "float32", lora_rank: int = 8,
                 lora_targets: list[str] | None = None) -> Shape:
-    """Parameter counts from a meta-device build of `config`; layer sizes from its fields."""
+    """Parameter counts from a meta-device build of `config`; layer sizes from its fields.
+    Raises UnknownShape where the config cannot be read that way."""
+    try:
+        return _model_shape(config, dtype, lora_rank, lora_targets)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise UnknownShape(f"cannot estimate model_type "
+                           f"{getattr(config, 'model_type', '?')!r}: {e}") from e
+
+
+def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | None) -> Shape:
     from .lora import _matches, default_targets
     from .models import MASKED_LM_TYPES
 

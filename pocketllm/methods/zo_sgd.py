@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..loss import group_losses, n_scored
-from ..memory_estimate import pair_passes_fit
+from ..memory_estimate import UnknownShape, pair_passes_fit
 from ..schedules import eps_at
 from ..zo import optim
 from ..zo.estimate import plan_passes, replica_losses
@@ -69,7 +69,7 @@ class ZOSGD(Method):
                 pair = pair_passes_fit(self.model.config, args.trainable, args.batch_size,
                                        args.max_seq_length, args.dtype, args.lora_rank,
                                        list(args.lora_targets) or None)
-            except (ValueError, KeyError, AttributeError, TypeError):
+            except UnknownShape:
                 pair = args.trainable == "lora"  # a config the estimator cannot read
         return 1, plan_passes(1, "both" if pair else "none", args.max_replicas)
 
