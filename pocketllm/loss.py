@@ -69,21 +69,8 @@ def answer_transform(model: nn.Module):
     return lambda h: h
 
 
-def head_rows(model: nn.Module, head_chunks, ids: torch.Tensor, groups: int
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Rows `ids` of the output head (weight, bias) as each group sees them: perturbed when a
-    zeroth-order method trains the head (its `head_chunks` belongs to a Perturber that also
-    builds rows), the head's own rows otherwise."""
-    owner = getattr(head_chunks, "__self__", None)
-    if owner is not None and hasattr(owner, "head_rows"):
-        return owner.head_rows(ids)
-    head = output_head(model)
-    b = getattr(head, "bias", None)
-    return [head.weight[ids]] * groups, [None if b is None else b[ids]] * groups
-
-
 def class_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                head_chunks=None) -> TokenStats:
+                head_view=None) -> TokenStats:
     """Prompt-based classification: cross-entropy over the label words at the answer position.
 
     Only what is needed is computed: the hidden state at `answer_pos` (the last prompt token
@@ -93,7 +80,7 @@ def class_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 
     B = hidden.shape[0]
     h = answer_transform(model)(hidden[torch.arange(B), batch["answer_pos"]])   # (B, H)
     uniq, inv = torch.unique(batch["label_ids"], return_inverse=True)           # inv: (B, C)
-    ws, bs = head_rows(model, head_chunks, uniq, groups)
+    ws, bs = (head_view or PlainHead(output_head(model))).rows(uniq, groups)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     parts = []
     for g, hg in enumerate(h.chunk(groups, 0)):
@@ -113,12 +100,12 @@ def class_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 
 
 
 def choice_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                 head_chunks=None) -> TokenStats:
+                 head_view=None) -> TokenStats:
     """Multiple choice (COPA): each example's candidates are consecutive rows; a candidate's
     score is its mean per-token log-likelihood, and the loss is the cross-entropy of the
     right one among them. One entry per example."""
     lm = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    s = token_stats(model, lm, groups, head_chunks)
+    s = token_stats(model, lm, groups, head_view)
     C = int(batch["n_choices"][0])
     score = (-s.row_loss()).view(-1, C)                                            # (E, C)
     y = batch["choice_label"].view(-1, C).argmax(1)
@@ -149,11 +136,31 @@ def plain_head_chunks(head: nn.Module, groups: int = 1) -> Iterator[HeadChunk]:
         yield v0, v1, [w[v0:v1]] * groups, [bc] * groups
 
 
+class PlainHead:
+    """The output head as the losses read it (`head_view`): its own weights, shared by every
+    group. A zeroth-order method that trains the head passes its perturbed view instead (the
+    same two methods: `zo.perturb.PerturbedHead`)."""
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+
+    def chunks(self, groups: int) -> Iterator[HeadChunk]:
+        """All rows, in VOCAB_CHUNK-row chunks: (v0, v1, weights per group, biases per group)."""
+        return plain_head_chunks(self.head, groups)
+
+    def rows(self, ids: torch.Tensor, groups: int
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Rows `ids` (weight, bias) per group: a classification loss needs the label words'."""
+        b = getattr(self.head, "bias", None)
+        return [self.head.weight[ids]] * groups, [None if b is None else b[ids]] * groups
+
+
 def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                head_chunks=None, choices: torch.Tensor | None = None) -> TokenStats:
+                head_view=None, choices: torch.Tensor | None = None) -> TokenStats:
     """Run the backbone and the chunked head; rows split into `groups` equal groups.
 
-    `head_chunks(groups)` yields `HeadChunk`s; by default the head's own weights.
+    `head_view` gives the output head's rows (`.chunks(groups)` yields `HeadChunk`s); by
+    default `PlainHead`, the head's own weights.
     `choices`: token ids of a closed label set; then each row's first label token is also
     classified among them (logits of those rows of the head only).
 
@@ -162,9 +169,9 @@ def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 
     `choice_stats`); otherwise the causal-LM loss on the `labels` positions.
     """
     if "class_label" in batch:
-        return class_stats(model, batch, groups, head_chunks)
+        return class_stats(model, batch, groups, head_view)
     if "choice_label" in batch:
-        return choice_stats(model, batch, groups, head_chunks)
+        return choice_stats(model, batch, groups, head_view)
     labels = batch["labels"]
     hidden = backbone(model, batch)
     # Position t predicts token t+1: keep only positions whose next token is a label.
@@ -177,7 +184,7 @@ def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 
     per_group = B // groups
     group_of = rows // per_group
     head = output_head(model)
-    chunks = head_chunks(groups) if head_chunks is not None else plain_head_chunks(head, groups)
+    chunks = (head_view or PlainHead(head)).chunks(groups)
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
     N = h.shape[0]

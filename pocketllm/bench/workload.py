@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import memory
 from ..config import TrainArgs
-from ..loss import TokenStats, group_losses, output_head, plain_head_chunks, token_stats
+from ..loss import PlainHead, TokenStats, group_losses, output_head, token_stats
 from ..methods import get_method
 from ..models import MASKED_LM_TYPES, load_model
 from ..train import setup_trainable
@@ -73,10 +73,10 @@ def fixed_batch(vocab: int, batch: int, seq: int, seed: int = 0,
 
 
 def masked_lm_stats(model, batch: dict[str, torch.Tensor], groups: int = 1,
-                    head_chunks=None) -> TokenStats:
+                    head_view=None) -> TokenStats:
     """Cross-entropy of a masked LM at its scored positions (one per row), through the model's
     own MLM head (RoBERTa: dense, GELU, LayerNorm, then the vocabulary projection, streamed in
-    chunks as `head_chunks` gives them, so a ZO run perturbs it like any other weight).
+    chunks as `head_view` gives them, so a ZO run perturbs it like any other weight).
 
     The workload's stand-in for prompt-based classification: same forward, same head, the full
     vocabulary instead of the label words (a few logits per row either way)."""
@@ -89,8 +89,7 @@ def masked_lm_stats(model, batch: dict[str, torch.Tensor], groups: int = 1,
     lm = model.lm_head
     x = lm.layer_norm(F.gelu(lm.dense(hidden[sel])))   # (B, H): row b is batch row b
     tgt = labels[sel]
-    chunks = head_chunks(groups) if head_chunks is not None else \
-        plain_head_chunks(output_head(model), groups)
+    chunks = (head_view or PlainHead(output_head(model))).chunks(groups)
     parts = [[] for _ in range(groups)]
     xs = x.chunk(groups, 0)
     for _, _, ws, bs in chunks:

@@ -60,7 +60,7 @@ class Method(ABC):
     # Settings used when the run leaves them at 0, per trainable set; each method documents
     # where its figures come from.
     defaults: dict[str, dict[str, float]] = {}
-    # What scores a batch: stats(model, batch, groups=1, head_chunks=None) -> TokenStats.
+    # What scores a batch: stats(model, batch, groups=1, head_view=None) -> TokenStats.
     # An instance may be given another scorer with the same signature (the benchmark
     # workload's masked-LM loss does).
     stats = staticmethod(token_stats)

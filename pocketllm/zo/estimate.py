@@ -52,7 +52,7 @@ def replica_losses(model: nn.Module, pert: Perturber, batch: dict[str, torch.Ten
                    keys: list[list[int]], eps: float, passes: list[list[Replica]],
                    stats=token_stats) -> torch.Tensor:
     """(q, 2) losses: [j, 0] at w + eps z_j, [j, 1] at w - eps z_j (keys[j]: query j's keys).
-    `stats(model, batch, groups, head_chunks)` scores a batch (`token_stats` by default)."""
+    `stats(model, batch, groups, head_view)` scores a batch (`token_stats` by default)."""
     out = torch.empty(len(keys), 2, dtype=torch.float64)
     for reps in passes:
         G = len(reps)

@@ -19,7 +19,7 @@ weight (an embedding row, a chunk of the output head) gets the same noise as the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -191,11 +191,11 @@ class Perturber:
     @contextmanager
     def active(self, keys: Sequence[int] | Sequence[Sequence[int]], eps: float,
                signs: Sequence[float], rows: int
-               ) -> Iterator[Callable[[int], Iterator[HeadChunk]]]:
+               ) -> Iterator["PerturbedHead"]:
         """Within the block, the model's rows form len(signs) equal groups; group g sees
         every trainable weight i as w + signs[g] * eps * z(key), key = keys[i] (one key per
         parameter, shared by the groups) or keys[g][i] (one key list per group: P-RGE's
-        queries). Yields `head_chunks`."""
+        queries). Yields the head as the losses read it (`PerturbedHead`)."""
         signs = tuple(signs)
         if keys and isinstance(keys[0], (list, tuple)):
             if len(keys) != len(signs):
@@ -208,12 +208,12 @@ class Perturber:
         try:
             for mod in self.owners:
                 if mod is self.head:
-                    continue  # the head runs through head_chunks, inside the loss
+                    continue  # the head runs through PerturbedHead, inside the loss
                 handler = HANDLERS.get(type(mod), generic_forward)
                 mod.forward = _bind(handler, self, mod, mod.forward)
                 wrapped.append(mod)
             with torch.no_grad():
-                yield self.head_chunks
+                yield PerturbedHead(self)
         finally:
             for mod in wrapped:
                 del mod.forward  # back to the class's forward
@@ -320,3 +320,18 @@ def generic_forward(pert: Perturber, mod: nn.Module, orig, *args, **kwargs):
 
 HANDLERS = {nn.Linear: linear_forward, nn.Embedding: embedding_forward,
             LoRALinear: lora_forward}
+
+
+class PerturbedHead:
+    """The output head as each group sees it during `Perturber.active` (the losses'
+    `head_view`, like `loss.PlainHead`): all rows in chunks, or just some rows."""
+
+    def __init__(self, pert: Perturber):
+        self.pert = pert
+
+    def chunks(self, groups: int) -> Iterator[HeadChunk]:
+        return self.pert.head_chunks(groups)
+
+    def rows(self, ids: torch.Tensor, groups: int
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        return self.pert.head_rows(ids)
