@@ -239,15 +239,18 @@ PAIR_BUDGET = 0.05  # zo-sgd's promise: about inference's memory (issue 3: withi
 
 
 def pair_passes_fit(config, trainable: str, batch: int, seq: int, dtype: str = "float32",
-                    lora_rank: int = 8, lora_targets: list[str] | None = None) -> bool:
+                    lora_rank: int = 8, lora_targets: list[str] | None = None,
+                    shape: Shape | None = None) -> bool:
     """What `--zo-passes auto` picks: one pair-batched forward (z generated once, the faster)
     when LoRA is trained, or when the second batch's activations add at most PAIR_BUDGET to the
     run's estimated peak; else two sequential forwards. (Full parameters, default model:
-    pair at 8 x 64, sequential at 16 x 128; OPT-1.3B: pair at 2 x 64, sequential at 16 x 128.)"""
+    pair at 8 x 64, sequential at 16 x 128; OPT-1.3B: pair at 2 x 64, sequential at 16 x 128.)
+    `shape`: `model_shape` of these settings when the caller has it (built once, not per call)."""
     if trainable == "lora":
         return True
+    shape = shape or model_shape(config, dtype, lora_rank, lora_targets)
     kw = dict(dtype=dtype, lora_rank=lora_rank, lora_targets=lora_targets,
-              framework=FRAMEWORK_MB)
+              framework=FRAMEWORK_MB, shape=shape)
     one = estimate(config, "zo-sgd", trainable, batch, seq, zo_passes="sequential", **kw).total
     two = estimate(config, "zo-sgd", trainable, batch, seq, zo_passes="pair", **kw).total
     return two <= (1 + PAIR_BUDGET) * one
@@ -255,15 +258,16 @@ def pair_passes_fit(config, trainable: str, batch: int, seq: int, dtype: str = "
 
 def estimate(config, method: str, trainable: str, batch: int, seq: int,
              dtype: str = "float32", lora_rank: int = 8, zo_passes: str = "auto",
-             lora_targets: list[str] | None = None, framework: float | None = None) -> Estimate:
+             lora_targets: list[str] | None = None, framework: float | None = None,
+             shape: Shape | None = None) -> Estimate:
     """The estimated peak RSS of `method` (inference, zo-sgd, lora-adam, adam) on `config`
-    at `batch` x `seq` tokens, by component (MiB)."""
+    at `batch` x `seq` tokens, by component (MiB). `shape`: its `model_shape`, if built."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: the estimate knows {', '.join(METHODS)}")
     if method == "adam" and trainable != "full" or method == "lora-adam" and trainable != "lora":
         raise ValueError(f"--method {method} trains {'full' if method == 'adam' else 'lora'} "
                          f"weights, not --trainable {trainable}")
-    s = model_shape(config, dtype, lora_rank, lora_targets)
+    s = shape or model_shape(config, dtype, lora_rank, lora_targets)
     bpe = torch.finfo(getattr(torch, dtype)).bits // 8
     lora = trainable == "lora" and method != "inference"
     est = Estimate(method, trainable)
@@ -276,7 +280,7 @@ def estimate(config, method: str, trainable: str, batch: int, seq: int,
 
     # scored positions: every position of a causal LM's batch, one <mask> per row of a masked LM
     pair = method == "zo-sgd" and (zo_passes == "pair" or zo_passes == "auto" and pair_passes_fit(
-        config, trainable, batch, seq, dtype, lora_rank, lora_targets))
+        config, trainable, batch, seq, dtype, lora_rank, lora_targets, shape=s))
     rows = batch * (2 if pair else 1)
     tokens = rows * seq
     scored = rows if s.masked else rows * (seq - 1)
