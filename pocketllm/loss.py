@@ -126,16 +126,6 @@ def n_scored(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def plain_head_chunks(head: nn.Module, groups: int = 1) -> Iterator[HeadChunk]:
-    """Views of the head's rows; every group shares them."""
-    w, b = head.weight, getattr(head, "bias", None)
-    chunk = VOCAB_CHUNK
-    for v0 in range(0, w.shape[0], chunk):
-        v1 = min(v0 + chunk, w.shape[0])
-        bc = None if b is None else b[v0:v1]
-        yield v0, v1, [w[v0:v1]] * groups, [bc] * groups
-
-
 class PlainHead:
     """The output head as the losses read it (`head_view`): its own weights, shared by every
     group. A zeroth-order method that trains the head passes its perturbed view instead (the
@@ -145,8 +135,13 @@ class PlainHead:
         self.head = head
 
     def chunks(self, groups: int) -> Iterator[HeadChunk]:
-        """All rows, in VOCAB_CHUNK-row chunks: (v0, v1, weights per group, biases per group)."""
-        return plain_head_chunks(self.head, groups)
+        """All rows, in VOCAB_CHUNK-row chunks: (v0, v1, weights per group, biases per group);
+        views of the head's rows, every group sharing them."""
+        w, b = self.head.weight, getattr(self.head, "bias", None)
+        for v0 in range(0, w.shape[0], VOCAB_CHUNK):
+            v1 = min(v0 + VOCAB_CHUNK, w.shape[0])
+            bc = None if b is None else b[v0:v1]
+            yield v0, v1, [w[v0:v1]] * groups, [bc] * groups
 
     def rows(self, ids: torch.Tensor, groups: int
              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
