@@ -1,7 +1,8 @@
-"""Shared by the benchmark scripts: run a workload mode in a fresh process, write a table."""
+"""Shared by the benchmark scripts: run a workload mode in a fresh process, read a run's dev curve, write a table."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -21,6 +22,20 @@ def run_mode(mode: str, **kw) -> dict:
         return run_in_fresh_process(mode, **kw)
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
+
+
+def curve(run: Path) -> list[tuple[float, float, int]]:
+    """(training seconds, dev accuracy, step) of each dev-set evaluation (`test_accuracy` in
+    metrics.jsonl) of a `pocketllm train` run; [] for a run not started."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        m = json.loads(line)
+        if m.get("test_accuracy") is not None:
+            out.append((float(m.get("wall", 0.0)), float(m["test_accuracy"]), int(m["step"])))
+    return out
 
 
 def write_table(name: str, title: str, command: str, machine: str, header: list[str],

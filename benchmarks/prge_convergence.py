@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from _run import RESULTS, ROOT, write_table
+from _run import RESULTS, ROOT, curve, write_table
 
 # name -> (label, flags); the iteration count comes from --iters / --prge-iters
 CONFIGS = {
@@ -76,16 +76,6 @@ def command(a, name: str) -> list[str]:
     elif name != BASELINE and a.prge_batch_size:  # prge's runs and the small-batch control
         cmd += ["--batch-size", str(a.prge_batch_size)]
     return cmd + (["--learning-rate", str(lr)] if lr else [])
-
-
-def curve(run: Path) -> list[tuple[float, float, int]]:
-    """(training seconds, dev accuracy, step) of every dev-set evaluation of a run."""
-    out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("test_accuracy") is not None:
-            out.append((rec.get("wall", 0.0), rec["test_accuracy"], rec["step"]))
-    return out
 
 
 def time_to(points, acc: float) -> float | None:

@@ -15,7 +15,6 @@ the final dev accuracy of the local zo-sgd run with the same k.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _run import RESULTS, ROOT, start_server
+from _run import RESULTS, ROOT, curve, start_server
 
 RUNS = ROOT / "runs" / "sst2-split"
 LOCAL = ROOT / "runs" / "sst2"
@@ -40,19 +39,6 @@ CONFIGS = {
     "k512-side-4bit": (512, ["--iters", "250", "--test-every", "50", "--act-bits", "4"]),
 }
 COMPARE = ("zo-lora", "lora-adam")
-
-
-def curve(run: Path) -> list[tuple[float, float, int]]:
-    """(training seconds, dev accuracy, step) of each dev-set evaluation of a run."""
-    out = []
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        m = json.loads(line)
-        if m.get("test_accuracy") is not None:
-            out.append((float(m.get("wall", 0.0)), float(m["test_accuracy"]), int(m["step"])))
-    return out
 
 
 def table(smoke: bool) -> None:
