@@ -111,10 +111,9 @@ def report(a, cmds: dict[str, list[str]], load: tuple) -> None:
     for n, pts in curves.items():
         s = json.loads((runs[n] / "summary.json").read_text())
         t = time_to(pts, target) if target is not None else None
-        # training seconds (the runs' own clock, evaluation excluded, like the curves');
-        # summary.json's train_seconds also counts the dev-set evaluations
-        train_s = max(json.loads(line).get("wall", 0.0)
-                      for line in (runs[n] / "metrics.jsonl").read_text().splitlines())
+        # training seconds: the runs' own clock at their last (after-training) evaluation,
+        # evaluation excluded; summary.json's train_seconds also counts the evaluations
+        train_s = pts[-1][0] if pts else 0.0
         rows.append([CONFIGS[n][0], s["steps"], f"{train_s:.0f}",
                      f"{train_s / max(s['steps'], 1):.2f}",
                      f"{100 * pts[0][1]:.1f}" if pts else "-",
