@@ -121,9 +121,9 @@ class Estimate:
 
 
 def _meta_model(config):
-    from .models import _auto_class
+    from .models import auto_class
     with torch.device("meta"):
-        return _auto_class(config).from_config(config)
+        return auto_class(config).from_config(config)
 
 
 class UnknownShape(ValueError):

@@ -8,7 +8,7 @@ import torch
 from pocketllm import memory_estimate as ME
 from pocketllm.cli import main
 from pocketllm.config import TrainArgs
-from pocketllm.models import _auto_class, load_config
+from pocketllm.models import auto_class, load_config
 from pocketllm.train import setup_trainable
 
 FRAMEWORK = 340.0  # given, so that no test starts the framework probe process
@@ -85,7 +85,7 @@ def _trace_per_layer(family, trainable, dtype, h, f, heads):
                                    hidden_size=h, num_hidden_layers=layers,
                                    num_attention_heads=heads, max_position_embeddings=64, **k)
         torch.manual_seed(0)
-        model = _auto_class(cfg).from_config(cfg).to(getattr(torch, dtype)).eval()
+        model = auto_class(cfg).from_config(cfg).to(getattr(torch, dtype)).eval()
         _, params = setup_trainable(model, TrainArgs(trainable=trainable))
         for _, p in params:
             p.requires_grad_(True)

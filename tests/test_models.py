@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pocketllm import models as M
+from pocketllm.models import gguf as G, hub as H
 from pocketllm.models import ModelError, load_model, load_tokenizer, resolve, tiny_tokenizer
 
 TINY = list(M.TINY_CONFIGS)
@@ -277,13 +278,13 @@ def tiny_gguf(tmp_path):
 @pytest.fixture
 def count_conversions(monkeypatch):
     calls = []
-    real = M._load_gguf
+    real = G.load_gguf
 
     def counting(directory, gguf_file):
         calls.append((Path(directory), gguf_file))
         return real(directory, gguf_file)
 
-    monkeypatch.setattr(M, "_load_gguf", counting)
+    monkeypatch.setattr(G, "load_gguf", counting)
     return calls
 
 
@@ -305,7 +306,7 @@ def test_gguf_file_converts_once_and_reuses_cache(tiny_gguf, count_conversions):
 
     model, tok = load_model(str(path))
     assert len(count_conversions) == 1
-    assert {"config.json", "model.safetensors", "tokenizer.json", M._MARKER} <= {p.name for p in cache_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", G.MARKER} <= {p.name for p in cache_dir.iterdir()}
     assert _leftovers(cache_dir.parent) == []
     assert not hasattr(model.config, "quantization_config") and getattr(model, "hf_quantizer", None) is None
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, like the GGUF
@@ -335,7 +336,7 @@ def test_gguf_cache_key_follows_file(tiny_gguf):
 
 def test_killed_conversion_leaves_no_cache(tiny_gguf, monkeypatch):
     path, _ = tiny_gguf
-    real = M._load_gguf
+    real = G.load_gguf
 
     class Killed(Exception):
         pass
@@ -349,7 +350,7 @@ def test_killed_conversion_leaves_no_cache(tiny_gguf, monkeypatch):
         tok.save_pretrained = save_pretrained
         return model, tok
 
-    monkeypatch.setattr(M, "_load_gguf", dies_while_saving)
+    monkeypatch.setattr(G, "load_gguf", dies_while_saving)
     with pytest.raises(Killed):
         load_model(str(path))
     cache_dir = Path(resolve(str(path)).cache_dir)
@@ -363,7 +364,7 @@ def test_killed_conversion_leaves_no_cache(tiny_gguf, monkeypatch):
     orphan = cache_dir.parent / f".tmp-{cache_dir.name}-{dead.pid}-abc123"
     orphan.mkdir()
     (orphan / "config.json").write_text("{}")
-    monkeypatch.setattr(M, "_load_gguf", real)
+    monkeypatch.setattr(G, "load_gguf", real)
     model, _ = load_model(str(path))
     assert cache_dir.is_dir() and not orphan.exists()
     assert _leftovers(cache_dir.parent) == []
@@ -376,7 +377,7 @@ def test_invalid_cache_is_replaced(tiny_gguf, count_conversions):
     (cache_dir / "config.json").write_text("{}")  # no marker: not a finished conversion
     load_model(str(path))
     assert len(count_conversions) == 1
-    assert json.loads((cache_dir / M._MARKER).read_text())["fingerprint"]["size"] == path.stat().st_size
+    assert json.loads((cache_dir / G.MARKER).read_text())["fingerprint"]["size"] == path.stat().st_size
     assert _leftovers(cache_dir.parent) == []
 
 
@@ -497,7 +498,7 @@ def test_hub_unreachable_fails_fast_with_actionable_message():
 def test_hub_offline_fails_immediately(monkeypatch, var):
     monkeypatch.setenv(var, "1")
     probed = []
-    monkeypatch.setattr(M, "_probe", lambda *a, **k: probed.append(a))
+    monkeypatch.setattr(H, "probe", lambda *a, **k: probed.append(a))
     t0 = time.perf_counter()
     with pytest.raises(ModelError, match="offline") as err:
         load_model("someorg/some-model")
@@ -512,7 +513,7 @@ def test_probe_gives_up_on_a_silent_server():
     server.listen(1)  # the kernel accepts the connection; nobody ever answers
     try:
         t0 = time.perf_counter()
-        why = M._probe(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=0.5)
+        why = H.probe(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=0.5)
         assert why is not None
         assert time.perf_counter() - t0 < 3
     finally:
@@ -532,7 +533,7 @@ def test_hub_id_found_in_local_hf_cache_loads_offline(tmp_path, monkeypatch):
 
     src = resolve("someorg/cached-model")
     assert src.kind == "hub" and src.cached and Path(src.path) == snapshot
-    monkeypatch.setattr(M, "_probe", lambda *a, **k: pytest.fail("must not probe the hub"))
+    monkeypatch.setattr(H, "probe", lambda *a, **k: pytest.fail("must not probe the hub"))
     loaded, tok2 = load_model("someorg/cached-model")
     ids = _ids(tok)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
