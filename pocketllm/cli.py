@@ -22,12 +22,17 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .methods import REGISTRY, setting_classes
     p = argparse.ArgumentParser(prog="pocketllm", description="On-device fine-tuning in about "
                                 "the memory of inference.")
     sub = p.add_subparsers(dest="command", required=True)
+    methods = tuple(sorted(REGISTRY))
+    extra = {"train": setting_classes()}  # train also takes every method's own settings
+    choices = {"train": {"method": methods}, "memory": {"method": ("inference", *methods)}}
     for name, (cls, help) in COMMANDS.items():
-        C.add_args(sub.add_parser(name, help=help, description=help), cls)
-    sub.add_parser("methods", help="list the training methods")
+        C.add_args(sub.add_parser(name, help=help, description=help), cls,
+                   *extra.get(name, ()), choices=choices.get(name))
+    sub.add_parser("methods", help="list the training methods, their settings and defaults")
     return p
 
 
@@ -35,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "methods":
         from .methods import REGISTRY
+        import dataclasses
         for name, cls in sorted(REGISTRY.items()):
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:12s} {doc}")
+            flags = [C.flag(f.name) for f in dataclasses.fields(cls.Config)]
+            if flags:
+                print(f"{'':12s}   settings: {' '.join(flags)}")
             for kind, d in cls.defaults.items():
                 trainable, _, objective = kind.partition(":")
                 on = f"--trainable {trainable}" + (" on a --task" if objective == "task" else "")
@@ -46,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{k.replace('_', '-')} {v}" for k, v in d.items()))
         return 0
     cls, _ = COMMANDS[ns.command]
-    args = C.resolve(cls, ns)
+    # train's flags are its own and the methods' settings: it resolves both (cmd_train)
+    args = ns if ns.command == "train" else C.resolve(cls, ns)
     from .memory import tune_allocator
     tune_allocator()  # before any tensor exists: no page-fault churn on activations
     from .data import DataError
@@ -58,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def cmd_train(args: C.TrainArgs) -> int:
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .methods import setting_classes, settings_for
     from .train import train
-    train(args)
+    args, rest = C.resolve_with(C.TrainArgs, ns, *setting_classes())
+    train(args, settings_for(args.method, rest))
     return 0
 
 

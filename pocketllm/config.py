@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .schedules import SHAPES
+
 
 def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
     meta = {"help": help, "choices": choices}
@@ -72,7 +74,8 @@ class DataArgs:
 
 @dataclass
 class TrainArgs(ModelArgs, DataArgs):
-    method: str = opt("zo-sgd", "training method (see `pocketllm methods`)")
+    method: str = opt("zo-sgd", "training method (see `pocketllm methods`); its own settings "
+                      "are the flags its section of `pocketllm methods` lists")
     trainable: str = opt("lora", "which weights to train", choices=("full", "lora"))
     lora_rank: int = opt(8, "LoRA rank r")
     lora_alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)")
@@ -83,41 +86,12 @@ class TrainArgs(ModelArgs, DataArgs):
     grad_accumulation: int = opt(1, "micro-batches per step (ZO: the same perturbation for all)")
     learning_rate: float = opt(0.0, "learning rate (0: the method's default for --trainable, "
                                "`pocketllm methods` lists them)")
-    eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)")
-    perturbation: str = opt("auto", "ZO perturbation distribution; 'auto': the method's default "
-                            "(zo-sgd: rademacher for full parameters, the cheaper of the two to "
-                            "generate over every weight; gaussian for LoRA)",
-                            choices=("auto", "gaussian", "rademacher"))
-    zo_passes: str = opt("auto", "ZO: 'pair' runs the +eps/-eps passes as one forward over the "
-                         "batch twice (z generated once, the faster, measured); 'sequential' "
-                         "runs two forwards (activations of one batch: the least memory); "
-                         "'auto': pair unless its second batch of activations would add more "
-                         "than 5 percent to the estimated peak at --batch-size x --max-seq-length "
-                         "(LoRA: always pair)", choices=("auto", "pair", "sequential"))
     lora_fa: bool = opt(False, "LoRA-FA: A stays frozen at its random init, only B is trained")
-    queries: int = opt(1, "prge: perturbation queries q per step (the estimate averages q "
-                       "two-point estimates)")
-    parallel: str = opt("both", "prge: which loops run as one batched forward: none (2q "
-                        "forwards), inner (each query's +/- pair), outer (all queries of a "
-                        "sign), both (one forward over the batch 2q times)",
-                        choices=("none", "inner", "outer", "both"))
-    max_replicas: int = opt(0, "ZO: at most R batch replicas per forward (0: no cap); less "
-                            "activation memory for more forwards")
-    zo_optimizer: str = opt("sgd", "ZO update rule (zo-sgd, prge); momentum/adam keep state "
-                            "the size of the trainable tensors",
-                            choices=("sgd", "momentum", "adam", "sign-sgd", "conservative"))
-    zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1")
-    zo_beta2: float = opt(0.999, "ZO Adam beta2")
-    zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon")
     lr_schedule: str = opt("auto", "learning-rate schedule (to --lr-final); auto: the method's "
                            "default (linear for ZO LoRA on a task, constant otherwise)",
-                           choices=("auto", "constant", "linear", "cosine"))
+                           choices=lambda: ("auto", *SHAPES))
     lr_final: float = opt(0.0, "final learning rate of a linear/cosine schedule")
     lr_warmup: int = opt(0, "steps of linear learning-rate warmup from 0")
-    eps_schedule: str = opt("constant", "ZO eps schedule (to --eps-final)",
-                            choices=("constant", "linear", "cosine"))
-    eps_final: float = opt(0.0, "final eps of a linear/cosine eps schedule (0: eps/10)")
-    weight_decay: float = opt(0.0, "weight decay (lora-adam)")
     adapter_path: str = opt("adapters", "output directory (adapter, logs, config)")
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")
     save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)")
@@ -131,22 +105,6 @@ class TrainArgs(ModelArgs, DataArgs):
     val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)")
     eval_batch_size: int = opt(16, "sequences per evaluation batch")
     threads: int = opt(0, "torch threads (0: torch's default)")
-    # --method side (split mode): the device streams activations, a server trains
-    server: str = opt("", "side: HOST:PORT of a `pocketllm serve` server")
-    token_file: str = opt("", "side: file holding the server's access token")
-    tls_ca: str = opt("", "side: PEM certificate (or CA) to verify the server by; empty: "
-                      "plaintext (loopback / trusted network only)")
-    tap_every: int = opt(1, "side: stream every k-th layer's hidden states")
-    act_bits: int = opt(8, "side: bits per streamed activation (per-token scales)",
-                        choices=(16, 8, 4))
-    side_width: int = opt(64, "side: side network width")
-    side_depth: int = opt(1, "side: MLP blocks per tapped layer")
-    private_labels: str = opt("auto", "side: 'on' computes the loss on the device (the server "
-                              "sends the side output, the device returns its gradient), so "
-                              "target tokens never leave; 'auto': on whenever targets are text",
-                              choices=("auto", "on", "off"))
-    queue_depth: int = opt(2, "side: batches the device may run ahead of the server")
-    retry_seconds: float = opt(120.0, "side: give up after this long without reaching the server")
 
 
 @dataclass
@@ -200,8 +158,7 @@ class ReplayArgs(ModelArgs):
 
 @dataclass
 class MemoryArgs(ModelArgs):
-    method: str = opt("zo-sgd", "what to estimate", choices=("inference", "zo-sgd", "lora-adam",
-                                                              "adam"))
+    method: str = opt("zo-sgd", "what to estimate: inference or a training method")
     trainable: str = opt("lora", "which weights train", choices=("full", "lora"))
     batch_size: int = opt(8, "sequences per micro-batch")
     max_seq_length: int = opt(256, "tokens per sequence (every sequence assumed this long; a "
@@ -219,37 +176,70 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field. Defaults are suppressed so we can tell what was given."""
+def add_args(parser: argparse.ArgumentParser, *classes: type,
+             choices: dict[str, tuple] | None = None) -> None:
+    """One flag per field of the dataclasses (a name in several of them once: the same
+    setting). Defaults are suppressed so we can tell what was given. `choices`: per field, the
+    choice list of a registry the caller knows (e.g. --method)."""
     parser.add_argument("-c", "--config", default=None, help="YAML file of settings")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind is list:
-            kw["nargs"] = "+"
-        else:
-            kw["type"] = kind
-            if f.metadata.get("choices"):
-                kw["choices"] = f.metadata["choices"]
-        parser.add_argument(flag(f.name), dest=f.name, **kw)
+    seen: set[str] = set()
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in seen:
+                seen.add(f.name)
+                _add_flag(parser, f, hints[f.name], (choices or {}).get(f.name))
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, kind: type,
+              choices: tuple | None) -> None:
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif kind is list:
+        kw["nargs"] = "+"
+    else:
+        kw["type"] = kind
+        choices = choices or f.metadata.get("choices")
+        if callable(choices):  # a registry's names, read when the parser is built
+            choices = choices()
+        if choices:
+            kw["choices"] = choices
+    parser.add_argument(flag(f.name), dest=f.name, **kw)
 
 
 def resolve(cls: type, ns: argparse.Namespace):
     """Defaults < YAML config < command-line flags."""
+    return resolve_with(cls, ns)[0]
+
+
+def resolve_with(cls: type, ns: argparse.Namespace, *extra: type) -> tuple[Any, dict[str, Any]]:
+    """`cls` from defaults < YAML config < command-line flags, and the settings given (in the
+    YAML or as flags) that belong to the `extra` dataclasses instead (a method's own)."""
     values: dict[str, Any] = {}
     given = vars(ns).copy()
     cfg_path = given.pop("config", None)
     given.pop("command", None)
     if cfg_path:
-        values.update(load_yaml(cfg_path, cls))
+        values.update(load_yaml(cfg_path, cls, *extra))
     values.update(given)
-    return cls(**values)
+    own = {f.name for f in dataclasses.fields(cls)}
+    return (cls(**{k: v for k, v in values.items() if k in own}),
+            {k: v for k, v in values.items() if k not in own})
 
 
-def load_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default value."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def load_yaml(path: str | os.PathLike, cls: type, *extra: type) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"config file not found: {p}")
@@ -259,7 +249,9 @@ def load_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
         raise SystemExit(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise SystemExit(f"{p}: expected a mapping of setting: value")
-    hints = typing.get_type_hints(cls)
+    hints = {}
+    for c in (cls, *extra):
+        hints = {**typing.get_type_hints(c), **hints}
     out = {}
     for k, v in raw.items():
         name = str(k).replace("-", "_")
@@ -281,4 +273,6 @@ def load_yaml(path: str | os.PathLike, cls: type) -> dict[str, Any]:
 
 
 def save_yaml(args: Any, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
+    """Settings (a dataclass or a dict) as YAML."""
+    values = args if isinstance(args, dict) else dataclasses.asdict(args)
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
 
 from .config import TrainArgs
 from .lora import save_adapter
-from .methods.zo_sgd import LOG_DEFAULTS, LOG_NAME, read_log, replay_steps
 from .models import load_model
-from .train import setup_trainable
+from .trainable import setup_trainable
 from .zo import optim
+from .zo.log import LOG_DEFAULTS, LOG_NAME, read_log, replay_steps
 
 
 def replay(run_dir: str | Path, save_path: str | Path, model: str | None = None):
@@ -22,7 +23,9 @@ def replay(run_dir: str | Path, save_path: str | Path, model: str | None = None)
     cfg_file = run_dir / "config.yaml"
     if not (run_dir / LOG_NAME).is_file() or not cfg_file.is_file():
         raise SystemExit(f"{run_dir}: not a zo-sgd run directory (needs {LOG_NAME} and config.yaml)")
-    args = TrainArgs(**yaml.safe_load(cfg_file.read_text()))
+    saved = yaml.safe_load(cfg_file.read_text())  # the run's and its method's settings
+    args = TrainArgs(**{f.name: saved[f.name] for f in dataclasses.fields(TrainArgs)
+                        if f.name in saved})
     if model:
         args.model = model
     header, steps = read_log(run_dir / LOG_NAME)

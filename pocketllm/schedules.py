@@ -38,7 +38,7 @@ def lr_at(args, step: int) -> float:
                      args.lr_warmup)
 
 
-def eps_at(args, step: int) -> float:
-    """--eps under --eps-schedule, to --eps-final (0: a tenth of --eps)."""
-    final = args.eps_final if args.eps_final > 0 else args.eps / 10
-    return scheduled(args.eps_schedule, args.eps, final, step, args.iters)
+def eps_at(cfg, step: int, iters: int) -> float:
+    """--eps under --eps-schedule, to --eps-final (0: a tenth of --eps), over `iters` steps."""
+    final = cfg.eps_final if cfg.eps_final > 0 else cfg.eps / 10
+    return scheduled(cfg.eps_schedule, cfg.eps, final, step, iters)

@@ -1,9 +1,17 @@
-"""The training loop: set up, then step / report / evaluate / save, resumable at any step."""
+"""The training loop, the one every method runs through: set up, then steps, each followed by
+the callbacks (report, evaluate, keep the best, checkpoint), resumable at any step.
+
+    method.steps(batch_at, start, iters, hyper)  ->  (step, StepResult) as each step completes
+
+A synchronous method (zeroth- or first-order) makes that a plain `for` over `method.step`; split
+mode's is its asynchronous stream (the device runs ahead of the server, acknowledgements arrive
+later). Everything after a step is a callback: `callback(step, result, wall)`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -13,103 +21,32 @@ from . import memory
 from .config import TrainArgs, save_yaml
 from .data import Batcher
 from .data.source import load_run_data
-from .lora import (ADAPTER_WEIGHTS, LoraSpec, apply_lora, default_targets, lora_parameters,
-                   save_adapter)
 from .evaluate import EvalResult, evaluate
+from .lora import ADAPTER_WEIGHTS, save_adapter
 from .loss import is_masked_lm
-from .methods import get_method
-from .schedules import lr_at
+from .methods import Method, StepResult, get_method
+from .methods.base import BatchKeysObjective
 from .models import load_model
+from .report import Reporter
+from .schedules import eps_at, lr_at
+from .trainable import setup_trainable  # noqa: F401  (re-exported: the loop's trainable set)
 
-METRICS = "metrics.jsonl"
-
-
-class Reporter:
-    """A progress bar on a terminal, one greppable line per report otherwise; JSONL always."""
-
-    def __init__(self, out: Path, total: int, start: int, fresh: bool):
-        self.path = out / METRICS
-        self.last_wall = 0.0  # training seconds logged before a resume
-        self.valid_steps: set[int] = set()  # steps whose valid evaluation is logged
-        if fresh:
-            self.path.write_text("")
-        else:
-            self._drop_after(start)
-        self.bar = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-
-    def _drop_after(self, step: int) -> None:
-        # a resumed run rewrites the steps after its restart point
-        if self.path.exists():
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                    if rec.get("step", 0) <= step:
-                        keep.append(line)
-                        self.last_wall = rec.get("wall", self.last_wall)
-                        if "eval_loss" in rec:
-                            self.valid_steps.add(rec["step"])
-                except json.JSONDecodeError:
-                    pass  # a line torn by the interruption
-            self.path.write_text("".join(l + "\n" for l in keep))
-
-    def record(self, rec: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def say(self, text: str) -> None:
-        if self.bar:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def progress(self, n: int, postfix: dict) -> None:
-        if self.bar:
-            self.bar.update(n)
-            self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
+BEST_DIR = "best"
 
 
-def setup_trainable(model, args: TrainArgs):
-    """Inject LoRA if asked; return (spec or None, [(name, parameter)] to train)."""
-    if args.trainable == "lora":
-        # seeded: a resumed run must rebuild the same initial adapter
-        torch.manual_seed(args.seed)
-        spec = LoraSpec(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                        targets=list(args.lora_targets) or default_targets(model))
-        apply_lora(model, spec)
-        return spec, lora_parameters(model, fa=args.lora_fa)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return None, list(model.named_parameters())
-
-
-def train(args: TrainArgs) -> dict:
-    """Run a fine-tune as configured; returns the summary figures."""
+def train(args: TrainArgs, settings: dict | None = None) -> dict:
+    """Run a fine-tune as configured (`settings`: the method's own, see its `Config`);
+    returns the summary figures."""
     t_start = time.time()
+    method_cls = get_method(args.method)
+    cfg = method_cls.resolve(args, settings)  # the method's defaults, before anything is built
+    method_cls.prepare(args, cfg)             # refuses what it cannot run, before loading
     out = Path(args.adapter_path)
     out.mkdir(parents=True, exist_ok=True)
     memory.tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    method_cls = get_method(args.method)
-    if hasattr(method_cls, "run"):  # a method with a loop of its own (split mode)
-        if args.keep_best:
-            raise SystemExit(f"--keep-best is not available with --method {args.method}: "
-                             "its side network is trained and kept on the server")
-        return method_cls.run(args)
-    if args.keep_best and args.trainable != "lora":
-        raise SystemExit("--keep-best keeps a LoRA adapter (--trainable lora); a full-parameter "
-                         "copy per improvement would double the disk a run takes")
-    if args.trainable not in method_cls.trainable_kinds:
-        raise SystemExit(f"--method {args.method} trains {'/'.join(method_cls.trainable_kinds)}"
-                         f" weights, not --trainable {args.trainable}")
+    save_yaml({**dataclasses.asdict(args), **dataclasses.asdict(cfg)}, out / "config.yaml")
 
     # Data first: a malformed file must fail before minutes of model loading.
     data = load_run_data(args)
@@ -117,121 +54,163 @@ def train(args: TrainArgs) -> dict:
     enc = data.encode(tok, is_masked_lm(model), args.max_seq_length, args.mask_prompt)
     for w in data.warnings:
         print(f"warning: {w}", flush=True)
-    pad_id = tok.pad_token_id
-    spec, params = setup_trainable(model, args)
-    method = method_cls(model, params, args)  # fills in the method's default lr / eps
-    save_yaml(args, out / "config.yaml")
+    spec, params = method_cls.trainable(model, args)
+    method = method_cls(model, params, cfg, args, BatchKeysObjective())
+    run = Run(args, method, model, tok, data, enc, spec, out)
+    try:
+        return run.loop(t_start)
+    finally:
+        method.close()
 
-    start = method.restore(out) if args.resume else 0
-    if args.resume:
-        print(f"resumed from {out} at step {start}", flush=True)
-    method.open_log(out, fresh=not args.resume)
-    report = Reporter(out, args.iters, start, fresh=not args.resume)
-    batcher = Batcher(enc["train"].items, args.batch_size, args.seed, pad_id,
-                      args.grad_accumulation)
-    choices = data.label_choices(tok)
-    if choices is not None:
-        print(f"closed label set of {len(choices)} completions: accuracy = the right label "
-              f"ranks first among them", flush=True)
-    # training seconds so far (steps only, not evaluation): the x axis of accuracy-vs-time
-    clock = [report.last_wall]
 
-    def run_eval(step: int, tag: str, split: str = "valid") -> EvalResult | None:
-        if not enc.get(split):
-            return None
+class Run:
+    """One training run's state between its steps: what the callbacks share."""
+
+    def __init__(self, args, method: Method, model, tok, data, enc, spec, out: Path):
+        self.args, self.method, self.model, self.data, self.enc = args, method, model, data, enc
+        self.spec, self.out, self.pad_id = spec, out, tok.pad_token_id
+        self.choices = data.label_choices(tok)
+        self.clock = 0.0  # training seconds so far (steps only, not evaluation)
+        self.best: dict | None = None
+        # a task is judged on its dev/test set; records on valid
+        self.final_split = "test" if data.task else "valid"
+
+    # ---- the loop -------------------------------------------------------------------------
+    def loop(self, t_start: float) -> dict:
+        args, method, out = self.args, self.method, self.out
+        start = method.restore(out) if args.resume else 0
+        if args.resume:
+            print(f"resumed from {out} at step {start}", flush=True)
+        method.open_log(out, fresh=not args.resume)
+        self.report = Reporter(out, args.iters, start, fresh=not args.resume)
+        self.clock = self.report.last_wall
+        self.best = read_best(out / BEST_DIR) if args.resume and args.keep_best else None
+        batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
+                          args.grad_accumulation)
+        if self.choices is not None:
+            print(f"closed label set of {len(self.choices)} completions: accuracy = the right "
+                  f"label ranks first among them", flush=True)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.report.say(f"model {args.model} ({n_params / 1e6:.1f}M params, {args.dtype}) | "
+                        f"method {args.method} | {method.describe()} | {self.data.describe()}")
+        before = None
+        if start == 0 and args.eval_before:
+            before = self.evaluate(0, "before", self.final_split)
+            if self.data.task:
+                self.evaluate(0, "before")
+        if (args.keep_best and start and args.steps_per_eval and start % args.steps_per_eval == 0
+                and start < args.iters and start not in self.report.valid_steps):
+            self.evaluate(start, "eval")  # interrupted between a step and its evaluation:
+            #                               --keep-best must see every evaluation
+        callbacks = [self.record, self.evaluate_every, self.save_every]
+        memory.reset_peak()  # peak from here on: training, not model loading
+        self.fwd, self.tokens, self.window = 0, 0, []
+        batch_at = lambda step: [batcher(step, k) for k in range(args.grad_accumulation)]
+        t0 = time.time()
+        for done, res in method.steps(batch_at, start, args.iters, self.hyper):
+            dt = time.time() - t0
+            for callback in callbacks:
+                callback(done, res, dt)
+            t0 = time.time()
         method.sync()
-        r = evaluate(model, enc[split].items, args.eval_batch_size, pad_id,
-                     args.val_batches if split == "valid" else -1, choices)
+        peak = memory.peak_rss_mb()
+        self.save(args.iters)
+        with method.evaluating():
+            after = self.evaluate(args.iters, "after", self.final_split, synced=True)
+            if self.data.task:
+                self.evaluate(args.iters, "after", synced=True)
+        self.report.close()
+        summary = {"steps": args.iters - start, "train_seconds": self.clock - self.report.last_wall,
+                   "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
+                   "forward_passes": self.fwd, "tokens": self.tokens,
+                   "output": str(out / method.output_name(self.spec)),
+                   "before": before.__dict__ if before else None,
+                   "after": after.__dict__ if after else None,
+                   "best": dict(self.best, path=str(out / BEST_DIR)) if self.best else None,
+                   **method.summary()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(summary, before, after, self.spec is not None)
+        return summary
+
+    def hyper(self, step: int) -> tuple[float, float | None]:
+        """The step's learning rate and (zeroth-order) eps, from their schedules."""
+        cfg = self.method.cfg
+        return lr_at(self.args, step), (eps_at(cfg, step, self.args.iters)
+                                        if hasattr(cfg, "eps") else None)
+
+    # ---- callbacks ------------------------------------------------------------------------
+    def record(self, done: int, res: StepResult, dt: float) -> None:
+        """metrics.jsonl, the progress bar, and a report line every --steps-per-report."""
+        args = self.args
+        self.clock += dt
+        self.fwd += res.forward_passes
+        self.tokens += res.input_tokens
+        self.window.append((res.loss, dt, res.input_tokens))
+        self.report.record({"step": done, "wall": self.clock, "loss": res.loss, "lr": res.lr,
+                            "step_time": dt, "forward_passes": self.fwd, **res.extra})
+        self.report.progress(1, {"loss": f"{res.loss:.3f}"})
+        if done % args.steps_per_report == 0 or done == args.iters:
+            w = self.window
+            self.report.say(f"step {done} | loss {sum(x[0] for x in w) / len(w):.4f} | "
+                            f"lr {res.lr:.2e} | tok/s {sum(x[2] for x in w) / sum(x[1] for x in w):.0f}"
+                            f" | fwd {self.fwd} | peak_rss {memory.peak_rss_mb():.0f}MB")
+            self.window = []
+
+    def evaluate_every(self, done: int, res, dt) -> None:
+        args = self.args
+        if done >= args.iters:
+            return  # the end evaluates after the final save
+        if args.steps_per_eval and done % args.steps_per_eval == 0:
+            self.evaluate(done, "eval")
+        if self.data.task and args.test_every and done % args.test_every == 0:
+            self.evaluate(done, "eval", "test")
+
+    def save_every(self, done: int, res, dt) -> None:
+        if self.args.save_every and done % self.args.save_every == 0 and done < self.args.iters:
+            self.save(done)
+
+    # ---- evaluation, the best adapter, checkpoints ------------------------------------------
+    def evaluate(self, step: int, tag: str, split: str = "valid",
+                 synced: bool = False) -> EvalResult | None:
+        if not self.enc.get(split):
+            return None
+        if not synced:
+            with self.method.evaluating():
+                return self.evaluate(step, tag, split, synced=True)
+        args = self.args
+        r = evaluate(self.model, self.enc[split].items, args.eval_batch_size, self.pad_id,
+                     args.val_batches if split == "valid" else -1, self.choices)
         p = "eval" if split == "valid" else split
-        report.say(f"step {step} | {tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
-        report.record({"step": step, "wall": clock[0],
-                       **{f"{p}_{k}": v for k, v in r.metrics().items()}})
+        self.report.say(f"step {step} | {tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
+        self.report.record({"step": step, "wall": self.clock,
+                            **{f"{p}_{k}": v for k, v in r.metrics().items()}})
         if args.keep_best and split == "valid":
-            keep_if_best(step, r)
+            self.keep_if_best(step, r)
         return r
 
-    # --keep-best: valid decides (a task's dev/test split stays held out for reporting). The
-    # record (step, score) rides in the adapter's safetensors header, written atomically with
-    # the weights, so a kill at any moment cannot leave the two out of step.
-    best_dir = out / BEST_DIR
-    best = read_best(best_dir) if args.resume else None
-
-    def keep_if_best(step: int, r: EvalResult) -> None:
-        nonlocal best
+    def keep_if_best(self, step: int, r: EvalResult) -> None:
+        """--keep-best: valid decides (a task's dev/test split stays held out for reporting).
+        The record (step, score) rides in the adapter's safetensors header, written atomically
+        with the weights, so a kill at any moment cannot leave the two out of step."""
         score = [r.accuracy, -r.loss] if r.accuracy is not None else [-r.loss]
-        if best is not None and score <= best["score"]:
+        if self.best is not None and score <= self.best["score"]:
             return
-        best = {"step": step, "score": score, "valid_loss": r.loss, "valid_accuracy": r.accuracy}
-        save_adapter(model, best_dir, spec, base_model=args.model,
-                     metadata={"pocketllm_best": json.dumps(best)})
-        report.say(f"step {step} | best on valid so far: adapter kept in {best_dir}")
+        self.best = {"step": step, "score": score, "valid_loss": r.loss,
+                     "valid_accuracy": r.accuracy}
+        best_dir = self.out / BEST_DIR
+        save_adapter(self.model, best_dir, self.spec, base_model=self.args.model,
+                     metadata={"pocketllm_best": json.dumps(self.best)})
+        self.report.say(f"step {step} | best on valid so far: adapter kept in {best_dir}")
 
-    n_train = sum(p.numel() for _, p in params)
-    report.say(f"model {args.model} ({sum(p.numel() for p in model.parameters())/1e6:.1f}M params, "
-               f"{args.dtype}) | method {args.method} | trainable {args.trainable} "
-               f"({n_train/1e6:.3f}M) | lr {args.learning_rate:.2e} | eps {args.eps:.0e} | "
-               f"{data.describe()}")
-    # a task is judged on its dev/test set; records on valid
-    final_split = "test" if data.task else "valid"
-    before = None
-    if start == 0 and args.eval_before:
-        before = run_eval(0, "before", final_split)
-        if data.task:
-            run_eval(0, "before")
-    if (args.keep_best and start and args.steps_per_eval and start % args.steps_per_eval == 0
-            and start < args.iters and start not in report.valid_steps):
-        run_eval(start, "eval")  # interrupted between a step and its evaluation: --keep-best
-        #                          must see every evaluation an uninterrupted run sees
-    memory.reset_peak()  # peak from here on: training, not model loading
-    t_train, tokens_seen, fwd, window = time.time(), 0, 0, []
-    for step in range(start, args.iters):
-        t0 = time.time()
-        batches = [batcher(step, k) for k in range(args.grad_accumulation)]
-        lr = lr_at(args, step)
-        res = method.step(batches, step, lr)
-        dt = time.time() - t0
-        n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
-        tokens_seen += n_tok
-        fwd += res.forward_passes
-        window.append((res.loss, dt, n_tok))
-        done = step + 1
-        clock[0] += dt
-        rec = {"step": done, "wall": clock[0], "loss": res.loss, "lr": lr, "step_time": dt,
-               "forward_passes": fwd, **res.extra}
-        report.record(rec)
-        report.progress(1, {"loss": f"{res.loss:.3f}"})
-        if done % args.steps_per_report == 0 or done == args.iters:
-            loss = sum(w[0] for w in window) / len(window)
-            tps = sum(w[2] for w in window) / sum(w[1] for w in window)
-            report.say(f"step {done} | loss {loss:.4f} | lr {lr:.2e} | "
-                       f"tok/s {tps:.0f} | fwd {fwd} | peak_rss {memory.peak_rss_mb():.0f}MB")
-            window = []
-        if args.steps_per_eval and done % args.steps_per_eval == 0 and done < args.iters:
-            run_eval(done, "eval")
-        if data.task and args.test_every and done % args.test_every == 0 and done < args.iters:
-            run_eval(done, "eval", "test")
-        if args.save_every and done % args.save_every == 0 and done < args.iters:
-            save(method, model, spec, args, out, done)
-    method.sync()
-    train_time = time.time() - t_train
-    peak = memory.peak_rss_mb()
-    save(method, model, spec, args, out, args.iters)
-    after = run_eval(args.iters, "after", final_split)
-    if data.task:
-        run_eval(args.iters, "after")
-    report.close()
-    summary = {"steps": args.iters - start, "train_seconds": train_time,
-               "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
-               "forward_passes": fwd, "tokens": tokens_seen, "output": str(out),
-               "before": before.__dict__ if before else None,
-               "after": after.__dict__ if after else None,
-               "best": dict(best, path=str(best_dir)) if best else None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _print_summary(summary, before, after, spec is not None)
-    return summary
-
-
-BEST_DIR = "best"
+    def save(self, step: int) -> None:
+        """The trained weights (adapter; a full model at the end: the ZO log alone also
+        rebuilds it, `pocketllm replay`) and what the method needs to resume."""
+        self.method.sync()
+        if self.spec is not None:
+            save_adapter(self.model, self.out, self.spec, base_model=self.args.model)
+        elif step == self.args.iters and self.method.trains_model:
+            self.model.save_pretrained(self.out / "model")
+        self.method.save_state(self.out, step, final=step == self.args.iters)
 
 
 def read_best(best_dir: Path) -> dict | None:
@@ -244,17 +223,6 @@ def read_best(best_dir: Path) -> dict | None:
     with safe_open(str(weights), "pt") as f:
         rec = (f.metadata() or {}).get("pocketllm_best")
     return json.loads(rec) if rec else None
-
-
-def save(method, model, spec, args: TrainArgs, out: Path, step: int) -> None:
-    method.sync()
-    if spec is not None:
-        save_adapter(model, out, spec, base_model=args.model)
-    elif step == args.iters:
-        # full-parameter: the trained weights as a standard HF directory (the ZO log alone
-        # also rebuilds them: `pocketllm replay`)
-        model.save_pretrained(out / "model")
-    method.save_state(out, step)
 
 
 def _print_summary(s: dict, before: EvalResult | None, after: EvalResult | None, lora: bool) -> None:

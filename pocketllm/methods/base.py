@@ -1,21 +1,27 @@
 """The interface every training method implements, and the registry that names them.
 
 A method owns the trainable tensors and whatever state updating them needs; the loop in
-`pocketllm.train` owns data, schedule, evaluation and output. Adding a method is one new file
-with a `@register("name")` class and one import line in `methods/__init__.py`.
+`pocketllm.train` owns data, schedules, evaluation and output, and calls `step` with the
+step's learning rate and eps. A method's own settings are a dataclass (`Config`, its fields are
+its CLI flags) resolved with the method's defaults before the method is built (`resolve`).
+Adding a method is one new file with a `@register("name")` class and one import line in
+`methods/__init__.py`; the conformance tests in tests/methods/ then run it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..loss import token_stats
+from ..loss import n_scored, token_stats
 from ..registry import Registry
+from ..trainable import setup_trainable
 
 REGISTRY = Registry("method")
 register = REGISTRY.register
@@ -26,21 +32,9 @@ def get_method(name: str) -> type["Method"]:
     return REGISTRY.lookup(name)
 
 
-def fill_defaults(args, cls: type["Method"]) -> None:
-    """Replace settings left at 0 (learning_rate, eps) by the method's default for the
-    trainable set, so a run works without a grid search. A default may differ by objective:
-    "lora:task" (prompt-based classification) before "lora" (any)."""
-    objective = "task" if getattr(args, "task", "") else "lm"
-    merged = {**cls.defaults.get(args.trainable, {}),
-              **cls.defaults.get(f"{args.trainable}:{objective}", {})}
-    for key, value in merged.items():
-        if not getattr(args, key, None) or getattr(args, key) == "auto":
-            setattr(args, key, value)
-    if getattr(args, "lr_schedule", None) == "auto":
-        args.lr_schedule = "constant"
-    if not args.learning_rate:
-        raise SystemExit(f"--method {cls.name} has no default learning rate for "
-                         f"--trainable {args.trainable}: give --learning-rate")
+@dataclass
+class NoSettings:
+    """A method without settings of its own."""
 
 
 @dataclass
@@ -49,40 +43,168 @@ class StepResult:
     tokens: int                 # label tokens processed (each forward counted once)
     forward_passes: int         # forward passes over a micro-batch (a pair forward counts 2)
     extra: dict = field(default_factory=dict)  # method-specific figures for the log
+    lr: float = 0.0             # the step's learning rate (set by `Method.steps`)
+    input_tokens: int = 0       # tokens the step's forwards read (set by `Method.steps`)
 
 
 class Method(ABC):
-    """Trains `params` of `model`. `loss_fn(model, batch) -> scalar loss` for first-order
-    methods; zeroth-order ones call the loss machinery themselves with their perturbations."""
+    """Trains `params` of `model` on batches scored by `objective` (its `stats(model, batch,
+    groups, head_view)` and `n_scored(batch)`), with settings `cfg` (a `Config`) and the run's
+    common settings `run` (seed, trainable, sizes)."""
 
     name = "?"
+    Config: type = NoSettings
     trainable_kinds: tuple[str, ...] = ("full", "lora")
-    # Settings used when the run leaves them at 0, per trainable set; each method documents
-    # where its figures come from.
-    defaults: dict[str, dict[str, float]] = {}
-    # What scores a batch: stats(model, batch, groups=1, head_view=None) -> TokenStats.
-    # An instance may be given another scorer with the same signature (the benchmark
-    # workload's masked-LM loss does).
-    stats = staticmethod(token_stats)
+    # Settings used when the run leaves them at 0 / "auto", per trainable set ("lora"), or per
+    # trainable set and objective ("lora:task": prompt-based classification, before "lora");
+    # each method documents where its figures come from.
+    defaults: dict[str, dict] = {}
 
-    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], args):
-        fill_defaults(args, type(self))
-        self.model, self.params, self.args = model, params, args
+    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], cfg, run,
+                 objective):
+        self.model, self.params, self.cfg, self.run = model, params, cfg, run
+        self.objective = objective
+
+    trains_model = True  # False: the model stays frozen (split mode trains a side network)
+
+    # ---- configuration ------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, run, cfg) -> None:
+        """Refuse settings this method cannot run with and set the process up, before any data
+        or model is loaded (`resolve` has checked the run's trainable set)."""
+
+    @classmethod
+    def check(cls, run) -> None:
+        """Refuse a run this method cannot train (called first by `resolve`)."""
+        if run.keep_best and run.trainable != "lora":
+            raise SystemExit("--keep-best keeps a LoRA adapter (--trainable lora); a full-"
+                             "parameter copy per improvement would double the disk a run takes")
+        if run.trainable not in cls.trainable_kinds:
+            raise SystemExit(f"--method {cls.name} trains {'/'.join(cls.trainable_kinds)}"
+                             f" weights, not --trainable {run.trainable}")
+
+    @classmethod
+    def trainable(cls, model: nn.Module, run) -> tuple:
+        """(LoRA spec or None, [(name, parameter)] this method trains) on `model`."""
+        return setup_trainable(model, run)
+
+    @classmethod
+    def resolve(cls, run, given: dict | None = None):
+        """This method's `Config` from the settings `given` (unknown names refused), with the
+        settings left at 0 / "auto" (here or, for the learning rate and its schedule, in `run`)
+        replaced by the method's defaults for the trainable set and objective. Mutates `run`'s
+        learning_rate / lr_schedule; returns the config."""
+        cls.check(run)
+        given = dict(given or {})
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise SystemExit(f"--method {cls.name} has no setting "
+                             f"{', '.join('--' + u.replace('_', '-') for u in unknown)}")
+        cfg = cls.Config(**given)
+        objective = "task" if getattr(run, "task", "") else "lm"
+        merged = {**cls.defaults.get(run.trainable, {}),
+                  **cls.defaults.get(f"{run.trainable}:{objective}", {})}
+        for key, value in merged.items():
+            where = cfg if key in names else run
+            if not getattr(where, key, None) or getattr(where, key) == "auto":
+                setattr(where, key, value)
+        if getattr(run, "lr_schedule", None) == "auto":
+            run.lr_schedule = "constant"
+        if not run.learning_rate:
+            raise SystemExit(f"--method {cls.name} has no default learning rate for "
+                             f"--trainable {run.trainable}: give --learning-rate")
+        return cfg
+
+    def describe(self) -> str:
+        """The run's report header: what trains, at which rate."""
+        n = sum(p.numel() for _, p in self.params)
+        return (f"trainable {self.run.trainable} ({n / 1e6:.3f}M) | "
+                f"lr {self.run.learning_rate:.2e}")
+
+    # ---- training -----------------------------------------------------------------------
+    def steps(self, batch_at, start: int, iters: int, hyper):
+        """Run steps start..iters-1; yield (steps done, StepResult) after each. `batch_at(step)`:
+        the step's micro-batches; `hyper(step)`: its (lr, eps). Split mode overrides this with
+        its asynchronous stream."""
+        for step in range(start, iters):
+            lr, eps = hyper(step)
+            batches = batch_at(step)
+            res = self.step(batches, step, lr, eps)
+            res.lr = lr
+            res.input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            yield step + 1, res
 
     @abstractmethod
-    def step(self, batches: list[dict[str, torch.Tensor]], step: int, lr: float) -> StepResult:
-        """One optimisation step over the micro-batches of `step`."""
+    def step(self, batches: list[dict[str, torch.Tensor]], step: int, lr: float,
+             eps: float | None = None) -> StepResult:
+        """One optimisation step over the micro-batches of `step` (`eps`: the perturbation
+        scale for zeroth-order methods; None: the configured one)."""
 
     def sync(self) -> None:
         """Bring the model's weights up to date (methods may defer work); called before
         evaluation and saving."""
 
+    def evaluating(self):
+        """A context in which the model scores with what was trained (default: synced)."""
+        self.sync()
+        return nullcontext()
+
+    # ---- state --------------------------------------------------------------------------
     def open_log(self, out_dir: Path, fresh: bool) -> None:
         """Start (or, resuming, continue) the method's own per-step log in `out_dir`."""
 
-    def save_state(self, out_dir: Path, step: int) -> None:
+    def save_state(self, out_dir: Path, step: int, final: bool = False) -> None:
         """Persist what is needed to resume after `step` (besides the trained weights)."""
 
     def restore(self, out_dir: Path) -> int:
         """Restore from `out_dir`; return the number of completed steps."""
         return 0
+
+    def output_name(self, spec) -> str:
+        """What the run's output is, under its output directory ("": the directory)."""
+        return ""
+
+    def summary(self) -> dict:
+        """Method-specific figures for the run's summary."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the method holds open (connections, files)."""
+
+
+def settings_for(name: str, given: dict) -> dict:
+    """Of the method settings `given` (flags / YAML), those of method `name`. A setting of
+    another method is refused unless it is left at its default (a saved config.yaml of an
+    older version lists every method's)."""
+    from ..config import field_defaults
+    own = {f.name for f in dataclasses.fields(get_method(name).Config)}
+    for key, value in given.items():
+        if key in own:
+            continue
+        owners = [n for n, c in sorted(REGISTRY.items())
+                  if key in {f.name for f in dataclasses.fields(c.Config)}]
+        defaults = [field_defaults(REGISTRY[n].Config)[key] for n in owners]
+        if value not in defaults:
+            raise SystemExit(f"--{key.replace('_', '-')} is a setting of --method "
+                             f"{'/'.join(owners) or '?'}, not of --method {name}")
+    return {k: v for k, v in given.items() if k in own}
+
+
+def setting_classes() -> list[type]:
+    """Every registered method's settings dataclass (their fields are `train`'s flags)."""
+    return list(dict.fromkeys(c.Config for _, c in sorted(REGISTRY.items())))
+
+
+def build(name: str, model: nn.Module, params, run, objective=None, **settings) -> Method:
+    """Method `name` on `params` with its settings resolved (defaults filled in)."""
+    cls = get_method(name)
+    if objective is None:
+        objective = BatchKeysObjective()
+    return cls(model, params, cls.resolve(run, settings), run, objective)
+
+
+class BatchKeysObjective:
+    """The objective told from each batch's keys (until objectives are chosen from data)."""
+    stats = staticmethod(token_stats)
+    n_scored = staticmethod(n_scored)

@@ -8,32 +8,41 @@ from pathlib import Path
 
 import torch
 
-from ..loss import n_scored
+from dataclasses import dataclass
+
+from ..config import opt
 from .base import Method, StepResult
 
 CKPT = "checkpoint.pt"
 
 
-class FirstOrderAdamW(Method):
-    """AdamW on `params` by backprop through `token_stats`; no dropout (eval mode), so a
-    resumed run is bit-for-bit identical to an uninterrupted one."""
+@dataclass
+class AdamWConfig:
+    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)")
 
-    def __init__(self, model, params, args):
-        super().__init__(model, params, args)
+
+class FirstOrderAdamW(Method):
+    """AdamW on `params` by backprop through the objective's loss; no dropout (eval mode), so
+    a resumed run is bit-for-bit identical to an uninterrupted one."""
+
+    Config = AdamWConfig
+
+    def __init__(self, model, params, cfg, run, objective):
+        super().__init__(model, params, cfg, run, objective)
         for _, p in params:
             p.requires_grad_(True)
-        self.opt = torch.optim.AdamW([p for _, p in params], lr=args.learning_rate,
-                                     weight_decay=args.weight_decay)
+        self.opt = torch.optim.AdamW([p for _, p in params], lr=run.learning_rate,
+                                     weight_decay=cfg.weight_decay)
 
-    def step(self, batches, step, lr):
+    def step(self, batches, step, lr, eps=None):
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        total = sum(n_scored(b) for b in batches)
+        total = sum(self.objective.n_scored(b) for b in batches)
         loss_sum = 0.0
         # The model stays in eval mode: no dropout, as in MeZO's setups.
         for b in batches:
-            stats = self.stats(self.model, b)
+            stats = self.objective.stats(self.model, b)
             # token-weighted over all micro-batches, as if they were one batch
             loss = stats.nll.sum() / max(total, 1)
             loss.backward()
@@ -41,7 +50,7 @@ class FirstOrderAdamW(Method):
         self.opt.step()
         return StepResult(loss=loss_sum, tokens=total, forward_passes=len(batches))
 
-    def save_state(self, out_dir: Path, step: int) -> None:
+    def save_state(self, out_dir: Path, step: int, final: bool = False) -> None:
         # detach(), not clone(): torch.save serialises the storage as it is, so saving a
         # full model does not hold a second copy of its weights in memory.
         state = {"step": step, "optimizer": self.opt.state_dict(),
@@ -63,7 +72,7 @@ class FirstOrderAdamW(Method):
         names = [n for n, _ in self.params]
         if sorted(state["params"]) != sorted(names):
             raise SystemExit(f"--resume: {path} holds other parameters than this run trains "
-                             f"(method {self.name}, --trainable {self.args.trainable})")
+                             f"(method {self.name}, --trainable {self.run.trainable})")
         with torch.no_grad():
             for n, p in self.params:
                 p.copy_(state["params"][n])

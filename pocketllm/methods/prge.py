@@ -7,21 +7,36 @@ its own perturbed adapter: one forward reads the frozen base once for all 2q los
 layer applying the replicas' adapters in one batched matmul (`LoRALinear.forward_groups`).
 `--parallel none|inner|outer` computes the same estimate with more, smaller forwards (to
 measure the speedup against itself), `--max-replicas R` caps the replicas per forward (memory),
-`--lora-fa` perturbs and trains B only. z_j is regenerated from (seed, step, j) and dropped
-after the step; the update goes through `--zo-optimizer` and the log replays like zo-sgd's.
+`--lora-fa` perturbs and trains B only. The step, the optimizers and the log are zo-sgd's
+(`methods/zo.py`): P-RGE is the same estimator with q queries and a parallel plan.
 """
 
 from __future__ import annotations
 
-from ..zo.estimate import plan_passes
+from dataclasses import dataclass
+
+from ..config import opt
+from ..zo.plan import PARALLEL
 from .base import register
+from .zo import ZOConfig, ZOMethod
 from .zo_sgd import ZOSGD
 
 
+@dataclass
+class PRGEConfig(ZOConfig):
+    queries: int = opt(1, "prge: perturbation queries q per step (the estimate averages q "
+                       "two-point estimates)")
+    parallel: str = opt("both", "prge: which loops run as one batched forward: none (2q "
+                        "forwards), inner (each query's +/- pair), outer (all queries of a "
+                        "sign), both (one forward over the batch 2q times)",
+                        choices=lambda: tuple(PARALLEL))
+
+    def queries_and_parallel(self, method) -> tuple[int, str]:
+        return self.queries, self.parallel
+
+
 @register("prge")
-class PRGE(ZOSGD):
+class PRGE(ZOMethod):
+    Config = PRGEConfig
     trainable_kinds = ("lora",)
     defaults = {k: v for k, v in ZOSGD.defaults.items() if k.startswith("lora")}
-
-    def plan(self, args) -> tuple[int, list]:
-        return args.queries, plan_passes(args.queries, args.parallel, args.max_replicas)

@@ -1,31 +1,174 @@
-"""side: split mode -- the device runs frozen forwards, a server trains a side network.
+"""side: split mode (MobiLLM-style), frozen forwards on the device, a side network on a server.
 
-This method runs its own loop (`pocketllm.split.client.train_side`) instead of `Method.step`:
-its step is not a function the training loop can call and wait for. The device's forward for
-step t+1 runs while the server trains step t (a producer thread and a bounded queue), steps are
-acknowledged asynchronously, and a lost connection rewinds the schedule to the server's last
-acknowledged step, none of which fits a synchronous `step(batches) -> StepResult`. The class
-below registers the name (so `pocketllm methods` lists it and `--method side` resolves) and
-hands the run over.
+The device streams the quantized hidden states of every `--tap-every`-th layer at the scored
+positions to `pocketllm serve`, which trains a side network on them (`pocketllm.split`). Its
+steps are not a function the loop calls and waits for: the device's forward for step t+1 runs
+while the server trains step t (a producer thread and a bounded queue), acknowledgements arrive
+asynchronously, and a lost connection rewinds to the server's last acknowledged step. So this
+method replaces `steps` (the loop's step driver) with that stream; the loop, its reports,
+evaluations and summary are the same as every other method's.
 """
 
 from __future__ import annotations
 
-from .base import Method, fill_defaults, register
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import memory
+from ..config import opt
+from .base import Method, StepResult, register
+
+
+@dataclass
+class SideArgs:
+    server: str = opt("", "side: HOST:PORT of a `pocketllm serve` server")
+    token_file: str = opt("", "side: file holding the server's access token")
+    tls_ca: str = opt("", "side: PEM certificate (or CA) to verify the server by; empty: "
+                      "plaintext (loopback / trusted network only)")
+    tap_every: int = opt(1, "side: stream every k-th layer's hidden states")
+    act_bits: int = opt(8, "side: bits per streamed activation (per-token scales)",
+                        choices=(16, 8, 4))
+    side_width: int = opt(64, "side: side network width")
+    side_depth: int = opt(1, "side: MLP blocks per tapped layer")
+    private_labels: str = opt("auto", "side: 'on' computes the loss on the device (the server "
+                              "sends the side output, the device returns its gradient), so "
+                              "target tokens never leave; 'auto': on whenever targets are text",
+                              choices=("auto", "on", "off"))
+    queue_depth: int = opt(2, "side: batches the device may run ahead of the server")
+    retry_seconds: float = opt(120.0, "side: give up after this long without reaching the server")
+    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)")
 
 
 @register("side")
 class SideTuning(Method):
+    Config = SideArgs
+    trains_model = False
     trainable_kinds = ("full", "lora")  # the backbone is frozen either way: --trainable is moot
     # AdamW on a freshly initialised side network: the usual rate for a small network trained
     # from scratch (not tuned here)
     defaults = {"full": {"learning_rate": 1e-3}, "lora": {"learning_rate": 1e-3}}
 
     @classmethod
-    def run(cls, args) -> dict:
-        from ..split.client import train_side
-        fill_defaults(args, cls)
-        return train_side(args)
+    def check(cls, run) -> None:
+        if run.keep_best:
+            raise SystemExit(f"--keep-best is not available with --method {cls.name}: "
+                             "its side network is trained and kept on the server")
+        super().check(run)
 
-    def step(self, batches, step, lr):
-        raise NotImplementedError("--method side runs its own loop (SideTuning.run)")
+    @classmethod
+    def prepare(cls, run, cfg) -> None:
+        if not cfg.server or not cfg.token_file:
+            raise SystemExit("--method side needs --server HOST:PORT and --token-file F")
+        if run.grad_accumulation != 1:
+            raise SystemExit("--method side trains one micro-batch per step: use --batch-size, "
+                             "not --grad-accumulation")
+        memory.limit_arenas(1)  # forward, gRPC and head-pass threads share one heap (memory.py)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    @classmethod
+    def trainable(cls, model, run):
+        from ..loss import is_masked_lm
+        if is_masked_lm(model):
+            raise SystemExit("--method side supports causal LMs only")
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return None, []
+
+    def __init__(self, model, params, cfg, run, objective):
+        super().__init__(model, params, cfg, run, objective)
+        from ..loss import output_head
+        from ..split.client import SplitClient, private_labels
+        from ..split.server import read_token
+        from ..split.side import SideConfig, tap_layers
+        self.side = SideConfig(
+            model=run.model, hidden=model.config.hidden_size,
+            taps=tap_layers(model.config.num_hidden_layers, cfg.tap_every), width=cfg.side_width,
+            depth=cfg.side_depth, act_bits=cfg.act_bits,
+            private_labels=private_labels(cfg.private_labels, bool(run.task)),
+            learning_rate=run.learning_rate, weight_decay=cfg.weight_decay, seed=run.seed)
+        head = output_head(model)
+        self.head = ((head.weight.detach(), None if head.bias is None else head.bias.detach())
+                     if self.side.private_labels else None)
+        self.client = SplitClient(cfg.server, read_token(cfg.token_file), cfg.tls_ca)
+        self.sid = ""
+        # the forward thread and an evaluation (which attaches the side network to the same
+        # model) must not interleave
+        self.model_lock = threading.Lock()
+        self.totals = {"wire_bytes": 0, "forward_s": 0.0}
+
+    def describe(self) -> str:
+        return (f"server {self.cfg.server} | {len(self.side.taps)} taps at {self.cfg.act_bits} "
+                f"bits | labels {'private (U-shaped)' if self.side.private_labels else 'sent to the server'}")
+
+    def session(self, out_dir: Path, resume: bool) -> str:
+        from ..split.client import session_id
+        if not self.sid:
+            self.sid = session_id(Path(out_dir), resume, self.cfg.server)
+        return self.sid
+
+    def restore(self, out_dir) -> int:
+        return self.client.open(self.session(out_dir, True), self.side)
+
+    def open_log(self, out_dir, fresh):
+        self.session(out_dir, not fresh)
+
+    def step(self, batches, step, lr, eps=None):
+        raise NotImplementedError("--method side streams its steps (SideTuning.steps)")
+
+    def steps(self, batch_at, start, iters, hyper):
+        from ..split.client import SplitError, device_step
+
+        def make_step(s: int):
+            with self.model_lock:
+                return device_step(self.model, batch_at(s - 1)[0], self.side, s)
+        try:
+            for step, loss, item in self.client.steps(self.sid, self.side, make_step, iters,
+                                                      self.head, self.cfg.queue_depth,
+                                                      self.cfg.retry_seconds):
+                extra = {}
+                if item is not None:
+                    extra = {"forward_s": item.forward_s, "wire_bytes": item.wire_bytes,
+                             **item.extra}
+                    self.totals["wire_bytes"] += item.wire_bytes
+                    self.totals["forward_s"] += item.forward_s
+                yield step, StepResult(loss=loss, tokens=0, forward_passes=1, extra=extra,
+                                       lr=self.run.learning_rate)
+        except SplitError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    @contextmanager
+    def evaluating(self):
+        """The backbone with the server's side network attached (this step's, or one ahead)."""
+        from ..split.side import AttachedSide
+        try:
+            _, side = self.client.fetch(self.sid)
+        except Exception as e:  # grpc.RpcError: the server went away mid-run
+            raise SystemExit(f"error: fetching the side network from {self.cfg.server}: {e}")
+        with self.model_lock:
+            attached = AttachedSide(self.model, side)
+            try:
+                yield
+            finally:
+                attached.detach()
+
+    def save_state(self, out_dir, step, final=False):
+        if final:
+            from ..split.client import SIDE_FILE
+            from ..split.side import save_side
+            _, side = self.client.fetch(self.sid)
+            save_side(side, Path(out_dir) / SIDE_FILE)
+
+    def output_name(self, spec) -> str:
+        from ..split.client import SIDE_FILE
+        return SIDE_FILE
+
+    def summary(self) -> dict:
+        return {"wire_bytes": self.totals["wire_bytes"],
+                "device_forward_s": self.totals["forward_s"]}
+
+    def close(self) -> None:
+        self.client.close()

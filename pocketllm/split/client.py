@@ -20,7 +20,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,17 +176,29 @@ class SplitClient:
               iters: int, head: tuple[torch.Tensor, torch.Tensor | None] | None,
               on_ack: Callable[[int, float, DeviceStep], None], queue_depth: int = 2,
               retry_seconds: float = 120.0) -> int:
-        """Train steps 1..iters, reconnecting with backoff; returns the last acknowledged step."""
+        """Train steps 1..iters, calling on_ack(step, loss, item) as each is acknowledged;
+        returns the last acknowledged step."""
+        for step, loss, item in self.steps(sid, cfg, make_step, iters, head, queue_depth,
+                                           retry_seconds):
+            on_ack(step, loss, item)
+        return self.acked
+
+    def steps(self, sid: str, cfg: SideConfig, make_step: Callable[[int], DeviceStep],
+              iters: int, head: tuple[torch.Tensor, torch.Tensor | None] | None,
+              queue_depth: int = 2, retry_seconds: float = 120.0
+              ) -> Iterator[tuple[int, float, DeviceStep | None]]:
+        """Train steps 1..iters, reconnecting with backoff; yields (step, loss, the device's
+        step or None) as each step is acknowledged, in order."""
         attempt, last_ok = 0, time.time()
         while True:
             before = self.acked
             try:
                 self.acked = self.open(sid, cfg)
                 if self.acked >= iters:
-                    return self.acked
-                self._stream(sid, cfg, make_step, iters, head, on_ack, queue_depth)
+                    return
+                yield from self._stream(sid, cfg, make_step, iters, head, queue_depth)
                 if self.acked >= iters:
-                    return self.acked
+                    return
                 err = "the server closed the stream early"
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
@@ -205,7 +217,8 @@ class SplitClient:
                         self.address, err, delay, self.acked + 1)
             time.sleep(delay)
 
-    def _stream(self, sid, cfg, make_step, iters, head, on_ack, queue_depth) -> None:
+    def _stream(self, sid, cfg, make_step, iters, head, queue_depth
+                ) -> Iterator[tuple[int, float, DeviceStep | None]]:
         stop = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=max(1, queue_depth))
         grads: queue.Queue = queue.Queue()
@@ -281,7 +294,7 @@ class SplitClient:
                     item = inflight.pop(a.step, None)
                     if not a.duplicate and a.step == self.acked + 1:
                         self.acked = a.step
-                        on_ack(a.step, float(a.loss), item)
+                        yield a.step, float(a.loss), item
         finally:
             stop.set()
             call.cancel()
@@ -291,7 +304,7 @@ class SplitClient:
 
 
 # --------------------------------------------------------------------------------------------
-# `pocketllm train --method side`
+# the run directory of `pocketllm train --method side`
 # --------------------------------------------------------------------------------------------
 SESSION_FILE = "session.json"
 SIDE_FILE = "side_network.safetensors"
@@ -311,144 +324,3 @@ def session_id(out: Path, resume: bool, server: str) -> str:
     path.write_text(json.dumps({"session_id": sid, "server": server}))
     path.chmod(0o600)  # the id lets its holder (with the token) read the side network back
     return sid
-
-
-def train_side(args) -> dict:
-    """Train a side network on the server from this device's data; returns the summary."""
-    from .. import memory
-    from ..config import save_yaml
-    from ..data import Batcher
-    from ..data.source import load_run_data
-    from ..evaluate import evaluate
-    from ..loss import is_masked_lm, output_head
-    from ..models import load_model
-    from ..train import Reporter
-    from .server import read_token
-    from .side import AttachedSide, save_side, tap_layers
-
-    memory.limit_arenas(1)  # forward, gRPC and head-pass threads share one heap (memory.py)
-
-    if not args.server or not args.token_file:
-        raise SystemExit("--method side needs --server HOST:PORT and --token-file F")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    t_start = time.time()
-    out = Path(args.adapter_path)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load_run_data(args)
-    model, tok = load_model(args.model, args.dtype)
-    if is_masked_lm(model):
-        raise SystemExit("--method side supports causal LMs only")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    enc = data.encode(tok, False, args.max_seq_length, args.mask_prompt)
-    for w in data.warnings:
-        print(f"warning: {w}", flush=True)
-    batcher = Batcher(enc["train"].items, args.batch_size, args.seed, tok.pad_token_id,
-                      args.grad_accumulation)
-    n_layers = model.config.num_hidden_layers
-    cfg = SideConfig(model=args.model, hidden=model.config.hidden_size,
-                     taps=tap_layers(n_layers, args.tap_every), width=args.side_width,
-                     depth=args.side_depth, act_bits=args.act_bits,
-                     private_labels=private_labels(args.private_labels, data.task is not None),
-                     learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                     seed=args.seed)
-    if args.grad_accumulation != 1:
-        raise SystemExit("--method side trains one micro-batch per step: use --batch-size, "
-                         "not --grad-accumulation")
-    save_yaml(args, out / "config.yaml")
-    head = output_head(model)
-    head_t = (head.weight.detach(), None if head.bias is None else head.bias.detach()) \
-        if cfg.private_labels else None
-    sid = session_id(out, args.resume, args.server)
-    client = SplitClient(args.server, read_token(args.token_file), args.tls_ca)
-    start = client.open(sid, cfg) if args.resume else 0
-    report = Reporter(out, args.iters, start, fresh=not args.resume)
-    choices = data.label_choices(tok)
-    final_split = "test" if data.task else "valid"
-    clock = [0.0]  # training seconds (steps only, not evaluation), as `pocketllm.train` counts
-
-    def run_eval(tag: str, split: str = final_split):
-        if not enc.get(split):
-            return None
-        r = evaluate(model, enc[split].items, args.eval_batch_size, tok.pad_token_id,
-                     args.val_batches if split == "valid" else -1, choices)
-        p = "eval" if split == "valid" else split
-        report.say(f"{tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
-        report.record({"step": client.acked, "wall": clock[0],
-                       **{f"{p}_{k}": v for k, v in r.metrics().items()}})
-        return r
-
-    report.say(f"model {args.model} | method side | server {args.server} | {len(cfg.taps)} "
-               f"taps at {cfg.act_bits} bits | labels "
-               f"{'private (U-shaped)' if cfg.private_labels else 'sent to the server'} | "
-               f"train {len(enc['train'].items)} records")
-    before = run_eval("before") if start == 0 and args.eval_before else None
-    memory.reset_peak()
-    t_train = time.time()
-    window: list[tuple[float, float]] = []
-    totals = {"wire_bytes": 0, "forward_s": 0.0, "eval_s": 0.0}
-    # the forward thread and a mid-run evaluation (which attaches the side network to the
-    # same model) must not interleave
-    model_lock = threading.Lock()
-
-    def make_step(s: int) -> DeviceStep:
-        with model_lock:
-            return device_step(model, batcher(s - 1), cfg, s)
-
-    def test_now(step: int) -> None:
-        t0 = time.time()
-        _, side = client.fetch(sid)  # the server's state: this step, or one ahead
-        with model_lock:
-            attached = AttachedSide(model, side)
-            try:
-                run_eval("eval")
-            finally:
-                attached.detach()
-        totals["eval_s"] += time.time() - t0
-
-    def on_ack(step: int, loss: float, item: DeviceStep | None) -> None:
-        clock[0] = time.time() - t_train - totals["eval_s"]
-        rec = {"step": step, "loss": loss, "wall": clock[0]}
-        if item is not None:
-            rec.update(forward_s=item.forward_s, wire_bytes=item.wire_bytes, **item.extra)
-            totals["wire_bytes"] += item.wire_bytes
-            totals["forward_s"] += item.forward_s
-        report.record(rec)
-        report.progress(1, {"loss": f"{loss:.3f}"})
-        window.append((loss, rec["wall"]))
-        if step % args.steps_per_report == 0 or step == args.iters:
-            report.say(f"step {step} | loss {sum(w[0] for w in window) / len(window):.4f} | "
-                       f"wire {totals['wire_bytes'] / max(step - start, 1) / 1e6:.2f} MB/step | "
-                       f"peak_rss {memory.peak_rss_mb():.0f}MB")
-            window.clear()
-        if data.task and args.test_every and step % args.test_every == 0 and step < args.iters:
-            test_now(step)
-
-    try:
-        client.train(sid, cfg, make_step, args.iters, head_t, on_ack, args.queue_depth,
-                     args.retry_seconds)
-        _, side = client.fetch(sid)
-    except SplitError as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        client.close()
-    train_time = time.time() - t_train - totals["eval_s"]
-    peak = memory.peak_rss_mb()
-    save_side(side, out / SIDE_FILE)
-    attached = AttachedSide(model, side)
-    after = run_eval("after")
-    attached.detach()
-    report.close()
-    summary = {"steps": args.iters - start, "train_seconds": train_time,
-               "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
-               "wire_bytes": totals["wire_bytes"], "device_forward_s": totals["forward_s"],
-               "output": str(out / SIDE_FILE),
-               "before": before.__dict__ if before else None,
-               "after": after.__dict__ if after else None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"side network saved to {out / SIDE_FILE} | peak RSS {peak:.0f} MB | "
-          f"{train_time:.0f}s training | {totals['wire_bytes'] / 1e6:.1f} MB over the wire")
-    return summary

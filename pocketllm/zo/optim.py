@@ -96,6 +96,7 @@ class ZOOptimizer(ABC):
     are written to the log's header so a replay rebuilds the same optimizer)."""
 
     name = "?"
+    flags: dict[str, str] = {}  # hyperparameter -> the run setting it comes from
 
     def __init__(self, params: Sequence[torch.Tensor], **hyper):
         self.params, self.hyper = list(params), hyper
@@ -104,14 +105,14 @@ class ZOOptimizer(ABC):
         return {"name": self.name, **self.hyper}
 
     @abstractmethod
-    def step(self, est: Estimate, lr: float, target: Target, logged: dict | None = None) -> dict:
-        """Apply one update. `logged`: the step's log record when replaying. Returns the
+    def apply(self, est: Estimate, lr: float, target: Target, logged: dict | None = None) -> dict:
+        """Apply one update (the step's explicit `opt.apply(estimate, lr, target)`). `logged`: the step's log record when replaying. Returns the
         fields to add to the step's log record."""
 
 
 @register("sgd")
 class SGD(ZOOptimizer):
-    def step(self, est, lr, target, logged=None):
+    def apply(self, est, lr, target, logged=None):
         target.seeded(list(zip(est.keys, est.coefs(lr))))
         return {}
 
@@ -126,7 +127,7 @@ class Dense(ZOOptimizer):
     def begin(self) -> None:
         """Called once per step before the tensors' directions."""
 
-    def step(self, est, lr, target, logged=None):
+    def apply(self, est, lr, target, logged=None):
         self.begin()
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -137,6 +138,8 @@ class Dense(ZOOptimizer):
 
 @register("momentum")
 class Momentum(Dense):
+    flags = {"beta": "zo_beta1"}
+
     def __init__(self, params, beta: float = 0.9):
         super().__init__(params, beta=beta)
         self.m = [torch.zeros(p.shape, dtype=torch.float32) for p in self.params]
@@ -147,6 +150,8 @@ class Momentum(Dense):
 
 @register("adam")
 class Adam(Dense):
+    flags = {"beta1": "zo_beta1", "beta2": "zo_beta2", "eps": "zo_adam_eps"}
+
     def __init__(self, params, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
         super().__init__(params, beta1=beta1, beta2=beta2, eps=eps)
         self.m = [torch.zeros(p.shape, dtype=torch.float32) for p in self.params]
@@ -173,7 +178,7 @@ class SignSGD(Dense):
 
 @register("conservative")
 class Conservative(ZOOptimizer):
-    def step(self, est, lr, target, logged=None):
+    def apply(self, est, lr, target, logged=None):
         updates = list(zip(est.keys, est.coefs(lr)))
         if logged is not None:  # replay: the decision is in the log
             if logged["kept"]:
@@ -193,13 +198,11 @@ class Conservative(ZOOptimizer):
         return {"kept": kept, "loss_before": before, "loss_after": after}
 
 
-def spec_from_args(args) -> dict:
-    """The optimizer named by --zo-optimizer with its hyperparameters from the run's flags."""
-    name = args.zo_optimizer
-    REGISTRY.lookup(name)  # an unknown name fails here, naming the choices
-    hyper = {"momentum": {"beta": args.zo_beta1},
-             "adam": {"beta1": args.zo_beta1, "beta2": args.zo_beta2, "eps": args.zo_adam_eps}}
-    return {"name": name, **hyper.get(name, {})}
+def spec_from_args(cfg) -> dict:
+    """The optimizer named by --zo-optimizer with its hyperparameters from the run's settings
+    (each optimizer's `flags`: hyperparameter -> setting)."""
+    cls = REGISTRY.lookup(cfg.zo_optimizer)  # an unknown name fails here, naming the choices
+    return {"name": cfg.zo_optimizer, **{h: getattr(cfg, f) for h, f in cls.flags.items()}}
 
 
 def build(spec: dict, params: Sequence[torch.Tensor]) -> ZOOptimizer:

@@ -3,17 +3,22 @@ import torch
 
 from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses, token_stats
-from pocketllm.methods import REGISTRY, get_method
+from pocketllm.methods import REGISTRY, build, get_method
 from pocketllm.models import load_model
-from pocketllm.train import setup_trainable
+from pocketllm.trainable import setup_trainable
 from tests.helpers import TEXTS, tiny_batch
+
+RUN = ("learning_rate", "lora_rank")  # the run's settings; the rest are the method's
 
 
 def _setup(method, trainable="lora", **kw):
     model, tok = load_model("tiny-llama")
-    args = TrainArgs(model="tiny-llama", method=method, trainable=trainable, seed=3, **kw)
+    args = TrainArgs(model="tiny-llama", method=method, trainable=trainable, seed=3,
+                     **{k: kw.pop(k) for k in RUN if k in kw})
     _, params = setup_trainable(model, args)
-    return model, tok, get_method(method)(model, params, args), args
+    if method in ("lora-adam", "adam"):
+        kw.pop("eps", None)  # a zeroth-order setting
+    return model, tok, build(method, model, params, args, **kw), args
 
 
 def test_registry_names_and_errors():

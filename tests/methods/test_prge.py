@@ -7,25 +7,28 @@ import torch
 
 from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses, token_stats
-from pocketllm.methods import get_method
-from pocketllm.methods.zo_sgd import replay_steps
+from pocketllm.methods import build
 from pocketllm.models import load_model
-from pocketllm.train import setup_trainable
+from pocketllm.trainable import setup_trainable
 from pocketllm.zo import noise, optim
-from pocketllm.zo.estimate import plan_passes, replica_losses
+from pocketllm.zo.estimators.spsa import SPSA
+from pocketllm.zo.log import replay_steps
+from pocketllm.zo.plan import Plan, group_passes
 from tests.helpers import TEXTS, tiny_batch
+
+RUN = ("learning_rate", "lora_fa")  # the run's settings; the rest are the method's
 
 
 def _setup(method="prge", **kw):
     model, tok = load_model("tiny-llama")
     args = TrainArgs(model="tiny-llama", method=method, trainable="lora", seed=3, lora_rank=4,
-                     **kw)
+                     **{k: kw.pop(k) for k in RUN if k in kw})
     _, params = setup_trainable(model, args)
     with torch.no_grad():  # B = 0 at init would hide a wrong A perturbation
         for n, p in params:
             if ".lora_B" in n:
                 p.add_(0.05)
-    return model, tok, get_method(method)(model, params, args), args
+    return model, tok, build(method, model, params, args, **kw), args
 
 
 @pytest.mark.parametrize("lora_fa", [False, True])
@@ -36,7 +39,7 @@ def test_batched_estimate_equals_sequential(q, lora_fa):
     for parallel, R in (("none", 0), ("inner", 0), ("outer", 0), ("both", 0), ("both", 3)):
         _, _, m, _ = _setup(queries=q, parallel=parallel, max_replicas=R, lora_fa=lora_fa,
                             learning_rate=0.0)
-        assert m.passes == plan_passes(q, parallel, R)
+        assert m.passes == group_passes(SPSA(q).replicas(), parallel, R)
         res = m.step([b], 0, 0.0)
         assert res.forward_passes == 2 * q
         grads[parallel, R] = m._last_grads
@@ -49,20 +52,20 @@ def test_batched_estimate_equals_sequential(q, lora_fa):
 @pytest.fixture(autouse=True)
 def _record_grads(monkeypatch):
     """Keep each step's per-query projected grads on the method (the log is off in tests)."""
-    from pocketllm.methods import zo_sgd
-    orig = zo_sgd.ZOSGD._log
+    from pocketllm.methods import zo
+    orig = zo.ZOMethod._log
 
     def log(self, rec):
         self._last_grads = rec["projected_grads"]
         orig(self, rec)
-    monkeypatch.setattr(zo_sgd.ZOSGD, "_log", log)
+    monkeypatch.setattr(zo.ZOMethod, "_log", log)
 
 
 def test_each_replica_sees_its_own_explicitly_perturbed_adapter():
     model, tok, m, args = _setup(queries=3, parallel="both")
     b = tiny_batch(tok, TEXTS[:2])
     keys = m.keys(0)
-    L = replica_losses(model, m.pert, b, keys, 1e-2, m.passes)
+    L = m.engine.losses(b, Plan(keys, 1e-2, m.replicas, m.passes))
     for j in range(3):
         for s, sign in enumerate((1.0, -1.0)):
             ref = copy.deepcopy(model)
@@ -71,13 +74,13 @@ def test_each_replica_sees_its_own_explicitly_perturbed_adapter():
                 for (n, _), k in zip(m.params, keys[j]):
                     noise.add_noise_(named[n].data, k, 0, sign * 1e-2, "gaussian")
                 expect = group_losses(token_stats(ref, b), 1).item()
-            assert L[j, s].item() == pytest.approx(expect, abs=2e-5), (j, s)
+            assert L[2 * j + s].item() == pytest.approx(expect, abs=2e-5), (j, s)
 
 
 def test_q1_prge_is_zo_sgd():
     b = tiny_batch(load_model("tiny-llama")[1], TEXTS)
-    g = [_setup(meth, queries=1, learning_rate=0.0)[2].step([b], 0, 0.0).extra["projected_grad"]
-         for meth in ("prge", "zo-sgd")]
+    g = [_setup(meth, learning_rate=0.0, **kw)[2].step([b], 0, 0.0).extra["projected_grad"]
+         for meth, kw in (("prge", {"queries": 1}), ("zo-sgd", {}))]
     assert g[0] == g[1]
 
 
@@ -123,20 +126,23 @@ def test_prge_with_each_optimizer_lowers_the_loss_and_replays_exactly(zo_opt, lr
     # replaying the log on the initial weights with a fresh optimizer ends on the same weights
     fresh = [(n, init[n].clone()) for n, _ in m.params]
     opt = optim.build(m.opt.spec(), [p for _, p in fresh])
-    replay_steps(fresh, recs, args.seed, args.perturbation, opt)
+    replay_steps(fresh, recs, args.seed, m.cfg.perturbation, opt)
     for (n, p), (_, r) in zip(m.params, fresh):
         assert torch.equal(p, r), n
 
 
 def test_plan_passes_and_bad_input():
-    assert plan_passes(2, "both") == [[(0, 0), (0, 1), (1, 0), (1, 1)]]
-    assert plan_passes(2, "outer") == [[(0, 0), (1, 0)], [(0, 1), (1, 1)]]
-    assert plan_passes(2, "both", max_replicas=3) == [[(0, 0), (0, 1), (1, 0)], [(1, 1)]]
-    assert len(plan_passes(3, "none")) == 6
+    reps = SPSA(2).replicas()  # (0, +), (0, -), (1, +), (1, -)
+    assert [(r.query, r.sign) for r in reps] == [(0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)]
+    assert group_passes(reps, "both") == [[0, 1, 2, 3]]
+    assert group_passes(reps, "inner") == [[0, 1], [2, 3]]
+    assert group_passes(reps, "outer") == [[0, 2], [1, 3]]
+    assert group_passes(reps, "both", max_replicas=3) == [[0, 1, 2], [3]]
+    assert len(group_passes(SPSA(3).replicas(), "none")) == 6
     with pytest.raises(ValueError, match="--queries"):
-        plan_passes(0, "both")
+        SPSA(0)
     with pytest.raises(ValueError, match="--parallel"):
-        plan_passes(2, "sideways")
+        group_passes(reps, "sideways")
 
 
 def test_prge_refuses_full_parameters(tmp_path):

@@ -39,7 +39,7 @@ def test_each_optimizer_reduces_a_quadratic(name, lr, q):
     opt = optim.build({"name": name}, params)
     start = f(params)
     for step in range(300):
-        opt.step(_estimate(f, params, step, q), lr, target)
+        opt.apply(_estimate(f, params, step, q), lr, target)
     assert f(params) < 0.3 * start, (name, f(params), start)
 
 
@@ -52,7 +52,7 @@ def test_conservative_never_increases_the_loss():
     prev, kept = f(params), []
     for step in range(50):
         # a large lr: plain sgd diverges; conservative refuses the steps that go uphill
-        kept.append(opt.step(_estimate(f, params, step, 1), 0.05, target)["kept"])
+        kept.append(opt.apply(_estimate(f, params, step, 1), 0.05, target)["kept"])
         assert f(params) <= prev
         prev = f(params)
     assert any(kept) and not all(kept)
@@ -67,7 +67,7 @@ def test_dense_estimate_is_the_seeded_sum():
         assert torch.allclose(est.dense(i, p), expect, atol=1e-6)
     # sgd applied as seeded updates moves the weights by -lr * g_hat
     t = optim.immediate(params, "gaussian")
-    optim.build({"name": "sgd"}, params).step(est, 0.1, t)
+    optim.build({"name": "sgd"}, params).apply(est, 0.1, t)
     for i, p in enumerate(params):
         assert torch.allclose(p, -0.1 * est.dense(i, p), atol=1e-6)
 

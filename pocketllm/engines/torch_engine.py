@@ -1,0 +1,49 @@
+"""torch: eager PyTorch. The stored weights are never perturbed: each module that owns a
+trainable tensor builds its perturbed copies just in time (`zo.perturb.Perturber`), one per
+replica, and a forward over the batch repeated once per replica runs all of a pass's replicas
+(LoRA layers in one batched matmul). The SGD update is deferred into the next step's
+perturbation kernel (z generated twice a step, not four times)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..loss import group_losses
+from ..zo.perturb import Perturber
+from ..zo.plan import Plan
+from .base import Engine, register
+
+
+@register("torch")
+class TorchEngine(Engine):
+    def __init__(self, model, params, stats, dist="gaussian"):
+        super().__init__(model, params, stats, dist)
+        self.pert = Perturber(model, params, dist=dist)
+
+    def losses(self, batch, plan: Plan) -> torch.Tensor:
+        out = torch.empty(len(plan.replicas), dtype=torch.float64)
+        for idx in plan.passes:
+            G = len(idx)
+            # every tensor of a batch is per-row, so repeating it repeats the batch
+            rep = batch if G == 1 else {k: v.repeat(G, *([1] * (v.dim() - 1)))
+                                        for k, v in batch.items()}
+            reps = [plan.replicas[i] for i in idx]
+            n = len(self.params)
+            keys = [plan.keys[r.query] if r.query >= 0 else [0] * n for r in reps]
+            with self.pert.active(keys, plan.eps, [r.sign for r in reps],
+                                  rows=rep["input_ids"].shape[0]) as head:
+                losses = group_losses(self.stats(self.model, rep, G, head), G).tolist()
+            for i, loss in zip(idx, losses):
+                out[i] = loss
+        return out
+
+    def loss(self, batch) -> float:
+        self.pert.flush()
+        with torch.no_grad():
+            return group_losses(self.stats(self.model, batch), 1).item()
+
+    def apply(self, updates) -> None:
+        self.pert.schedule_updates(updates)
+
+    def sync(self) -> None:
+        self.pert.flush()

@@ -1,0 +1,129 @@
+"""The zeroth-order method: an estimator's queries, evaluated by an engine, applied by a ZO
+optimizer, recorded in the (seed, projected gradients) log.
+
+    keys   = the step's perturbation keys (regenerated from (seed, step, query, tensor))
+    losses = engine.losses(batch, plan)            # one forward per pass of the plan
+    g      = estimator.projected(losses, eps)      # one scalar per query
+    opt.apply(Estimate(keys, g), lr, target)       # the update (sgd: deferred by the engine
+                                                   # into the next step's perturbation kernel)
+
+Nothing of z is stored. The step's record goes to `zo_log.jsonl`, a few dozen bytes a step:
+the base model plus that log rebuild the trained weights exactly (`pocketllm replay`), and it
+is what `--resume` replays after an interruption. `zo-sgd` and `prge` are this class with
+different settings (`ZOSGDConfig`, `PRGEConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import engines
+from ..config import opt
+from ..schedules import SHAPES
+from ..zo import estimators, noise, optim
+from ..zo.log import LOG_NAME, ZOLog, restore
+from ..zo.plan import Plan, group_passes
+from .base import Method, StepResult
+
+
+@dataclass
+class ZOConfig:
+    """Settings every zeroth-order method has."""
+
+    eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)")
+    perturbation: str = opt("auto", "ZO perturbation distribution; 'auto': the method's default "
+                            "(zo-sgd: rademacher for full parameters, the cheaper of the two to "
+                            "generate over every weight; gaussian for LoRA)",
+                            choices=lambda: ("auto", *noise.DISTS))
+    eps_schedule: str = opt("constant", "ZO eps schedule (to --eps-final)",
+                            choices=lambda: tuple(SHAPES))
+    eps_final: float = opt(0.0, "final eps of a linear/cosine eps schedule (0: eps/10)")
+    estimator: str = opt("spsa", "ZO gradient estimator (pocketllm/zo/estimators)",
+                         choices=lambda: tuple(estimators.REGISTRY))
+    engine: str = opt("torch", "what runs the ZO forward passes (pocketllm/engines)",
+                      choices=lambda: tuple(engines.REGISTRY))
+    max_replicas: int = opt(0, "ZO: at most R batch replicas per forward (0: no cap); less "
+                            "activation memory for more forwards")
+    zo_optimizer: str = opt("sgd", "ZO update rule (zo-sgd, prge); momentum/adam keep state "
+                            "the size of the trainable tensors",
+                            choices=lambda: tuple(optim.REGISTRY))
+    zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1")
+    zo_beta2: float = opt(0.999, "ZO Adam beta2")
+    zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon")
+
+    def queries_and_parallel(self, method: "ZOMethod") -> tuple[int, str]:
+        """How many queries a step makes and how their replicas share forwards."""
+        raise NotImplementedError
+
+
+class ZOMethod(Method):
+    """Zeroth-order training: no autograd anywhere, so about the memory of inference."""
+
+    Config = ZOConfig
+
+    def __init__(self, model, params, cfg, run, objective):
+        super().__init__(model, params, cfg, run, objective)
+        for _, p in params:
+            p.requires_grad_(False)  # no autograd anywhere: inference memory
+        self.engine = engines.REGISTRY.lookup(cfg.engine)(model, params, objective.stats,
+                                                          dist=cfg.perturbation)
+        self.queries, parallel = cfg.queries_and_parallel(self)
+        self.estimator = estimators.REGISTRY.lookup(cfg.estimator)(self.queries)
+        self.replicas = self.estimator.replicas()
+        self.passes = group_passes(self.replicas, parallel, cfg.max_replicas)
+        self.opt = optim.build(optim.spec_from_args(cfg), [p for _, p in params])
+        self.log: ZOLog | None = None
+
+    def describe(self) -> str:
+        return f"{super().describe()} | eps {self.cfg.eps:.0e}"
+
+    def keys(self, step: int) -> list[list[int]]:
+        return optim.query_keys(self.run.seed, step, self.queries, len(self.params))
+
+    def step(self, batches, step, lr, eps=None):
+        eps = self.cfg.eps if eps is None else eps
+        plan = Plan(self.keys(step), eps, self.replicas, self.passes)
+        grads, losses, tokens = [], [], 0
+        for b in batches:  # grad accumulation: the same perturbations for every micro-batch
+            L = self.engine.losses(b, plan)
+            grads.append(self.estimator.projected(L, eps))
+            losses.append(L.mean().item())
+            tokens += self.objective.n_scored(b)
+        g = [sum(gj) / len(gj) for gj in zip(*grads)]
+        self._extra_fwd = 0
+        target = optim.Target([p for _, p in self.params], self.engine.apply,
+                              lambda: self._plain_loss(batches))
+        extra = self.opt.apply(optim.Estimate(plan.keys, g, self.cfg.perturbation), lr, target)
+        loss = sum(losses) / len(losses)
+        self._log({"step": step, "projected_grads": g, "lr": lr, "eps": eps, "loss": loss,
+                   **extra})
+        return StepResult(loss=loss, tokens=tokens,
+                          forward_passes=len(self.replicas) * len(batches) + self._extra_fwd,
+                          extra={"projected_grad": sum(g) / len(g), **extra})
+
+    def _plain_loss(self, batches) -> float:
+        """The loss at the current weights (pending updates applied), for `conservative`."""
+        ls = [self.engine.loss(b) for b in batches]
+        self._extra_fwd += len(batches)
+        return sum(ls) / len(ls)
+
+    def sync(self):
+        self.engine.sync()
+
+    # the step log (zo/log.py): reproducibility and resume
+    def header(self) -> dict:
+        return {"seed": self.run.seed, "dist": self.cfg.perturbation,
+                "trainable": self.run.trainable, "dtype": self.run.dtype,
+                "params": [n for n, _ in self.params], "queries": self.queries,
+                "optimizer": self.opt.spec()}
+
+    def open_log(self, out_dir, fresh):
+        self.log = ZOLog(Path(out_dir) / LOG_NAME, self.header(), fresh)
+
+    def _log(self, rec: dict) -> None:
+        if self.log is not None:
+            self.log.append(rec)
+
+    def restore(self, out_dir) -> int:
+        return restore(Path(out_dir) / LOG_NAME, self.header(), self.params, self.opt)

@@ -1,0 +1,7 @@
+"""Zeroth-order gradient estimators, by name (`--estimator`). One file per estimator; importing
+it registers it."""
+
+from .base import REGISTRY, Estimator, register
+from . import spsa  # noqa: F401  (registration)
+
+__all__ = ["REGISTRY", "Estimator", "register"]
