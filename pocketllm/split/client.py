@@ -322,7 +322,7 @@ def train_side(args) -> dict:
     from ..evaluate import evaluate
     from ..loss import is_masked_lm, output_head
     from ..models import load_model
-    from ..train import Reporter
+    from ..report import Reporter
     from .server import read_token
     from .side import AttachedSide, save_side, tap_layers
 
