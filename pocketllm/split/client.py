@@ -30,9 +30,9 @@ import torch
 from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from .quant import payload_bytes, quantize
-from .server import TOKEN_HEADER, config_to_spec, decode_tensor
 from .side import (SideConfig, SideNetwork, batch_targets, head_loss_grad, scored_rows,
                    side_from_bytes, tapped)
+from .wire import TOKEN_HEADER, config_to_spec, decode_tensor, read_token
 
 log = logging.getLogger("pocketllm.split")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
@@ -323,7 +323,6 @@ def train_side(args) -> dict:
     from ..loss import is_masked_lm, output_head
     from ..models import load_model
     from ..report import Reporter
-    from .server import read_token
     from .side import AttachedSide, save_side, tap_layers
 
     memory.limit_arenas(1)  # forward, gRPC and head-pass threads share one heap (memory.py)
