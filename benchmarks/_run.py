@@ -12,12 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pocketllm.bench.workload import run_in_fresh_process  # noqa: E402
+from pocketllm.memory import run_in_fresh_process  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run_mode(mode: str, **kw) -> dict:
-    """`python -m pocketllm.bench.workload --mode mode --k v ...` in a fresh process."""
+    """`python -m pocketllm.workload --mode mode --k v ...` in a fresh process."""
     try:
         return run_in_fresh_process(mode, **kw)
     except RuntimeError as e:

@@ -105,7 +105,7 @@ MODELS_NOTES = """
 Estimate: `pocketllm memory --model M --method X --trainable T --batch-size B
 --max-seq-length L --dtype D` (pocketllm/memory_estimate.py: from the config alone; the
 framework's own footprint, {framework:.0f} MB, measured once in a fresh process). Measured:
-peak RSS of `python -m pocketllm.bench.workload --mode M --model X --dtype D --batch-size B
+peak RSS of `python -m pocketllm.workload --mode M --model X --dtype D --batch-size B
 --seq L --steps 1 --warmup W` in a fresh process (W = 1 for lora-adam and adam, so AdamW's state
 exists; 0 otherwise; the smollm2-135m lora-adam rows ran with W = 0: LoRA's AdamW state is 4 MB
 either way), from just after loading (the kernel's high-water mark is reset there)

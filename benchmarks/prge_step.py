@@ -55,7 +55,7 @@ def time_config(model, params, args, a) -> dict:
     import torch
 
     from pocketllm import memory
-    from pocketllm.bench.workload import fixed_batch
+    from pocketllm.workload import fixed_batch
     from pocketllm.methods import get_method
 
     method = get_method("prge")(model, params, args)

@@ -5,7 +5,7 @@
 
 1. Peak RSS of the device, each in a fresh process, after the model is loaded, over a few
    steps of a fixed batch (every position scored): inference; local zo-sgd (LoRA), lora-adam,
-   adam (`pocketllm.bench.workload`); and split mode against a real `pocketllm serve` on
+   adam (`pocketllm.workload`); and split mode against a real `pocketllm serve` on
    loopback (tap every layer, 8 bits), with private labels (the device runs the output head
    and returns the gradient) and without.
 2. Bytes the device sends per step for 16/8/4 bits and --tap-every 1/2/4 (the serialized
@@ -50,7 +50,7 @@ def device_run(a) -> None:
     import torch
 
     from pocketllm import memory
-    from pocketllm.bench.workload import fixed_batch
+    from pocketllm.workload import fixed_batch
     from pocketllm.models import load_model
     from pocketllm.split.client import SplitClient, device_step
     from pocketllm.split.side import SideConfig, head_loss_grad, tap_layers
@@ -123,7 +123,7 @@ def run_device(model: str, server: str | None, token_file: str | None, private: 
 def bytes_table(a) -> list[list]:
     import torch
 
-    from pocketllm.bench.workload import fixed_batch
+    from pocketllm.workload import fixed_batch
     from pocketllm.models import load_model
     from pocketllm.split.client import device_step
     from pocketllm.split.side import SideConfig, tap_layers

@@ -32,8 +32,8 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
     """In this process: interleaved rounds of floor, pair floor, our step, naive step."""
     import torch
 
-    from pocketllm.bench.naive_mezo import naive_zo_step
-    from pocketllm.bench.workload import fixed_batch, train_args
+    from pocketllm.zo.naive_mezo import naive_zo_step
+    from pocketllm.workload import fixed_batch, train_args
     from pocketllm.loss import group_losses, token_stats
     from pocketllm.methods import get_method
     from pocketllm.models import load_model

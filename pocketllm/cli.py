@@ -185,7 +185,8 @@ def cmd_memory(args: C.MemoryArgs) -> int:
           f"{args.max_seq_length} tokens")
     measured = None
     if args.measure:
-        from .bench.workload import mode_for, run_in_fresh_process
+        from .memory import run_in_fresh_process
+        from .workload import mode_for
         r = run_in_fresh_process(mode_for(args.method, trainable), model=args.model,
                                  dtype=args.dtype, batch_size=args.batch_size,
                                  seq=args.max_seq_length, steps=args.steps,

@@ -3,16 +3,23 @@
 Peak RSS is what decides whether a run fits on a device. Loading a model briefly needs more than
 holding it, so the figure that tells the methods apart is the peak *after* loading: Linux lets a
 process reset its high-water mark (writing 5 to /proc/self/clear_refs), which we do once the
-model is in memory.
+model is in memory. A mode's peak is measured in a process of its own (`run_in_fresh_process`).
+
+Imports nothing of pocketllm: every layer may use it.
 """
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
+# the measured workload, run as a module in a child process (never imported here: it is the
+# package's top layer, this module its bottom)
+WORKLOAD = "pocketllm.workload"
 
 
 def _status_kb(field: str) -> int | None:
@@ -96,3 +103,16 @@ def limit_arenas(n: int = 1) -> bool:
     MB with labels sent, 1085 -> 1024 MB with private labels, inference 924). Call before the
     threads start. Returns whether it applied."""
     return _mallopt((_M_ARENA_MAX, n))
+
+
+def run_in_fresh_process(mode: str, **kw) -> dict:
+    """`python -m pocketllm.workload --mode mode --k v ...` in a fresh process (so its peak RSS
+    is its own); returns the JSON it prints. RuntimeError with the child's stderr if it fails."""
+    cmd = [sys.executable, "-m", WORKLOAD, "--mode", mode]
+    for k, v in kw.items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

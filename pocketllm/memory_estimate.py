@@ -29,7 +29,7 @@ First-order peak: the backward starts with every activation saved and frees them
 while the gradients fill in, so the peak is weights + optimizer state + the larger of (saved
 activations + the head's gradient, which comes first) and (all gradients + the AdamW
 temporary). Scored positions: a causal LM's workload scores every position (the dense case,
-`pocketllm.bench.workload`); a masked LM scores one <mask> per row.
+`pocketllm.workload`); a masked LM scores one <mask> per row.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def framework_mb(measure: bool = True) -> float:
             return _framework
     except (OSError, ValueError, KeyError):
         pass
-    from .bench.workload import run_in_fresh_process
+    from .memory import run_in_fresh_process
     try:
         r = run_in_fresh_process("inference", model="tiny-llama", batch_size=1, seq=8,
                                  steps=1, warmup=0)

@@ -1,5 +1,6 @@
-"""Progress of a run: a bar on a terminal, one greppable line per report otherwise, and
-`metrics.jsonl` always (rewritten from the restart point on --resume)."""
+"""A run's reporting: metrics.jsonl (one JSON record per report), and a progress bar or plain lines.
+
+Shared by the local training loop (train.py) and split mode's device loop (split/client.py)."""
 
 from __future__ import annotations
 

@@ -29,3 +29,14 @@ def test_limit_arenas_applies_and_can_be_turned_off():
 
 def test_peak_is_at_least_current_rss():
     assert memory.peak_rss_mb() >= memory.rss_mb() * 0.99 > 0
+
+
+def test_run_in_fresh_process_runs_the_workload_and_returns_its_json():
+    # framework_mb falls back to a constant when the child fails, so the module path it starts
+    # (memory.WORKLOAD, a string: no import to check it) is checked here
+    r = memory.run_in_fresh_process("inference", model="tiny-llama", batch_size=1, seq=8,
+                                    steps=1, warmup=0)
+    assert r["mode"] == "inference" and r["model"] == "tiny-llama"
+    assert r["peak_run_mb"] > 0 and r["rss_loaded_mb"] > 0
+    with pytest.raises(RuntimeError, match="--mode"):
+        memory.run_in_fresh_process("no-such-mode")

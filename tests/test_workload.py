@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pocketllm.bench.workload import fixed_batch, make_step, masked_lm_stats, train_args
+from pocketllm.workload import fixed_batch, make_step, masked_lm_stats, train_args
 from pocketllm.methods import get_method
 from pocketllm.models import load_model
 from pocketllm.train import setup_trainable

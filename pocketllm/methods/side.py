@@ -82,7 +82,7 @@ class SideTuning(Method):
         super().__init__(model, params, cfg, run, objective)
         from ..loss import output_head
         from ..split.client import SplitClient, private_labels
-        from ..split.server import read_token
+        from ..split.wire import read_token
         from ..split.side import SideConfig, tap_layers
         self.side = SideConfig(
             model=run.model, hidden=model.config.hidden_size,

@@ -30,9 +30,9 @@ import torch
 from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from .quant import payload_bytes, quantize
-from .server import TOKEN_HEADER, config_to_spec, decode_tensor
 from .side import (SideConfig, SideNetwork, batch_targets, head_loss_grad, scored_rows,
                    side_from_bytes, tapped)
+from .wire import TOKEN_HEADER, config_to_spec, decode_tensor, read_token
 
 log = logging.getLogger("pocketllm.split")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,

@@ -21,7 +21,6 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -29,43 +28,12 @@ import torch
 
 from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
-from .quant import dequantize, quantize
+from .quant import quantize
 from .side import SideConfig, SideNetwork, head_loss_grad, side_to_bytes
+from .wire import TOKEN_HEADER, decode_tensor, read_token, spec_to_config
 
 log = logging.getLogger("pocketllm.serve")
-TOKEN_HEADER = "authorization"
 LOCK_WAIT_S = 10.0  # a reconnecting client may find its old stream still holding the session
-
-
-def read_token(path: str | os.PathLike) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"--token-file {p}: no such file")
-    token = p.read_text().strip()
-    if len(token) < 16:
-        raise SystemExit(f"--token-file {p}: the token must be at least 16 characters")
-    return token
-
-
-def spec_to_config(spec: pb.SideSpec) -> SideConfig:
-    return SideConfig(model=spec.model, hidden=spec.hidden, taps=list(spec.taps),
-                      width=spec.width, depth=spec.depth, act_bits=spec.act_bits,
-                      private_labels=spec.private_labels, learning_rate=spec.learning_rate,
-                      weight_decay=spec.weight_decay, seed=spec.seed)
-
-
-def config_to_spec(cfg: SideConfig) -> pb.SideSpec:
-    return pb.SideSpec(**asdict(cfg))
-
-
-def decode_tensor(t: pb.QTensor, rows: int, cols: int, what: str,
-                  bits: tuple[int, ...]) -> torch.Tensor:
-    """ValueError naming `what` unless `t` is a well-formed (rows, cols) tensor."""
-    if t.rows != rows or t.cols != cols:
-        raise ValueError(f"{what}: shape ({t.rows}, {t.cols}), expected ({rows}, {cols})")
-    if t.bits not in bits:
-        raise ValueError(f"{what}: {t.bits} bits, expected {' or '.join(map(str, bits))}")
-    return dequantize(t.data, t.scales, rows, cols, t.bits)
 
 
 class Session:

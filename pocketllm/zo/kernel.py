@@ -10,8 +10,8 @@ build lives in a sub-directory keyed by a hash of the source, the compiler flags
 torch and Python versions and the CPU (``-march=native`` code must not run on another
 CPU model that shares the cache), so a stale or foreign binary is never picked up.
 
-``python -m pocketllm.zo.kernel`` builds the kernel, prints the backend and a quick
-timing against ``torch.Tensor.normal_``.
+``python -m pocketllm.zo.kernel`` builds the kernel; ``benchmarks/noise_kernel.py`` times
+its ops against ``torch.Tensor.normal_``.
 """
 
 from __future__ import annotations
@@ -153,10 +153,9 @@ def load_error() -> str | None:
 
 
 def _main() -> None:
-    """Build, then time the fused ops on a model-sized tensor (best of a few runs).
-
-    Env: POCKETLLM_BENCH_N (elements, default 134.5M), POCKETLLM_BENCH_REPS (default 5).
-    """
+    """Build the kernel (what `make install` runs) and say where it is; a failed build exits 1.
+    Timings of the ops: `python benchmarks/noise_kernel.py` (this module sits below noise.py
+    and does not import it)."""
     print(f"cache: {cache_dir()}")
     t0 = time.perf_counter()
     try:
@@ -165,41 +164,6 @@ def _main() -> None:
         print(f"build failed: {exc}")
         raise SystemExit(1)
     print(f"kernel: {build_dir()} (isa {mod.isa()}), load {time.perf_counter() - t0:.2f} s")
-
-    from pocketllm.zo import noise
-
-    print(f"backend: {noise.backend()}  threads: {torch.get_num_threads()}")
-    n = int(os.environ.get("POCKETLLM_BENCH_N", 134_500_000))
-    reps = int(os.environ.get("POCKETLLM_BENCH_REPS", 5))
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    key, ukey = noise.derive_key(0, 1, 2), noise.derive_key(0, 0, 2)
-    scratch = torch.empty(n)
-    print(f"\n{n:,} elements, seconds (best of {reps}):")
-    print(f"  torch normal_ float32: {best(lambda: scratch.normal_()):.4f}")
-    print(f"  {'dtype':<9} {'dist':<10} {'add_noise_':>10} {'pair':>8} {'pair+upd':>9} "
-          f"{'plus':>8} {'noise(out=)':>11}")
-    for dtype in (torch.float32, torch.bfloat16):
-        w = torch.randn(n).to(dtype)
-        plus, minus = torch.empty_like(w), torch.empty_like(w)
-        for dist in noise.DISTS:
-            t_add = best(lambda: noise.add_noise_(w, key, 0, 1e-9, dist))
-            t_pair = best(lambda: noise.perturb_pair(w, key, 0, 1e-3, dist, plus, minus))
-            t_upd = best(lambda: noise.perturb_pair(w, key, 0, 1e-3, dist, plus, minus,
-                                                    update_key=ukey, update_coef=1e-9))
-            t_one = best(lambda: noise.perturb_pair(w, key, 0, 1e-3, dist, plus, None))
-            t_gen = best(lambda: noise.noise(key, 0, n, dist, out=scratch)) if dtype == torch.float32 else None
-            print(f"  {str(dtype)[6:]:<9} {dist:<10} {t_add:>10.4f} {t_pair:>8.4f} {t_upd:>9.4f} "
-                  f"{t_one:>8.4f} {'' if t_gen is None else f'{t_gen:.4f}':>11}")
-        del w, plus, minus
 
 
 if __name__ == "__main__":

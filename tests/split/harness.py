@@ -135,7 +135,7 @@ def run_session(address: str, token_file: Path, device, cfg, iters: int, sid: st
                 on_ack=None, retry_seconds: float = 60.0):
     """Train `iters` steps through the client library; returns (client, session id, acks)."""
     from pocketllm.split.client import SplitClient, device_step
-    from pocketllm.split.server import read_token
+    from pocketllm.split.wire import read_token
     model, _, _, batcher = device
     sid = sid or secrets.token_hex(16)
     head = model.get_output_embeddings()

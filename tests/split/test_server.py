@@ -12,7 +12,7 @@ import torch
 from pocketllm.split import split_pb2 as pb
 from pocketllm.split import split_pb2_grpc as pb_grpc
 from pocketllm.split.client import SplitClient, device_step, qtensor
-from pocketllm.split.server import config_to_spec
+from pocketllm.split.wire import config_to_spec
 
 from .harness import Proxy, Server, run_session, same_weights, side_config
 
@@ -77,7 +77,7 @@ def _send(client, sid, *uploads):
 
 
 def test_malformed_payloads_get_an_error_and_the_server_keeps_serving(server, token_file, device):
-    from pocketllm.split.server import read_token
+    from pocketllm.split.wire import read_token
     model, _, _, batcher = device
     cfg = side_config(model)
     client = SplitClient(server.address, read_token(token_file))
@@ -135,7 +135,7 @@ def test_malformed_payloads_get_an_error_and_the_server_keeps_serving(server, to
 def test_a_step_in_parts_is_checked_part_by_part(server, token_file, device):
     """The device sends a step as one message per tap; the server reassembles them in order
     and refuses a part out of place, from another session or missing (stream cut short)."""
-    from pocketllm.split.server import read_token
+    from pocketllm.split.wire import read_token
     model, _, _, batcher = device
     cfg = side_config(model)
     client = SplitClient(server.address, read_token(token_file))
@@ -240,7 +240,7 @@ def test_four_devices_train_concurrently(server, token_file, device):
 
 
 def test_session_spec_is_fixed(server, token_file, device):
-    from pocketllm.split.server import read_token
+    from pocketllm.split.wire import read_token
     client = SplitClient(server.address, read_token(token_file))
     sid = secrets.token_hex(16)
     client.open(sid, side_config(device[0]))

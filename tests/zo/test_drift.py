@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from pocketllm.bench.naive_mezo import naive_zo_step
+from pocketllm.zo.naive_mezo import naive_zo_step
 from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses, token_stats
 from pocketllm.methods import get_method

@@ -2,7 +2,8 @@
 
 Perturb the stored weights in place (+eps z), forward, (-2 eps z), forward, (+eps z) to restore,
 then the update (-lr g z): z regenerated with per-tensor `torch.normal` four times a step. Kept
-only as the baseline the benchmarks and drift tests compare against.
+only as the baseline the benchmarks (the workload's naive-zo modes) and drift tests compare
+against.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The benchmarks' workload: a model, a fixed batch, and one step of each method on it.
 
-`python -m pocketllm.bench.workload --mode M` runs a few steps of mode M in this (fresh)
-process and prints one JSON line with its timings and peak RSS, which is how the memory table
-measures every mode in a process of its own.
+`python -m pocketllm.workload --mode M` runs a few steps of mode M in this (fresh) process and
+prints one JSON line with its timings and peak RSS, which is how `pocketllm memory --measure`, the
+framework's RSS (`memory_estimate.framework_mb`) and the memory table measure every mode in a
+process of its own (`memory.run_in_fresh_process` starts it). A top-layer module: nothing in the
+package imports it but the CLI.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import memory
-from ..config import TrainArgs
-from ..loss import PlainHead, TokenStats, group_losses, output_head, token_stats
-from ..methods import get_method
-from ..models import MASKED_LM_TYPES, load_model
-from ..train import setup_trainable
-from .naive_mezo import naive_zo_step
+from . import memory
+from .config import TrainArgs
+from .loss import PlainHead, TokenStats, group_losses, output_head, token_stats
+from .methods import get_method
+from .models import MASKED_LM_TYPES, load_model
+from .train import setup_trainable
+from .zo.naive_mezo import naive_zo_step
 
 MODES = ("inference", "inference-lora", "zo-full", "zo-lora", "naive-zo-full", "naive-zo-lora",
          "lora-adam", "adam")
@@ -35,22 +37,6 @@ def mode_for(method: str, trainable: str) -> str:
     if method == "zo-sgd":
         return f"zo-{trainable}"
     return method  # inference, lora-adam, adam
-
-
-def run_in_fresh_process(mode: str, **kw) -> dict:
-    """`python -m pocketllm.bench.workload --mode mode --k v ...` in a fresh process (so its
-    peak RSS is its own); returns the JSON it prints."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    cmd = [sys.executable, "-m", "pocketllm.bench.workload", "--mode", mode]
-    for k, v in kw.items():
-        cmd += ["--" + k.replace("_", "-"), str(v)]
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def is_masked_lm(model) -> bool:
