@@ -33,32 +33,32 @@ def child(a) -> list[dict]:
     from pocketllm.config import TrainArgs
     from pocketllm.models import load_model
     from pocketllm.memory import tune_allocator
-    from pocketllm.train import setup_trainable
+    from pocketllm.trainable import setup_trainable
 
     tune_allocator()  # as `pocketllm train` does
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model)
     args = TrainArgs(model=a.model, method="prge", trainable="lora", lora_rank=a.rank,
-                     lora_alpha=2.0 * a.rank, learning_rate=1e-3, eps=1e-2,
-                     max_replicas=a.max_replicas, lora_fa=a.lora_fa)
+                     lora_alpha=2.0 * a.rank, learning_rate=1e-3, lora_fa=a.lora_fa)
     _, params = setup_trainable(model, args)
     out = []
     for c in a.configs.split(","):
         B, q, mode = c.split(":")
-        out.append(time_config(model, params, dataclasses.replace(
-            args, queries=int(q), parallel=mode, batch_size=int(B)), a))
+        out.append(time_config(model, params, dataclasses.replace(args, batch_size=int(B)), a,
+                               queries=int(q), parallel=mode))
     return out
 
 
-def time_config(model, params, args, a) -> dict:
+def time_config(model, params, args, a, **settings) -> dict:
     import torch
 
     from pocketllm import memory
     from pocketllm.workload import fixed_batch
-    from pocketllm.methods import get_method
+    from pocketllm.methods import build
 
-    method = get_method("prge")(model, params, args)
+    method = build("prge", model, params, args, eps=1e-2, max_replicas=a.max_replicas,
+                   **settings)
     batch = fixed_batch(model.config.vocab_size, args.batch_size, a.seq)
     rss_loaded = memory.rss_mb()
     memory.reset_peak()

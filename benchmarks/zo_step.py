@@ -35,18 +35,19 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
     from pocketllm.zo.naive_mezo import naive_zo_step
     from pocketllm.workload import fixed_batch, train_args
     from pocketllm.loss import group_losses, token_stats
-    from pocketllm.methods import get_method
+    from pocketllm.methods import build
     from pocketllm.models import load_model
     from pocketllm.memory import tune_allocator
-    from pocketllm.train import setup_trainable
+    from pocketllm.trainable import setup_trainable
 
     tune_allocator()  # as `pocketllm train` does
     model, _ = load_model(model_name)
-    args = train_args(f"zo-{kind}", "float32", model_name, batch_size=B, perturbation=dist)
+    args = train_args(f"zo-{kind}", "float32", model_name, batch_size=B)
     _, params = setup_trainable(model, args)
-    ours = get_method("zo-sgd")(model, params, dataclasses.replace(args, zo_passes="pair"))
-    args_seq = dataclasses.replace(args, zo_passes="sequential")
-    ours_seq = get_method("zo-sgd")(model, params, args_seq)
+    eps = 1e-3 if kind == "full" else 1e-2
+    ours = build("zo-sgd", model, params, args, eps=eps, perturbation=dist, zo_passes="pair")
+    ours_seq = build("zo-sgd", model, params, args, eps=eps, perturbation=dist,
+                     zo_passes="sequential")
     plist = [p for _, p in params]
     batch = fixed_batch(model.config.vocab_size, B, seq)
     pair = {k: torch.cat([v, v]) for k, v in batch.items()}
@@ -66,7 +67,7 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
                "pair_fwd": timed(lambda: fwd(pair)),
                "ours": timed(lambda: ours.step([batch], r, args.learning_rate)),
                "seq": timed(lambda: ours_seq.step([batch], r, args.learning_rate)),
-               "naive": timed(lambda: naive_zo_step(plist, lambda: fwd(batch), args.eps,
+               "naive": timed(lambda: naive_zo_step(plist, lambda: fwd(batch), eps,
                                                     args.learning_rate, seed=r))}
         if r:
             rows.append(row)

@@ -10,6 +10,7 @@ package imports it but the CLI.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -21,9 +22,9 @@ import torch.nn.functional as F
 from . import memory
 from .config import TrainArgs
 from .loss import PlainHead, TokenStats, group_losses, output_head, token_stats
-from .methods import get_method
+from .methods import build, get_method
 from .models import MASKED_LM_TYPES, load_model
-from .train import setup_trainable
+from .trainable import setup_trainable
 from .zo.naive_mezo import naive_zo_step
 
 MODES = ("inference", "inference-lora", "zo-full", "zo-lora", "naive-zo-full", "naive-zo-lora",
@@ -88,9 +89,21 @@ def masked_lm_stats(model, batch: dict[str, torch.Tensor], groups: int = 1,
     return TokenStats(nll=nll, tokens=torch.ones_like(nll), correct=correct)
 
 
-def make_step(mode: str, model, batch, args: TrainArgs) -> Callable[[int], None]:
-    """A callable running step i of `mode` on `batch` (LoRA/full already set by args)."""
+class Scored:
+    """The workload's objective: its batch scored by `stats` (n_scored: the rows or tokens)."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def n_scored(self, batch) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def make_step(mode: str, model, batch, args: TrainArgs, **settings) -> Callable[[int], None]:
+    """A callable running step i of `mode` on `batch` (LoRA/full already set by args;
+    `settings`: the method's own, e.g. zo_passes)."""
     stats = masked_lm_stats if is_masked_lm(model) else token_stats
+    eps = 1e-3 if args.trainable == "full" else 1e-2
     if mode.startswith("inference"):
         if mode == "inference-lora":
             setup_trainable(model, args)
@@ -107,9 +120,11 @@ def make_step(mode: str, model, batch, args: TrainArgs) -> Callable[[int], None]
 
         def loss():
             return group_losses(stats(model, batch), 1).item()
-        return lambda i: naive_zo_step(plist, loss, args.eps, args.learning_rate, seed=i)
-    method = get_method(METHOD_OF[mode])(model, params, args)
-    method.stats = stats
+        return lambda i: naive_zo_step(plist, loss, eps, args.learning_rate, seed=i)
+    name = METHOD_OF[mode]
+    if "eps" in {f.name for f in dataclasses.fields(get_method(name).Config)}:
+        settings = {"eps": eps, **settings}
+    method = build(name, model, params, args, Scored(stats), **settings)
     return lambda i: method.step([batch], i, args.learning_rate)
 
 
@@ -117,8 +132,7 @@ def train_args(mode: str, dtype: str, model: str, **kw) -> TrainArgs:
     trainable = "full" if mode.endswith("full") or mode == "adam" else "lora"
     return TrainArgs(model=model, dtype=dtype, trainable=trainable,
                      method=METHOD_OF.get(mode, "zo-sgd"),
-                     learning_rate=1e-6 if trainable == "full" else 1e-3,
-                     eps=1e-3 if trainable == "full" else 1e-2, **kw)
+                     learning_rate=1e-6 if trainable == "full" else 1e-3, **kw)
 
 
 def main() -> None:
@@ -140,8 +154,9 @@ def main() -> None:
     model, _ = load_model(a.model, a.dtype)
     batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq, masked=is_masked_lm(model))
     args = train_args(a.mode, a.dtype, a.model, batch_size=a.batch_size, lora_rank=a.lora_rank,
-                      zo_passes=a.zo_passes, max_seq_length=a.seq)
-    step = make_step(a.mode, model, batch, args)
+                      max_seq_length=a.seq)
+    settings = {"zo_passes": a.zo_passes} if METHOD_OF.get(a.mode) == "zo-sgd" else {}
+    step = make_step(a.mode, model, batch, args, **settings)
     rss_loaded = memory.rss_mb()
     peak_load = memory.peak_rss_mb()
     memory.reset_peak()

@@ -144,21 +144,21 @@ def test_auto_passes_pair_only_within_the_memory_budget():
 
 
 def test_zo_sgd_auto_passes_follow_the_estimate():
-    from pocketllm.methods import get_method
+    from pocketllm.methods import build
     from pocketllm.models import load_model
     model, _ = load_model("tiny-llama")
     for seq, n_passes in ((16, 1), (4096, 2)):  # pair: one forward; sequential: two
         args = TrainArgs(model="tiny-llama", trainable="full", batch_size=64,
                          max_seq_length=seq, learning_rate=1e-3)
         _, params = setup_trainable(model, args)
-        m = get_method("zo-sgd")(model, params, args)
+        m = build("zo-sgd", model, params, args)
         assert len(m.passes) == n_passes
 
 
 def test_a_config_the_estimator_cannot_read_is_named_and_auto_passes_fall_back(monkeypatch):
     from types import SimpleNamespace
 
-    from pocketllm.methods import get_method
+    from pocketllm.methods import build
     from pocketllm.models import load_model
     with pytest.raises(ME.UnknownShape, match="'mystery'"):
         ME.model_shape(SimpleNamespace(model_type="mystery"))
@@ -168,10 +168,10 @@ def test_a_config_the_estimator_cannot_read_is_named_and_auto_passes_fall_back(m
     args = TrainArgs(model="tiny-llama", trainable="full", batch_size=2, max_seq_length=16,
                      learning_rate=1e-3)
     _, params = setup_trainable(model, args)
-    assert len(get_method("zo-sgd")(model, params, args).passes) == 2
+    assert len(build("zo-sgd", model, params, args).passes) == 2
     # ... but a bug in the estimate's own arithmetic is not taken for an unknown model
     monkeypatch.undo()
     monkeypatch.setattr(ME, "_framework", FRAMEWORK)
     monkeypatch.setattr(ME, "estimate", lambda *a, **k: (_ for _ in ()).throw(TypeError("bug")))
     with pytest.raises(TypeError, match="bug"):
-        get_method("zo-sgd")(model, params, args)
+        build("zo-sgd", model, params, args)

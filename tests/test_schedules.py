@@ -1,6 +1,7 @@
 import pytest
 
 from pocketllm.config import TrainArgs
+from pocketllm.methods.zo import ZOConfig
 from pocketllm.schedules import eps_at, lr_at, scheduled
 
 
@@ -19,6 +20,6 @@ def test_warmup_and_args():
     a = TrainArgs(learning_rate=1e-3, lr_schedule="linear", lr_warmup=4, iters=14)
     assert [lr_at(a, s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lr_at(a, 9) == pytest.approx(5e-4)
-    e = TrainArgs(eps=1e-2, eps_schedule="linear", iters=10)
-    assert eps_at(e, 0) == 1e-2 and eps_at(e, 10) == pytest.approx(1e-3)  # default final eps/10
-    assert eps_at(TrainArgs(eps=1e-2), 5) == 1e-2
+    e = ZOConfig(eps=1e-2, eps_schedule="linear")
+    assert eps_at(e, 0, 10) == 1e-2 and eps_at(e, 10, 10) == pytest.approx(1e-3)  # final eps/10
+    assert eps_at(ZOConfig(eps=1e-2), 5, 10) == 1e-2

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pocketllm.workload import fixed_batch, make_step, masked_lm_stats, train_args
-from pocketllm.methods import get_method
+from pocketllm.workload import Scored, fixed_batch, make_step, masked_lm_stats, train_args
+from pocketllm.methods import build
 from pocketllm.models import load_model
 from pocketllm.train import setup_trainable
 
@@ -29,10 +29,9 @@ def test_zo_on_a_masked_lm_pair_and_sequential_passes_agree(trainable):
     gs = []
     for passes in ("pair", "sequential"):
         model, _ = load_model("tiny-roberta")
-        args = train_args("zo-" + trainable, "float32", "tiny-roberta", zo_passes=passes)
+        args = train_args("zo-" + trainable, "float32", "tiny-roberta")
         _, params = setup_trainable(model, args)
-        m = get_method("zo-sgd")(model, params, args)
-        m.stats = masked_lm_stats
+        m = build("zo-sgd", model, params, args, Scored(masked_lm_stats), zo_passes=passes)
         gs.append(m.step([b], 0, 0.0).extra["projected_grad"])
     assert gs[0] == pytest.approx(gs[1], rel=1e-3, abs=1e-4)
     assert gs[0] != 0.0  # the perturbation reaches the loss (the head included)

@@ -99,6 +99,7 @@ class SideTuning(Method):
         # model) must not interleave
         self.model_lock = threading.Lock()
         self.totals = {"wire_bytes": 0, "forward_s": 0.0}
+        self.opened = False  # the server holds the session (after Open)
 
     def describe(self) -> str:
         return (f"server {self.cfg.server} | {len(self.side.taps)} taps at {self.cfg.act_bits} "
@@ -111,6 +112,7 @@ class SideTuning(Method):
         return self.sid
 
     def restore(self, out_dir) -> int:
+        self.opened = True
         return self.client.open(self.session(out_dir, True), self.side)
 
     def open_log(self, out_dir, fresh):
@@ -125,6 +127,7 @@ class SideTuning(Method):
         def make_step(s: int):
             with self.model_lock:
                 return device_step(self.model, batch_at(s - 1)[0], self.side, s)
+        self.opened = True
         try:
             for step, loss, item in self.client.steps(self.sid, self.side, make_step, iters,
                                                       self.head, self.cfg.queue_depth,
@@ -142,8 +145,13 @@ class SideTuning(Method):
 
     @contextmanager
     def evaluating(self):
-        """The backbone with the server's side network attached (this step's, or one ahead)."""
+        """The backbone with the server's side network attached (this step's, or one ahead);
+        before the session exists, the backbone alone (what a zero-initialised side network
+        adds nothing to)."""
         from ..split.side import AttachedSide
+        if not self.opened:
+            yield
+            return
         try:
             _, side = self.client.fetch(self.sid)
         except Exception as e:  # grpc.RpcError: the server went away mid-run

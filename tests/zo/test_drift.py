@@ -15,8 +15,8 @@ import torch
 from pocketllm.zo.naive_mezo import naive_zo_step
 from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses, token_stats
-from pocketllm.methods import get_method
-from pocketllm.methods.zo_sgd import replay_steps
+from pocketllm.methods import build
+from pocketllm.zo.log import replay_steps
 from pocketllm.models import load_model
 from tests.helpers import tiny_batch
 
@@ -28,15 +28,15 @@ def _run(dtype: str, lr: float):
     base = copy.deepcopy(model)
     batch = tiny_batch(tok, ["ab", "cd"])
     args = TrainArgs(model="tiny-llama", dtype=dtype, trainable="full", learning_rate=lr,
-                     eps=1e-3, seed=5)
+                     seed=5)
     params = list(model.named_parameters())
-    zo = get_method("zo-sgd")(model, params, args)
+    zo = build("zo-sgd", model, params, args, eps=1e-3)
     coefs = []
     for step in range(STEPS):
         g = zo.step([batch], step, lr).extra["projected_grad"]
         coefs.append({"step": step, "lr": lr, "projected_grad": g})
     zo.sync()
-    return model, base, coefs, zo.args.perturbation
+    return model, base, coefs, zo.cfg.perturbation
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
