@@ -26,10 +26,11 @@ HeadChunk = tuple[int, int, Sequence[torch.Tensor], Sequence[torch.Tensor | None
 
 @dataclass
 class TokenStats:
-    """Per-row sums over the label positions of one batch."""
+    """Per-entry sums of one batch's loss: an entry is a row (language modelling,
+    classification) or an example (multiple choice); see `pocketllm.objectives`."""
 
     nll: torch.Tensor      # (B,) summed negative log-likelihood
-    tokens: torch.Tensor   # (B,) number of label tokens
+    tokens: torch.Tensor   # (B,) number of label tokens (1 per entry for a class objective)
     correct: torch.Tensor  # (B,) label tokens that are the argmax (teacher forced)
     choice_correct: torch.Tensor | None = None  # (B,) first label token is the best choice
     pred: torch.Tensor | None = None   # (B,) predicted class (classification batches only)
