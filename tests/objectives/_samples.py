@@ -21,8 +21,8 @@ def lm_items(tok):
     return [encode(r, tok, mask_prompt=True, max_seq_length=64) for r in recs], None
 
 
-def classification_items(tok, masked: bool = False):
-    task = TASKS["sst2"]
+def classification_items(tok, masked: bool = False, name: str = "sst2"):
+    task = TASKS[name]  # (a task whose one text field is "sentence")
     exs = [Example({"sentence": s}, i % 2) for i, s in enumerate(TEXTS)]
     return encode_examples(exs, task, tok, masked, 64), task
 

@@ -11,8 +11,13 @@ from pocketllm.objectives import Classification
 from ._samples import classification_items, split_head_loss
 
 
-def _task_batch(tok, masked):
-    items, _ = classification_items(tok, masked)
+def tiny_roberta():
+    """The tiny masked LM (2-layer RoBERTa, byte tokenizer with <mask>)."""
+    return load_model("tiny-roberta")
+
+
+def _task_batch(model, tok, name, masked):
+    items, _ = classification_items(tok, masked, name)
     return Classification().collate(items, tok.pad_token_id)
 
 
@@ -21,10 +26,10 @@ def _task_batch(tok, masked):
 def test_label_word_logits_equal_full_vocabulary_logits(name):
     """The classification forward reads only the label rows at the answer position; the
     figures must be those of the model's own full logits at those indices."""
-    model, tok = load_model(name)
+    model, tok = tiny_roberta() if name == "tiny-roberta" else load_model(name)
     masked = is_masked_lm(model)
     assert masked == (name == "tiny-roberta")
-    b = _task_batch(tok, masked)
+    b = _task_batch(model, tok, "sst2", masked)
     with torch.no_grad():
         s = Classification().stats(model, b)
         full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -50,7 +55,7 @@ def test_collate_adds_per_row_class_answer_position_and_label_words():
 
 def test_split_head_loss_over_the_label_words_is_the_loss():
     model, tok = load_model("tiny-llama")
-    b = _task_batch(tok, False)
+    b = _task_batch(model, tok, "sst2", False)
     obj = Classification()
     with torch.no_grad():
         s = obj.stats(model, b)
