@@ -8,9 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import eval_batches
-from .loss import token_stats
-
-MAX_LABELS = 50
+from .objectives import Objective, choose
 
 
 @dataclass
@@ -59,39 +57,30 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, n_classes: int) -> float:
     return sum(f1s) / max(len(f1s), 1)
 
 
-def label_choices(records: list[dict], tok) -> torch.Tensor | None:
-    """Token ids of the label set when the completions form a small closed set whose labels
-    start with distinct tokens (a classification task); None otherwise."""
-    if not records or any("completion" not in r for r in records):
-        return None
-    labels = sorted({r["completion"] for r in records})
-    if len(labels) > MAX_LABELS or len(labels) < 2:
-        return None
-    firsts = [tok(l, add_special_tokens=False).input_ids[:1] for l in labels]
-    ids = [f[0] for f in firsts if f]
-    if len(ids) != len(labels) or len(set(ids)) != len(ids):
-        return None
-    return torch.tensor(ids)
-
-
 @torch.no_grad()
 def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1,
-             choices: torch.Tensor | None = None) -> EvalResult:
-    """Loss, perplexity and accuracies over encoded (ids, n_prompt) items."""
+             choices: torch.Tensor | None = None, objective: Objective | None = None
+             ) -> EvalResult:
+    """Loss, perplexity and the accuracies `objective` reports, over encoded items.
+
+    `objective` batches and scores them (default: `objectives.choose(items, choices=choices)`,
+    `choices` being a records run's closed label set)."""
+    if objective is None:
+        objective = choose(items, choices=choices)
     nll = tok = correct = exact = recs = chosen = 0.0
-    preds, golds = [], []
-    is_task = bool(items) and len(items[0]) == 3  # task items carry (class, answer position)
+    preds, golds, n_classes = [], [], None
     # Similar lengths batched together: far less padding (SST-2 dev: 3 to 60 tokens). The
     # figures are sums over records, so the order does not change them.
     items = sorted(items, key=lambda it: len(it[0]), reverse=True)
-    for i, b in enumerate(eval_batches(items, batch_size, pad_id)):
+    for i, b in enumerate(eval_batches(items, batch_size, pad_id, objective)):
         if 0 <= max_batches <= i:
             break
-        s = token_stats(model, b, choices=choices)
-        if s.pred is not None:
+        s = objective.stats(model, b)
+        gold = objective.gold(b)
+        if gold is not None:
             preds.append(s.pred)
-            golds.append(b["class_label"] if "class_label" in b else
-                         b["choice_label"].view(len(s.pred), -1).argmax(1))
+            golds.append(gold)
+            n_classes = objective.n_classes(b)
         nll += float(s.nll.sum())
         tok += float(s.tokens.sum())
         correct += float(s.correct.sum())
@@ -100,14 +89,9 @@ def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1,
             chosen += float(s.choice_correct.sum())
         recs += len(s.tokens)
     loss = nll / max(tok, 1)
-    f1 = None
-    if is_task and preds:
-        meta = items[0][2]
-        n_classes = len(meta.get("label_ids") or meta.get("candidates"))
-        f1 = macro_f1(torch.cat(preds), torch.cat(golds), n_classes)
-    has_prompt = not is_task and any(it[1] > 0 for it in items)  # completions, not free text
+    f1 = macro_f1(torch.cat(preds), torch.cat(golds), n_classes) if preds else None
     return EvalResult(loss=loss, ppl=math.exp(min(loss, 50)),
-                      accuracy=chosen / max(recs, 1) if choices is not None or is_task else None,
-                      exact_match=exact / max(recs, 1) if has_prompt else None,
+                      accuracy=chosen / max(recs, 1) if objective.accuracy else None,
+                      exact_match=exact / max(recs, 1) if objective.exact_match(items) else None,
                       token_accuracy=correct / max(tok, 1), tokens=int(tok), records=int(recs),
                       macro_f1=f1)

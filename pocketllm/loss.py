@@ -1,17 +1,20 @@
-"""Causal-LM loss that never builds the full (batch, seq, vocab) logits tensor.
+"""The output head's losses, without the full (batch, seq, vocab) logits tensor.
 
 The output head of a small model is its largest matmul and its logits its largest activation
-(SmolLM2-135M at 8 x 64 tokens: 100 MB of float32 logits, against 2 MB per hidden state). So we
-run the backbone, keep only the positions that carry a label, and stream the head over the
-vocabulary in chunks with an online log-sum-exp. The same routine serves evaluation, first-order
-training (autograd flows through the chunks) and zeroth-order training, where each group of rows
-sees its own perturbed copy of the head (see `pocketllm.zo.perturb`).
+(SmolLM2-135M at 8 x 64 tokens: 100 MB of float32 logits, against 2 MB per hidden state). So an
+objective runs the backbone, keeps only the positions it scores, and `stream_head` streams the
+head over the vocabulary in chunks with an online log-sum-exp. The same pass serves evaluation,
+first-order training (autograd flows through the chunks), zeroth-order training, where each
+group of rows sees its own perturbed copy of the head (see `pocketllm.zo.perturb`), and split
+mode's head gradient (`split.side.head_loss_grad`). What is scored, and how, is the objective's
+(`pocketllm.objectives`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -23,16 +26,36 @@ HeadChunk = tuple[int, int, Sequence[torch.Tensor], Sequence[torch.Tensor | None
 
 @dataclass
 class TokenStats:
-    """Per-row sums over the label positions of one batch."""
+    """Per-entry sums of one batch's loss: an entry is a row (language modelling,
+    classification) or an example (multiple choice); see `pocketllm.objectives`."""
 
     nll: torch.Tensor      # (B,) summed negative log-likelihood
-    tokens: torch.Tensor   # (B,) number of label tokens
+    tokens: torch.Tensor   # (B,) number of label tokens (1 per entry for a class objective)
     correct: torch.Tensor  # (B,) label tokens that are the argmax (teacher forced)
     choice_correct: torch.Tensor | None = None  # (B,) first label token is the best choice
     pred: torch.Tensor | None = None   # (B,) predicted class (classification batches only)
 
     def row_loss(self) -> torch.Tensor:
         return self.nll / self.tokens.clamp(min=1)
+
+
+@dataclass
+class HeadPass:
+    """What `stream_head` keeps of each scored row's logits (all (N,) float32)."""
+
+    lse: torch.Tensor     # log-sum-exp over the vocabulary
+    target: torch.Tensor  # the target token's logit
+    top: torch.Tensor     # the largest logit
+    mean_row: torch.Tensor | None = None  # (N, H) softmax-weighted mean of the head's rows
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return self.lse - self.target
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """1 where the target is the argmax (ties count as correct)."""
+        return (self.target >= self.top).float()
 
 
 def output_head(model: nn.Module) -> nn.Module:
@@ -69,63 +92,6 @@ def answer_transform(model: nn.Module):
     return lambda h: h
 
 
-def class_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                head_view=None) -> TokenStats:
-    """Prompt-based classification: cross-entropy over the label words at the answer position.
-
-    Only what is needed is computed: the hidden state at `answer_pos` (the last prompt token
-    of a causal LM, the mask of a masked LM) times the head rows of the label words, so
-    (B, C) logits instead of (B, T, vocab)."""
-    hidden = backbone(model, batch)
-    B = hidden.shape[0]
-    h = answer_transform(model)(hidden[torch.arange(B), batch["answer_pos"]])   # (B, H)
-    uniq, inv = torch.unique(batch["label_ids"], return_inverse=True)           # inv: (B, C)
-    ws, bs = (head_view or PlainHead(output_head(model))).rows(uniq, groups)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    parts = []
-    for g, hg in enumerate(h.chunk(groups, 0)):
-        lg = hg @ ws[g].to(hg.dtype).T
-        if bs[g] is not None:
-            lg = lg + bs[g]
-        parts.append(lg.float())
-    logits = torch.cat(parts).gather(1, inv)                                       # (B, C)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    y = batch["class_label"]
-    nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    pred = logits.argmax(1)
-    right = (pred == y).float()
-    return TokenStats(nll=nll, tokens=torch.ones_like(nll), correct=right.detach(),
-                      choice_correct=right.detach(), pred=pred)
-
-
-def choice_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                 head_view=None) -> TokenStats:
-    """Multiple choice (COPA): each example's candidates are consecutive rows; a candidate's
-    score is its mean per-token log-likelihood, and the loss is the cross-entropy of the
-    right one among them. One entry per example."""
-    lm = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    s = token_stats(model, lm, groups, head_view)
-    C = int(batch["n_choices"][0])
-    score = (-s.row_loss()).view(-1, C)                                            # (E, C)
-    y = batch["choice_label"].view(-1, C).argmax(1)
-    nll = torch.nn.functional.cross_entropy(score, y, reduction="none")
-    pred = score.argmax(1)
-    right = (pred == y).float()
-    return TokenStats(nll=nll, tokens=torch.ones_like(nll), correct=right.detach(),
-                      choice_correct=right.detach(), pred=pred)
-
-
-def n_scored(batch: dict[str, torch.Tensor]) -> int:
-    """What a batch's loss is averaged over: label tokens (LM), rows (classification) or
-    examples (multiple choice)."""
-    if "class_label" in batch:
-        return int(batch["class_label"].shape[0])
-    if "choice_label" in batch:
-        return int(batch["choice_label"].shape[0] // int(batch["n_choices"][0]))
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 class PlainHead:
     """The output head as the losses read it (`head_view`): its own weights, shared by every
     group. A zeroth-order method that trains the head passes its perturbed view instead (the
@@ -133,6 +99,11 @@ class PlainHead:
 
     def __init__(self, head: nn.Module):
         self.head = head
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "PlainHead":
+        """The head given by its tensors (split mode holds those, not the module)."""
+        return cls(SimpleNamespace(weight=weight, bias=bias))
 
     def chunks(self, groups: int) -> Iterator[HeadChunk]:
         """All rows, in VOCAB_CHUNK-row chunks: (v0, v1, weights per group, biases per group);
@@ -150,42 +121,32 @@ class PlainHead:
         return [self.head.weight[ids]] * groups, [None if b is None else b[ids]] * groups
 
 
-def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                head_view=None, choices: torch.Tensor | None = None) -> TokenStats:
-    """Run the backbone and the chunked head; rows split into `groups` equal groups.
+def stream_head(h: torch.Tensor, targets: torch.Tensor, chunks: Iterable[HeadChunk],
+                group_of: torch.Tensor | None = None, groups: int = 1,
+                softcap: float | None = None, mean_row: bool = False) -> HeadPass:
+    """Each row's log-sum-exp and target logit under the output head, streamed over the
+    vocabulary: the one chunked head pass of every full-vocabulary loss (the causal LM, split
+    mode's head gradient, the masked-LM workload).
 
-    `head_view` gives the output head's rows (`.chunks(groups)` yields `HeadChunk`s); by
-    default `PlainHead`, the head's own weights.
-    `choices`: token ids of a closed label set; then each row's first label token is also
-    classified among them (logits of those rows of the head only).
+    `h` (N, H) are the scored hidden states and `targets` (N,) their token ids; `chunks`
+    yields `HeadChunk`s (`PlainHead(head).chunks(groups)` or a perturbed view); row i reads
+    the weights of group `group_of[i]` (None: every row is in group 0). No (N, vocab) logits
+    are built: each chunk's logits are folded into a running max and sum (online
+    log-sum-exp), so the peak is one (rows x VOCAB_CHUNK) block. Autograd flows through when
+    it is enabled; without it the block lives in reused buffers and exp() runs in place.
 
-    The batch's keys choose the objective: `class_label` (with `answer_pos`, `label_ids`) is
-    prompt-based classification, `choice_label` multiple choice (see `class_stats`,
-    `choice_stats`); otherwise the causal-LM loss on the `labels` positions.
-    """
-    if "class_label" in batch:
-        return class_stats(model, batch, groups, head_view)
-    if "choice_label" in batch:
-        return choice_stats(model, batch, groups, head_view)
-    labels = batch["labels"]
-    hidden = backbone(model, batch)
-    # Position t predicts token t+1: keep only positions whose next token is a label.
-    targets = labels[:, 1:]
-    sel = targets != -100
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[sel]
-    h = hidden[:, :-1][sel]                     # (N, H)
-    tgt = targets[sel]                          # (N,)
-    B = labels.shape[0]
-    per_group = B // groups
-    group_of = rows // per_group
-    head = output_head(model)
-    chunks = (head_view or PlainHead(head)).chunks(groups)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-
+    `mean_row`: also the softmax-weighted mean of the head's rows, sum_v p_v W_v (N, H),
+    float32, accumulated in the same pass (the cross-entropy's gradient w.r.t. h is that
+    minus W[target]); needs the logits to be h @ W.T + b, so no `softcap`."""
+    if mean_row and softcap:
+        raise ValueError("stream_head: mean_row is the gradient of uncapped logits only")
     N = h.shape[0]
+    if group_of is None:
+        group_of = torch.zeros(N, dtype=torch.long, device=h.device)
     run_max = h.new_full((N,), float("-inf"), dtype=torch.float32)
     run_sum = h.new_zeros((N,), dtype=torch.float32)
     tgt_logit = h.new_zeros((N,), dtype=torch.float32)
+    acc = h.new_zeros((N, h.shape[1]), dtype=torch.float32) if mean_row else None
     idx = [torch.nonzero(group_of == g).squeeze(1) for g in range(groups)]
     hs = [h if groups == 1 else h[i] for i in idx]  # each group's rows, gathered once
     # Without autograd the chunk's logits live in two buffers reused by every chunk, and exp()
@@ -223,39 +184,22 @@ def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 
             cmax = logits.max(dim=1).values
             m_old = run_max[idx[g]]
             m_new = torch.maximum(m_old, cmax)
-            t = tgt[idx[g]]
+            t = targets[idx[g]]
             inside = (t >= v0) & (t < v1)
             picked = logits.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
             tgt_logit = tgt_logit.index_put((idx[g],), torch.where(inside, picked, tgt_logit[idx[g]]))
             if inplace:  # (picked is a copy: the logits may now be overwritten)
-                chunk_sum = logits.sub_(m_new[:, None]).exp_().sum(1)
+                p = logits.sub_(m_new[:, None]).exp_()
             else:
-                chunk_sum = torch.exp(logits - m_new[:, None]).sum(1)
-            s = run_sum[idx[g]] * torch.exp(m_old - m_new) + chunk_sum
+                p = torch.exp(logits - m_new[:, None])
+            scale = torch.exp(m_old - m_new)
+            s = run_sum[idx[g]] * scale + p.sum(1)
+            if acc is not None:  # the same rescaling for the weighted sum of rows
+                acc = acc.index_put((idx[g],), acc[idx[g]] * scale[:, None] + p @ w.float())
             run_max = run_max.index_put((idx[g],), m_new)
             run_sum = run_sum.index_put((idx[g],), s)
-    nll = run_max + torch.log(run_sum) - tgt_logit
-    # The label is the argmax iff its logit equals the running max (ties count as correct).
-    correct = (tgt_logit >= run_max).float()
-    zeros = h.new_zeros((B,), dtype=torch.float32)
-    choice_correct = None
-    if choices is not None and N:
-        # first label position of each row (rows are in order, positions ascending)
-        first = torch.ones_like(rows, dtype=torch.bool)
-        first[1:] = rows[1:] != rows[:-1]
-        hf, tf = h[first], tgt[first]
-        w = head.weight[choices]
-        cl = hf @ w.to(hf.dtype).T
-        if getattr(head, "bias", None) is not None:
-            cl = cl + head.bias[choices]
-        pred = choices[cl.argmax(1)]
-        choice_correct = zeros.index_put((rows[first],), (pred == tf).float())
-    return TokenStats(
-        nll=zeros.index_add(0, rows, nll),
-        tokens=zeros.index_add(0, rows, torch.ones_like(nll)),
-        correct=zeros.index_add(0, rows, correct.detach()),
-        choice_correct=choice_correct,
-    )
+    return HeadPass(lse=run_max + torch.log(run_sum), target=tgt_logit, top=run_max,
+                    mean_row=None if acc is None else acc / run_sum[:, None])
 
 
 def group_losses(stats: TokenStats, groups: int) -> torch.Tensor:
@@ -263,3 +207,27 @@ def group_losses(stats: TokenStats, groups: int) -> torch.Tensor:
     nll = stats.nll.reshape(groups, -1).sum(1)
     tok = stats.tokens.reshape(groups, -1).sum(1)
     return nll / tok.clamp(min=1)
+
+
+# ---- entry points kept for callers not yet on `pocketllm.objectives` ----------------------
+# They find the objective from the batch's keys (`objectives.for_batch`); code that knows its
+# data holds the objective (`objectives.choose`) and calls it instead.
+def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
+                head_view=None, choices: torch.Tensor | None = None) -> TokenStats:
+    """`Objective.stats` of the objective whose collate made `batch` (`choices`: the closed
+    label set of a language-modelling batch, see `objectives.lm.LanguageModeling`)."""
+    from .objectives import for_batch
+    return for_batch(batch, choices).stats(model, batch, groups, head_view)
+
+
+def n_scored(batch: dict[str, torch.Tensor]) -> int:
+    """`Objective.n_scored` of the objective whose collate made `batch`."""
+    from .objectives import for_batch
+    return for_batch(batch).n_scored(batch)
+
+
+def class_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
+                head_view=None) -> TokenStats:
+    """`objectives.Classification().stats`."""
+    from .objectives import Classification
+    return Classification().stats(model, batch, groups, head_view)

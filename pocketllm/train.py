@@ -25,7 +25,6 @@ from .evaluate import EvalResult, evaluate
 from .lora import ADAPTER_WEIGHTS, save_adapter
 from .loss import is_masked_lm
 from .methods import Method, StepResult, get_method
-from .methods.base import BatchKeysObjective
 from .models import load_model
 from .report import Reporter
 from .schedules import eps_at, lr_at
@@ -54,8 +53,9 @@ def train(args: TrainArgs, settings: dict | None = None) -> dict:
     enc = data.encode(tok, is_masked_lm(model), args.max_seq_length, args.mask_prompt)
     for w in data.warnings:
         print(f"warning: {w}", flush=True)
+    objective = data.objective(tok)  # chosen once, from the data
     spec, params = method_cls.trainable(model, args)
-    method = method_cls(model, params, cfg, args, BatchKeysObjective())
+    method = method_cls(model, params, cfg, args, objective)
     run = Run(args, method, model, tok, data, enc, spec, out)
     try:
         return run.loop(t_start)
@@ -69,6 +69,7 @@ class Run:
     def __init__(self, args, method: Method, model, tok, data, enc, spec, out: Path):
         self.args, self.method, self.model, self.data, self.enc = args, method, model, data, enc
         self.spec, self.out, self.pad_id = spec, out, tok.pad_token_id
+        self.objective = method.objective
         self.choices = data.label_choices(tok)
         self.clock = 0.0  # training seconds so far (steps only, not evaluation)
         self.best: dict | None = None
@@ -86,7 +87,7 @@ class Run:
         self.clock = self.report.last_wall
         self.best = read_best(out / BEST_DIR) if args.resume and args.keep_best else None
         batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
-                          args.grad_accumulation)
+                          args.grad_accumulation, self.objective)
         if self.choices is not None:
             print(f"closed label set of {len(self.choices)} completions: accuracy = the right "
                   f"label ranks first among them", flush=True)
@@ -179,7 +180,7 @@ class Run:
                 return self.evaluate(step, tag, split, synced=True)
         args = self.args
         r = evaluate(self.model, self.enc[split].items, args.eval_batch_size, self.pad_id,
-                     args.val_batches if split == "valid" else -1, self.choices)
+                     args.val_batches if split == "valid" else -1, objective=self.objective)
         p = "eval" if split == "valid" else split
         self.report.say(f"step {step} | {tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
         self.report.record({"step": step, "wall": self.clock,

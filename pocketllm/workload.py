@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import memory
 from .config import TrainArgs
-from .loss import PlainHead, TokenStats, group_losses, output_head, token_stats
+from .loss import (PlainHead, TokenStats, answer_transform, backbone, group_losses,
+                   output_head, stream_head, token_stats)
 from .methods import build, get_method
 from .models import MASKED_LM_TYPES, load_model
 from .trainable import setup_trainable
@@ -63,7 +63,8 @@ def masked_lm_stats(model, batch: dict[str, torch.Tensor], groups: int = 1,
                     head_view=None) -> TokenStats:
     """Cross-entropy of a masked LM at its scored positions (one per row), through the model's
     own MLM head (RoBERTa: dense, GELU, LayerNorm, then the vocabulary projection, streamed in
-    chunks as `head_view` gives them, so a ZO run perturbs it like any other weight).
+    chunks as `head_view` gives them by `loss.stream_head`, so a ZO run perturbs it like any
+    other weight).
 
     The workload's stand-in for prompt-based classification: same forward, same head, the full
     vocabulary instead of the label words (a few logits per row either way)."""
@@ -71,22 +72,11 @@ def masked_lm_stats(model, batch: dict[str, torch.Tensor], groups: int = 1,
     sel = labels != -100
     if not bool((sel.sum(1) == 1).all()):
         raise ValueError("masked_lm_stats: expected exactly one scored position per row")
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-    lm = model.lm_head
-    x = lm.layer_norm(F.gelu(lm.dense(hidden[sel])))   # (B, H): row b is batch row b
-    tgt = labels[sel]
-    chunks = (head_view or PlainHead(output_head(model))).chunks(groups)
-    parts = [[] for _ in range(groups)]
-    xs = x.chunk(groups, 0)
-    for _, _, ws, bs in chunks:
-        for g in range(groups):
-            logits = xs[g] @ ws[g].to(x.dtype).T
-            parts[g].append((logits if bs[g] is None else logits + bs[g]).float())
-    logits = torch.cat([torch.cat(p, 1) for p in parts], 0)   # (B, V): B rows only
-    nll = torch.logsumexp(logits, 1) - logits.gather(1, tgt[:, None]).squeeze(1)
-    correct = (logits.argmax(1) == tgt).float()
-    return TokenStats(nll=nll, tokens=torch.ones_like(nll), correct=correct)
+    x = answer_transform(model)(backbone(model, batch)[sel])   # (B, H): row b is batch row b
+    B = x.shape[0]
+    p = stream_head(x, labels[sel], (head_view or PlainHead(output_head(model))).chunks(groups),
+                    group_of=torch.arange(B) // (B // groups), groups=groups)
+    return TokenStats(nll=p.nll, tokens=torch.ones_like(p.nll), correct=p.correct.detach())
 
 
 class Scored:

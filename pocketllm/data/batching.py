@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ __all__ = ["IGNORE_INDEX", "Batcher", "collate", "epoch_permutation", "eval_batc
 
 IGNORE_INDEX = -100  # label value ignored by the loss (Hugging Face convention)
 
-Item = tuple[Sequence[int], int]  # (token ids, n_prompt)
+Item = tuple[Sequence[int], int]  # (token ids, n_prompt); a task's items add a meta dict
 
 
 def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
@@ -28,11 +28,15 @@ def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     ``labels`` is ``input_ids`` with ``-100`` on padding and on the first ``n_prompt``
     positions of each row; it is *not* shifted (the model shifts labels itself).
     Padding is told apart by length, not by value, so ``pad_id`` may equal EOS.
+    This is the language-modelling batch; the other objectives build theirs on it
+    (``pocketllm.objectives``: ``choose(items).collate``).
     """
     if not items:
         raise ValueError("collate() needs at least one item")
-    if len(items[0]) == 3:
-        return collate_task(items, pad_id)
+    if len(items[0]) != 2:
+        raise ValueError(f"collate() takes (ids, n_prompt) items, got {len(items[0])} fields: "
+                         "a task's (ids, n_prompt, meta) items are batched by their objective, "
+                         "pocketllm.objectives.choose(items).collate(items, pad_id)")
     lengths = [len(ids) for ids, _ in items]
     if min(lengths) == 0:
         raise ValueError("collate() got an item with no tokens")
@@ -50,26 +54,12 @@ def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_task(items: Sequence[tuple], pad_id: int) -> dict[str, torch.Tensor]:
-    """Task items ``(ids, n_prompt, meta)`` (see ``data.tasks.encode_examples``).
-
-    Classification adds per-row ``class_label`` (B,), ``answer_pos`` (B,) and ``label_ids``
-    (B, C); multiple choice expands each example into its C candidate rows (consecutive) with
-    ``choice_label`` (1 on the right one) and ``n_choices``. Every tensor is per-row, so a
-    batch repeated along dim 0 stays consistent."""
-    metas = [m for _, _, m in items]
-    if "candidates" in metas[0]:
-        C = len(metas[0]["candidates"])
-        batch = collate([c for m in metas for c in m["candidates"]], pad_id)
-        batch["choice_label"] = torch.tensor([int(c == m["class_label"])
-                                              for m in metas for c in range(C)])
-        batch["n_choices"] = torch.full((len(metas) * C,), C, dtype=torch.long)
-        return batch
-    batch = collate([(ids, n) for ids, n, _ in items], pad_id)
-    batch["class_label"] = torch.tensor([m["class_label"] for m in metas])
-    batch["answer_pos"] = torch.tensor([m["answer_pos"] for m in metas])
-    batch["label_ids"] = torch.tensor([m["label_ids"] for m in metas])
-    return batch
+def _collate_of(encoded: Sequence, objective) -> Callable[[Sequence, int], dict[str, torch.Tensor]]:
+    """The objective's collate (by default the objective the items themselves call for)."""
+    if objective is None:
+        from ..objectives import choose  # (the objectives build on this module)
+        objective = choose(encoded)
+    return objective.collate
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -98,6 +88,9 @@ class Batcher:
     A ``batch_size`` larger than the dataset is allowed: a batch then spans two or
     more epochs and holds some items more than once (each epoch still visits every
     item once).
+
+    ``objective`` (``pocketllm.objectives``) turns the items into a batch; by default the one
+    ``objectives.choose(encoded)`` picks.
     """
 
     _CACHE_EPOCHS = 4
@@ -109,6 +102,7 @@ class Batcher:
         seed: int,
         pad_id: int,
         grad_accumulation: int = 1,
+        objective=None,
     ):
         if len(encoded) == 0:
             raise ValueError("Batcher needs at least one item")
@@ -122,6 +116,7 @@ class Batcher:
         self.pad_id = int(pad_id)
         self.grad_accumulation = int(grad_accumulation)
         self._perms: OrderedDict[int, list[int]] = OrderedDict()
+        self.collate = _collate_of(encoded, objective)
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -156,12 +151,17 @@ class Batcher:
         return [self._perm(p // n)[p % n] for p in range(start, start + self.batch_size)]
 
     def __call__(self, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
-        return collate([self.encoded[i] for i in self.indices(step, micro)], self.pad_id)
+        return self.collate([self.encoded[i] for i in self.indices(step, micro)], self.pad_id)
 
 
-def eval_batches(encoded: Sequence[Item], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """All items in order, ``batch_size`` at a time (the last batch may be smaller)."""
+def eval_batches(encoded: Sequence[Item], batch_size: int, pad_id: int,
+                 objective=None) -> Iterator[dict[str, torch.Tensor]]:
+    """All items in order, ``batch_size`` at a time (the last batch may be smaller), batched
+    by ``objective`` (default: the one the items call for)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not len(encoded):
+        return
+    collate_items = _collate_of(encoded, objective)
     for start in range(0, len(encoded), batch_size):
-        yield collate(encoded[start : start + batch_size], pad_id)
+        yield collate_items(encoded[start : start + batch_size], pad_id)

@@ -2,17 +2,21 @@
 
 Both are read and validated before the model loads (a bad file fails in a second, not after
 minutes of loading), then encoded once the tokenizer is known. The rest of the code sees only
-encoded items and the batches `collate` makes of them.
+encoded items and the run's objective (`RunData.objective`), which batches and scores them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .formats import EncodedSplit, encode_all, load_splits
 from .tasks import Task, encode_examples, get_task, task_splits
+
+if TYPE_CHECKING:
+    from ..objectives import Objective
 
 
 @dataclass
@@ -42,8 +46,14 @@ class RunData:
         """For records: the closed label set, if the completions form one (see evaluate)."""
         if self.task is not None:
             return None
-        from ..evaluate import label_choices
+        from ..objectives import label_choices
         return label_choices(self.splits.get("train") or self.splits.get("test") or [], tok)
+
+    def objective(self, tok) -> Objective:
+        """What the run trains and evaluates (`pocketllm.objectives`), chosen from its task
+        (none: language modelling on the records, with their closed label set if any)."""
+        from ..objectives import choose
+        return choose(task=self.task, choices=self.label_choices(tok))
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items() if v)

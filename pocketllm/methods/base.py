@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..loss import n_scored, token_stats
 from ..registry import Registry
 from ..trainable import setup_trainable
 
@@ -197,14 +196,11 @@ def setting_classes() -> list[type]:
 
 
 def build(name: str, model: nn.Module, params, run, objective=None, **settings) -> Method:
-    """Method `name` on `params` with its settings resolved (defaults filled in)."""
+    """Method `name` on `params` with its settings resolved (defaults filled in), scoring
+    batches by `objective` (default: language modelling)."""
     cls = get_method(name)
     if objective is None:
-        objective = BatchKeysObjective()
+        from ..objectives import LanguageModeling
+        objective = LanguageModeling()
     return cls(model, params, cls.resolve(run, settings), run, objective)
 
-
-class BatchKeysObjective:
-    """The objective told from each batch's keys (until objectives are chosen from data)."""
-    stats = staticmethod(token_stats)
-    n_scored = staticmethod(n_scored)

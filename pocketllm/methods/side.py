@@ -126,7 +126,7 @@ class SideTuning(Method):
 
         def make_step(s: int):
             with self.model_lock:
-                return device_step(self.model, batch_at(s - 1)[0], self.side, s)
+                return device_step(self.model, batch_at(s - 1)[0], self.side, s, self.objective)
         self.opened = True
         try:
             for step, loss, item in self.client.steps(self.sid, self.side, make_step, iters,

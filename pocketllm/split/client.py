@@ -27,11 +27,11 @@ from pathlib import Path
 import grpc
 import torch
 
+from ..objectives import Objective, for_batch
 from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from .quant import payload_bytes, quantize
-from .side import (SideConfig, SideNetwork, batch_targets, head_loss_grad, scored_rows,
-                   side_from_bytes, tapped)
+from .side import SideConfig, SideNetwork, head_loss_grad, side_from_bytes, tapped
 from .wire import TOKEN_HEADER, config_to_spec, decode_tensor, read_token
 
 log = logging.getLogger("pocketllm.split")
@@ -79,21 +79,24 @@ def qtensor(x: torch.Tensor, bits: int, out: pb.QTensor | None = None) -> pb.QTe
     return q
 
 
-def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: int) -> DeviceStep:
-    """The frozen forward of one batch and the messages it becomes (scored positions only).
+def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: int,
+                objective: Objective | None = None) -> DeviceStep:
+    """The frozen forward of one batch and the messages it becomes (scored positions only:
+    `objective.scored_rows`; by default the objective whose collate made the batch).
 
     One message per tap (`Batch.part`): each tap is cut to its scored rows and quantized
     inside its layer's hook, straight into the upload gRPC will send. No full float32 hidden
     state outlives its layer (35 MB at 8 x 64 for the default model), no wrapper message copies
     the payload, and gRPC serializes one tap (0.3 MB) at a time instead of the step (9 MB)."""
     t0 = time.perf_counter()
-    targets, candidates = batch_targets(batch)
+    objective = objective or for_batch(batch)
+    targets, candidates = objective.batch_targets(batch)
     uploads: list[pb.Upload] = []
 
     def part(h: torch.Tensor) -> int:
         up = pb.Upload()
         up.batch.step, up.batch.part, up.batch.parts = step, len(uploads), len(cfg.taps)
-        qtensor(scored_rows(h, batch), cfg.act_bits, up.batch.taps.add())
+        qtensor(objective.scored_rows(h, batch), cfg.act_bits, up.batch.taps.add())
         uploads.append(up)
         return up.batch.part
 
@@ -101,7 +104,7 @@ def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: in
         out = model.base_model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"], use_cache=False)
         final = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
-        final = scored_rows(final, batch).float()
+        final = objective.scored_rows(final, batch).float()
         del out
     if list(taps) != list(cfg.taps) or len(uploads) != len(cfg.taps):
         # hooks fire once per layer, in layer order, and the spec lists taps in that order

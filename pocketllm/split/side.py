@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from ..loss import VOCAB_CHUNK
+from ..loss import PlainHead, stream_head
 from .quant import roundtrip
 
 
@@ -116,9 +116,9 @@ class SideNetwork(nn.Module):
 def head_loss_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None, candidates: torch.Tensor | None = None
                    ) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy of head(z) against `targets` and its gradient w.r.t. z, streamed over
-    the vocabulary in chunks (two passes: log-sum-exp, then softmax @ W), so neither end ever
-    holds the (N, vocab) logits or an autograd graph through the head.
+    """Mean cross-entropy of head(z) against `targets` and its gradient w.r.t. z (softmax @ W
+    minus the target's row), streamed over the vocabulary in one pass (`loss.stream_head`), so
+    neither end ever holds the (N, vocab) logits or an autograd graph through the head.
 
     With `candidates` (N, C) token ids (a classification task's label words), the softmax is
     over those rows of the head only and `targets` are indices into them."""
@@ -135,24 +135,10 @@ def head_loss_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
         loss = float(torch.nn.functional.cross_entropy(lg, targets))
         p[torch.arange(n), targets] -= 1.0
         return loss, torch.einsum("nc,nch->nh", p, wc) / n
-    chunks = [(v0, min(v0 + VOCAB_CHUNK, weight.shape[0]))
-              for v0 in range(0, weight.shape[0], VOCAB_CHUNK)]
-
-    def logits(v0, v1):
-        out = z @ weight[v0:v1].float().T
-        return out if bias is None else out + bias[v0:v1].float()
-
-    lse = torch.full((n,), float("-inf"))
-    for v0, v1 in chunks:
-        lse = torch.logaddexp(lse, torch.logsumexp(logits(v0, v1), dim=1))
-    grad = torch.zeros_like(z)
-    for v0, v1 in chunks:
-        grad += torch.exp(logits(v0, v1) - lse[:, None]) @ weight[v0:v1].float()
-    grad -= weight[targets].float()
-    tgt_logit = (z * weight[targets].float()).sum(1)
-    if bias is not None:
-        tgt_logit = tgt_logit + bias[targets].float()
-    loss = float((lse - tgt_logit).mean())
+    with torch.no_grad():  # (the pass's in-place buffers)
+        p = stream_head(z, targets, PlainHead.of(weight, bias).chunks(1), mean_row=True)
+    loss = float(p.nll.mean())
+    grad = p.mean_row - weight[targets].float()
     return loss, grad / n
 
 
@@ -190,22 +176,6 @@ def tapped(model: nn.Module, taps: list[int], keep: Callable[[torch.Tensor], obj
     finally:
         for h in handles:
             h.remove()
-
-
-def scored_rows(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The (N, H) hidden states the loss is computed from: the answer position of each row
-    for a classification batch, else the positions whose next token is a label."""
-    if "class_label" in batch:
-        return hidden[torch.arange(hidden.shape[0]), batch["answer_pos"]]
-    return hidden[:, :-1][batch["labels"][:, 1:] != -100]
-
-
-def batch_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(targets, candidates): label token ids, or class indices among the label words."""
-    if "class_label" in batch:
-        return batch["class_label"], batch["label_ids"]
-    labels = batch["labels"][:, 1:]
-    return labels[labels != -100], None
 
 
 class AttachedSide:

@@ -57,6 +57,8 @@ def test_collate_edge_cases():
         collate([], pad_id=0)
     with pytest.raises(ValueError):
         collate([([], 0)], pad_id=0)
+    with pytest.raises(ValueError, match="objective"):  # a task's items: its objective batches them
+        collate([([1, 2], 2, {"class_label": 0, "answer_pos": 1, "label_ids": [3, 4]})], pad_id=0)
 
 
 def test_collate_of_encoded_records():
@@ -187,3 +189,16 @@ def test_batcher_and_eval_batches_accept_an_encoded_split():
     b = Batcher(split, batch_size=2, seed=0, pad_id=0)
     assert_same(b(1), collate([split.items[i] for i in b.indices(1)], 0))
     assert sum(x["input_ids"].shape[0] for x in eval_batches(split, 3, 0)) == 4
+
+
+def test_batcher_and_eval_batches_batch_with_the_objective():
+    # task items: by default the objective the items call for, or the one given
+    from pocketllm.objectives import Classification, choose
+    items = [([1000 + i, i, i], 3, {"class_label": i % 2, "answer_pos": 2, "label_ids": [7, 8]})
+             for i in range(6)]
+    assert type(choose(items)) is Classification
+    for objective in (None, Classification()):
+        b = Batcher(items, 4, seed=1, pad_id=0, objective=objective)
+        assert_same(b(2), Classification().collate([items[i] for i in b.indices(2)], 0))
+        batches = list(eval_batches(items, 4, 0, objective))
+        assert_same(batches[1], Classification().collate(items[4:], 0))

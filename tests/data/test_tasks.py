@@ -6,10 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from pocketllm.data import DataError, collate
+from pocketllm.data import DataError
 from pocketllm.data.tasks import (MASK, TASKS, Example, custom_task, encode_examples, few_shot,
                                   get_task, read_examples, subsample, task_splits)
 from pocketllm.models import load_model
+from pocketllm.objectives import choose
 
 RECORDS = {
     "sst2": {"sentence": "a charming and often affecting journey . ", "label": "1"},
@@ -127,7 +128,7 @@ def test_encode_and_collate_classification_and_choice():
     sst = TASKS["sst2"]
     exs = [Example({"sentence": "good fun"}, 1), Example({"sentence": "a long dull mess"}, 0)]
     items = encode_examples(exs, sst, tok, masked=False, max_seq_length=64)
-    b = collate(items, tok.pad_token_id)
+    b = choose(items).collate(items, tok.pad_token_id)
     assert b["class_label"].tolist() == [1, 0] and b["label_ids"].shape == (2, 2)
     # the answer position is the last prompt token of each row
     assert b["answer_pos"].tolist() == [len(items[0][0]) - 1, len(items[1][0]) - 1]
@@ -138,7 +139,8 @@ def test_encode_and_collate_classification_and_choice():
     copa = TASKS["copa"]
     ex = Example(RECORDS["copa"] | {}, 1)
     ex.fields = {k: v for k, v in RECORDS["copa"].items() if k in copa.text_fields}
-    b = collate(encode_examples([ex, ex], copa, tok, masked=False), tok.pad_token_id)
+    items = encode_examples([ex, ex], copa, tok, masked=False)
+    b = choose(items).collate(items, tok.pad_token_id)
     assert b["input_ids"].shape[0] == 4 and b["choice_label"].tolist() == [0, 1, 0, 1]
     assert ((b["labels"] != -100).sum(1) > 0).all()  # every candidate has tokens scored
     with pytest.raises(DataError, match="causal LM"):

@@ -152,7 +152,7 @@ def test_perturbed_head_in_several_chunks(monkeypatch):
 def test_classification_pair_equals_explicitly_perturbed_weights(name, trainable):
     """The label-word forward under perturbation: only the label rows of the (tied, trained)
     head are perturbed, and a masked LM's head transform runs per group."""
-    from tests.test_loss import _task_batch, tiny_roberta
+    from tests.objectives.test_classification import _task_batch, tiny_roberta
     from pocketllm.loss import is_masked_lm
     model, tok = tiny_roberta() if name == "tiny-roberta" else load_model(name)
     params = _trainable(model, name, trainable)
