@@ -21,7 +21,8 @@ def child(mode: str, batch: int, seq: int, rounds: int, dtype: str) -> dict:
     import torch
 
     from pocketllm import memory
-    from pocketllm.loss import class_stats
+    from pocketllm.objectives import Classification
+    class_stats = Classification().stats
     memory.tune_allocator()
     from pocketllm.models import load_model
     model, tok = load_model("smollm2-135m", dtype)

@@ -34,7 +34,9 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
 
     from pocketllm.zo.naive_mezo import naive_zo_step
     from pocketllm.workload import fixed_batch, train_args
-    from pocketllm.loss import group_losses, token_stats
+    from pocketllm.loss import group_losses
+    from pocketllm.objectives import LanguageModeling
+    token_stats = LanguageModeling().stats
     from pocketllm.methods import build
     from pocketllm.models import load_model
     from pocketllm.memory import tune_allocator

@@ -72,7 +72,7 @@ def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1,
     # Similar lengths batched together: far less padding (SST-2 dev: 3 to 60 tokens). The
     # figures are sums over records, so the order does not change them.
     items = sorted(items, key=lambda it: len(it[0]), reverse=True)
-    for i, b in enumerate(eval_batches(items, batch_size, pad_id, objective)):
+    for i, b in enumerate(eval_batches(items, batch_size, pad_id, objective.collate)):
         if 0 <= max_batches <= i:
             break
         s = objective.stats(model, b)

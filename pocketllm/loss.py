@@ -207,27 +207,3 @@ def group_losses(stats: TokenStats, groups: int) -> torch.Tensor:
     nll = stats.nll.reshape(groups, -1).sum(1)
     tok = stats.tokens.reshape(groups, -1).sum(1)
     return nll / tok.clamp(min=1)
-
-
-# ---- entry points kept for callers not yet on `pocketllm.objectives` ----------------------
-# They find the objective from the batch's keys (`objectives.for_batch`); code that knows its
-# data holds the objective (`objectives.choose`) and calls it instead.
-def token_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                head_view=None, choices: torch.Tensor | None = None) -> TokenStats:
-    """`Objective.stats` of the objective whose collate made `batch` (`choices`: the closed
-    label set of a language-modelling batch, see `objectives.lm.LanguageModeling`)."""
-    from .objectives import for_batch
-    return for_batch(batch, choices).stats(model, batch, groups, head_view)
-
-
-def n_scored(batch: dict[str, torch.Tensor]) -> int:
-    """`Objective.n_scored` of the objective whose collate made `batch`."""
-    from .objectives import for_batch
-    return for_batch(batch).n_scored(batch)
-
-
-def class_stats(model: nn.Module, batch: dict[str, torch.Tensor], groups: int = 1,
-                head_view=None) -> TokenStats:
-    """`objectives.Classification().stats`."""
-    from .objectives import Classification
-    return Classification().stats(model, batch, groups, head_view)

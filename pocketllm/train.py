@@ -87,7 +87,7 @@ class Run:
         self.clock = self.report.last_wall
         self.best = read_best(out / BEST_DIR) if args.resume and args.keep_best else None
         batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
-                          args.grad_accumulation, self.objective)
+                          args.grad_accumulation, self.objective.collate)
         if self.choices is not None:
             print(f"closed label set of {len(self.choices)} completions: accuracy = the right "
                   f"label ranks first among them", flush=True)

@@ -21,9 +21,10 @@ import torch
 from . import memory
 from .config import TrainArgs
 from .loss import (PlainHead, TokenStats, answer_transform, backbone, group_losses,
-                   output_head, stream_head, token_stats)
+                   output_head, stream_head)
 from .methods import build, get_method
 from .models import MASKED_LM_TYPES, load_model
+from .objectives import LanguageModeling
 from .trainable import setup_trainable
 from .zo.naive_mezo import naive_zo_step
 
@@ -92,7 +93,7 @@ class Scored:
 def make_step(mode: str, model, batch, args: TrainArgs, **settings) -> Callable[[int], None]:
     """A callable running step i of `mode` on `batch` (LoRA/full already set by args;
     `settings`: the method's own, e.g. zo_passes)."""
-    stats = masked_lm_stats if is_masked_lm(model) else token_stats
+    stats = masked_lm_stats if is_masked_lm(model) else LanguageModeling().stats
     eps = 1e-3 if args.trainable == "full" else 1e-2
     if mode.startswith("inference"):
         if mode == "inference-lora":

@@ -16,5 +16,11 @@ def tiny_batch(tok, texts, completions=None, max_seq_length: int = 64) -> dict[s
     return collate(items, tok.pad_token_id)
 
 
+def score(model, batch, groups: int = 1, head_view=None):
+    """The batch's `TokenStats` under the objective whose collate made it."""
+    from pocketllm.objectives import for_batch
+    return for_batch(batch).stats(model, batch, groups, head_view)
+
+
 TEXTS = ["Maya walks the dog at seven.", "Tea, no sugar, before the morning run.",
          "Dentist on Thursday at 3 pm.", "Budget: rent is due on the first."]

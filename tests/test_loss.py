@@ -5,13 +5,11 @@ What each objective scores is tested in tests/objectives/."""
 import pytest
 import torch
 
-from pocketllm.loss import (PlainHead, class_stats, group_losses, n_scored, stream_head,
-                            token_stats)
+from pocketllm.loss import PlainHead, group_losses, stream_head
 from pocketllm.models import load_model
 from pocketllm.objectives import LanguageModeling
 from tests.helpers import TEXTS, tiny_batch
 
-from .objectives._samples import SAMPLES
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -65,20 +63,3 @@ def test_stream_head_equals_full_logits_per_group(grad, monkeypatch):
     assert torch.allclose(p.mean_row, mean, atol=1e-6)
     with pytest.raises(ValueError, match="uncapped"):
         stream_head(h, t, PlainHead.of(ws[0]).chunks(1), softcap=30.0, mean_row=True)
-
-
-@pytest.mark.parametrize("name", sorted(SAMPLES))
-def test_legacy_entry_points_are_the_objectives(name):
-    """`loss.token_stats` / `n_scored` (still used by the training methods) find the objective
-    from the batch and give its figures."""
-    from pocketllm.objectives import choose
-    model, tok = load_model("tiny-llama")
-    items, _ = SAMPLES[name](tok)
-    obj = choose(items)
-    b = obj.collate(items, tok.pad_token_id)
-    with torch.no_grad():
-        got, want = token_stats(model, b), obj.stats(model, b)
-        assert group_losses(got, 1).item() == group_losses(want, 1).item()
-        if name == "classification":
-            assert torch.equal(class_stats(model, b).nll, want.nll)
-    assert n_scored(b) == obj.n_scored(b)

@@ -54,14 +54,6 @@ def collate(items: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _collate_of(encoded: Sequence, objective) -> Callable[[Sequence, int], dict[str, torch.Tensor]]:
-    """The objective's collate (by default the objective the items themselves call for)."""
-    if objective is None:
-        from ..objectives import choose  # (the objectives build on this module)
-        objective = choose(encoded)
-    return objective.collate
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     # A stable (platform- and process-independent) 63-bit seed for each (seed, epoch).
     digest = hashlib.sha256(f"pocketllm-batcher:{int(seed)}:{int(epoch)}".encode()).digest()
@@ -89,8 +81,8 @@ class Batcher:
     more epochs and holds some items more than once (each epoch still visits every
     item once).
 
-    ``objective`` (``pocketllm.objectives``) turns the items into a batch; by default the one
-    ``objectives.choose(encoded)`` picks.
+    ``collate`` turns the items into a batch: the run's objective's (``pocketllm.objectives``);
+    by default the language-modelling one below.
     """
 
     _CACHE_EPOCHS = 4
@@ -102,7 +94,7 @@ class Batcher:
         seed: int,
         pad_id: int,
         grad_accumulation: int = 1,
-        objective=None,
+        collate: Callable[[Sequence, int], dict[str, torch.Tensor]] = collate,
     ):
         if len(encoded) == 0:
             raise ValueError("Batcher needs at least one item")
@@ -116,7 +108,7 @@ class Batcher:
         self.pad_id = int(pad_id)
         self.grad_accumulation = int(grad_accumulation)
         self._perms: OrderedDict[int, list[int]] = OrderedDict()
-        self.collate = _collate_of(encoded, objective)
+        self.collate = collate
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -155,13 +147,11 @@ class Batcher:
 
 
 def eval_batches(encoded: Sequence[Item], batch_size: int, pad_id: int,
-                 objective=None) -> Iterator[dict[str, torch.Tensor]]:
+                 collate: Callable[[Sequence, int], dict[str, torch.Tensor]] = collate
+                 ) -> Iterator[dict[str, torch.Tensor]]:
     """All items in order, ``batch_size`` at a time (the last batch may be smaller), batched
-    by ``objective`` (default: the one the items call for)."""
+    by ``collate`` (the objective's; by default language modelling's)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not len(encoded):
-        return
-    collate_items = _collate_of(encoded, objective)
     for start in range(0, len(encoded), batch_size):
-        yield collate_items(encoded[start : start + batch_size], pad_id)
+        yield collate(encoded[start : start + batch_size], pad_id)

@@ -192,13 +192,15 @@ def test_batcher_and_eval_batches_accept_an_encoded_split():
 
 
 def test_batcher_and_eval_batches_batch_with_the_objective():
-    # task items: by default the objective the items call for, or the one given
+    # task items: batched by the collate of the objective the items call for
     from pocketllm.objectives import Classification, choose
     items = [([1000 + i, i, i], 3, {"class_label": i % 2, "answer_pos": 2, "label_ids": [7, 8]})
              for i in range(6)]
     assert type(choose(items)) is Classification
-    for objective in (None, Classification()):
-        b = Batcher(items, 4, seed=1, pad_id=0, objective=objective)
+    with pytest.raises(ValueError, match="objective"):
+        Batcher(items, 4, seed=1, pad_id=0)(0)  # the default, language modelling's, refuses
+    for objective in (choose(items), Classification()):
+        b = Batcher(items, 4, seed=1, pad_id=0, collate=objective.collate)
         assert_same(b(2), Classification().collate([items[i] for i in b.indices(2)], 0))
-        batches = list(eval_batches(items, 4, 0, objective))
+        batches = list(eval_batches(items, 4, 0, objective.collate))
         assert_same(batches[1], Classification().collate(items[4:], 0))

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from pocketllm.config import TrainArgs
-from pocketllm.loss import group_losses, token_stats
+from pocketllm.loss import group_losses
 from pocketllm.methods import REGISTRY, build, get_method
 from pocketllm.models import load_model
 from pocketllm.trainable import setup_trainable
-from tests.helpers import TEXTS, tiny_batch
+from tests.helpers import TEXTS, tiny_batch, score
 
 RUN = ("learning_rate", "lora_rank")  # the run's settings; the rest are the method's
 
@@ -37,7 +37,7 @@ def test_each_method_lowers_the_loss_of_a_fixed_batch(method, trainable, lr, ste
     def loss():
         with torch.no_grad():
             m.sync()
-            return group_losses(token_stats(model, b), 1).item()
+            return group_losses(score(model, b), 1).item()
 
     before = loss()
     for s in range(steps):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pocketllm.config import TrainArgs
-from pocketllm.loss import group_losses, token_stats
+from pocketllm.loss import group_losses
 from pocketllm.methods import build
 from pocketllm.models import load_model
 from pocketllm.trainable import setup_trainable
@@ -14,7 +14,7 @@ from pocketllm.zo import noise, optim
 from pocketllm.zo.estimators.spsa import SPSA
 from pocketllm.zo.log import replay_steps
 from pocketllm.zo.plan import Plan, group_passes
-from tests.helpers import TEXTS, tiny_batch
+from tests.helpers import TEXTS, tiny_batch, score
 
 RUN = ("learning_rate", "lora_fa")  # the run's settings; the rest are the method's
 
@@ -73,7 +73,7 @@ def test_each_replica_sees_its_own_explicitly_perturbed_adapter():
             with torch.no_grad():
                 for (n, _), k in zip(m.params, keys[j]):
                     noise.add_noise_(named[n].data, k, 0, sign * 1e-2, "gaussian")
-                expect = group_losses(token_stats(ref, b), 1).item()
+                expect = group_losses(score(ref, b), 1).item()
             assert L[2 * j + s].item() == pytest.approx(expect, abs=2e-5), (j, s)
 
 
@@ -93,7 +93,7 @@ def test_lora_fa_trains_b_only_and_lowers_the_loss():
     def loss():
         m.sync()
         with torch.no_grad():
-            return group_losses(token_stats(model, b), 1).item()
+            return group_losses(score(model, b), 1).item()
 
     before = loss()
     for s in range(30):
@@ -117,7 +117,7 @@ def test_prge_with_each_optimizer_lowers_the_loss_and_replays_exactly(zo_opt, lr
     def loss():
         m.sync()
         with torch.no_grad():
-            return group_losses(token_stats(model, b), 1).item()
+            return group_losses(score(model, b), 1).item()
 
     before = loss()
     for s in range(20):

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pocketllm.loss import group_losses, token_stats
+from pocketllm.loss import group_losses
 from pocketllm.lora import LoraSpec, apply_lora, lora_parameters
 from pocketllm.models import load_model
 from pocketllm.zo import noise
 from pocketllm.zo.perturb import Perturber
-from tests.helpers import TEXTS, tiny_batch
+from tests.helpers import TEXTS, tiny_batch, score
 
 
 def _explicit_loss(model, params, keys, eps, sign, batch, dist="gaussian"):
@@ -19,13 +19,13 @@ def _explicit_loss(model, params, keys, eps, sign, batch, dist="gaussian"):
     with torch.no_grad():
         for (n, _), k in zip(params, keys):
             noise.add_noise_(named[n].data, k, 0, sign * eps, dist)
-        return group_losses(token_stats(m, batch), 1).item()
+        return group_losses(score(m, batch), 1).item()
 
 
 def _pair_losses(model, pert, keys, eps, batch):
     pair = {k: torch.cat([v, v]) for k, v in batch.items()}
     with pert.active(keys, eps, (1.0, -1.0), rows=pair["input_ids"].shape[0]) as hc:
-        return group_losses(token_stats(model, pair, 2, hc), 2).tolist()
+        return group_losses(score(model, pair, 2, hc), 2).tolist()
 
 
 def _trainable(model, name, trainable):
@@ -128,7 +128,7 @@ def test_spsa_on_the_lm_matches_autograd_directional_derivative():
     g = (lp - lm) / (2 * eps)
     for _, p in params:
         p.requires_grad_(True)
-    loss = group_losses(token_stats(model, b), 1)[0]
+    loss = group_losses(score(model, b), 1)[0]
     grads = torch.autograd.grad(loss, [p for _, p in params])
     z = [noise.noise(k, 0, p.numel()).view_as(p) for k, (_, p) in zip(keys, params)]
     directional = sum((gr * zz).sum() for gr, zz in zip(grads, z)).item()
