@@ -12,8 +12,6 @@ the multi-query estimator `prge` builds on (`queries` > 1).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,15 +19,11 @@ import torch
 from ..loss import group_losses, n_scored
 from ..memory_estimate import UnknownShape, pair_passes_fit
 from ..schedules import eps_at
+from ..zo import log as zolog
 from ..zo import optim
 from ..zo.estimate import plan_passes, replica_losses
 from ..zo.perturb import Perturber
 from .base import Method, StepResult, register
-
-LOG_NAME = "zo_log.jsonl"
-LOG_FORMAT = "pocketllm-zo-log/1"
-# header fields of logs written before they existed
-LOG_DEFAULTS = {"queries": 1, "optimizer": {"name": "sgd"}}
 
 
 @register("zo-sgd")
@@ -52,7 +46,8 @@ class ZOSGD(Method):
         for _, p in params:
             p.requires_grad_(False)  # no autograd anywhere: inference memory
         self.pert = Perturber(model, params, dist=args.perturbation)
-        self.log_file = None
+        self.log = None  # the run's zolog.ZOLog once open_log is called
+        self.key_space = zolog.KeySpace(args.seed)
         self.queries, self.passes = self.plan(args)
         self.opt = optim.build(optim.spec_from_args(args), [p for _, p in params])
 
@@ -74,7 +69,7 @@ class ZOSGD(Method):
         return 1, plan_passes(1, "both" if pair else "none", args.max_replicas)
 
     def keys(self, step: int) -> list[list[int]]:
-        return optim.query_keys(self.args.seed, step, self.queries, len(self.params))
+        return self.key_space.keys(step, self.queries, len(self.params))
 
     def step(self, batches, step, lr):
         eps, keys = eps_at(self.args, step), self.keys(step)
@@ -109,94 +104,21 @@ class ZOSGD(Method):
     def sync(self):
         self.pert.flush()
 
-    # ---- the step log: reproducibility and resume ----------------------------------------
+    # ---- the step log: reproducibility and resume (pocketllm.zo.log) ---------------------
     def header(self) -> dict:
-        return {"format": LOG_FORMAT, "seed": self.args.seed, "dist": self.args.perturbation,
-                "trainable": self.args.trainable, "dtype": self.args.dtype,
-                "params": [n for n, _ in self.params], "queries": self.queries,
-                "optimizer": self.opt.spec()}
+        return zolog.header(self.key_space, dist=self.args.perturbation,
+                            trainable=self.args.trainable, dtype=self.args.dtype,
+                            params=[n for n, _ in self.params], queries=self.queries,
+                            optimizer=self.opt.spec())
 
     def open_log(self, out_dir: Path, fresh: bool) -> None:
-        path = Path(out_dir) / LOG_NAME
-        if fresh or not has_header(path):
-            self.log_file = open(path, "w")
-            self._write(self.header())
-        else:
-            self.log_file = open(path, "a")
+        self.log = zolog.ZOLog(out_dir)
+        self.log.start(self.header(), fresh)
 
     def _log(self, rec: dict) -> None:
-        if self.log_file is not None:
-            self._write(rec)
-
-    def _write(self, rec: dict) -> None:
-        # One line per step, flushed and fsynced: a kill -9 loses at most the line being
-        # written, and a torn last line is ignored on resume.
-        self.log_file.write(json.dumps(rec) + "\n")
-        self.log_file.flush()
-        os.fsync(self.log_file.fileno())
+        if self.log is not None:
+            self.log.append(rec)
 
     def restore(self, out_dir: Path) -> int:
-        path = Path(out_dir) / LOG_NAME
-        if not has_header(path):
-            return 0  # killed before its header was complete: nothing was trained yet
-        header, steps = read_log(path)
-        mine = self.header()
-        for k in ("seed", "dist", "trainable", "params", "queries", "optimizer"):
-            there = header.get(k, LOG_DEFAULTS.get(k))
-            if there != mine[k]:
-                raise SystemExit(f"--resume: {path} was written by a different run "
-                                 f"({k}: {there!r} there, {mine[k]!r} now)")
         # rebuilds the weights and the optimizer's state
-        replay_steps(self.params, steps, header["seed"], header["dist"], self.opt)
-        # drop a torn last line so the appended log stays well formed
-        rewrite_log(path, header, steps)
-        return len(steps)
-
-
-def has_header(path: Path) -> bool:
-    """The log exists and its header line was written completely."""
-    return path.exists() and b"\n" in path.read_bytes()
-
-
-def read_log(path: Path) -> tuple[dict, list[dict]]:
-    """The header and the complete step records of a zo log (a torn last line is ignored)."""
-    lines = Path(path).read_bytes().split(b"\n")
-    if not lines or not lines[0]:
-        raise SystemExit(f"{path}: empty ZO log")
-    header = json.loads(lines[0])
-    if header.get("format") != LOG_FORMAT:
-        raise SystemExit(f"{path}: not a pocketllm ZO log (format {header.get('format')!r})")
-    steps = []
-    # the last element is what follows the final newline: empty, or a torn record
-    for i, raw in enumerate(lines[1:-1], start=2):
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
-            raise SystemExit(f"{path}:{i}: corrupt record in the middle of the log") from None
-        if rec["step"] != len(steps):
-            raise SystemExit(f"{path}:{i}: step {rec['step']} out of order")
-        steps.append(rec)
-    return header, steps
-
-
-def rewrite_log(path: Path, header: dict, steps: list[dict]) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        for rec in [header, *steps]:
-            f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def replay_steps(params, steps: list[dict], seed: int, dist: str,
-                 opt: optim.ZOOptimizer | None = None) -> None:
-    """Apply every logged update in order, through `opt` (default: sgd), whose state this
-    rebuilds: the estimate of step t is regenerated from (seed, t) and its projected grads."""
-    tensors = [p for _, p in params]
-    opt = opt or optim.build({"name": "sgd"}, tensors)
-    target = optim.immediate(tensors, dist)
-    for rec in steps:
-        grads = rec.get("projected_grads") or [rec["projected_grad"]]
-        keys = optim.query_keys(seed, rec["step"], len(grads), len(tensors))
-        opt.step(optim.Estimate(keys, grads, dist), rec["lr"], target, logged=rec)
+        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt)

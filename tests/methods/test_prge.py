@@ -8,11 +8,11 @@ import torch
 from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses, token_stats
 from pocketllm.methods import get_method
-from pocketllm.methods.zo_sgd import replay_steps
 from pocketllm.models import load_model
 from pocketllm.train import setup_trainable
 from pocketllm.zo import noise, optim
 from pocketllm.zo.estimate import plan_passes, replica_losses
+from pocketllm.zo.log import replay_steps
 from tests.helpers import TEXTS, tiny_batch
 
 

@@ -16,8 +16,8 @@ from pocketllm.bench.naive_mezo import naive_zo_step
 from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses, token_stats
 from pocketllm.methods import get_method
-from pocketllm.methods.zo_sgd import replay_steps
 from pocketllm.models import load_model
+from pocketllm.zo.log import replay_steps
 from tests.helpers import tiny_batch
 
 STEPS = 1000
