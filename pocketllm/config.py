@@ -272,6 +272,15 @@ def load_yaml(path: str | os.PathLike, cls: type, *extra: type) -> dict[str, Any
     return out
 
 
+def read_run_config(path: str | os.PathLike) -> tuple["TrainArgs", dict[str, Any]]:
+    """A run's saved config.yaml: its run settings (`TrainArgs`) and the rest (its method's;
+    a config written before methods had their own settings lists every method's)."""
+    saved = yaml.safe_load(Path(path).read_text()) or {}
+    own = {f.name for f in dataclasses.fields(TrainArgs)}
+    return (TrainArgs(**{k: v for k, v in saved.items() if k in own}),
+            {k: v for k, v in saved.items() if k not in own})
+
+
 def save_yaml(args: Any, path: str | os.PathLike) -> None:
     """Settings (a dataclass or a dict) as YAML."""
     values = args if isinstance(args, dict) else dataclasses.asdict(args)

@@ -16,13 +16,12 @@ different settings (`ZOSGDConfig`, `PRGEConfig`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import engines
 from ..config import opt
 from ..schedules import SHAPES
 from ..zo import estimators, noise, optim
-from ..zo.log import LOG_NAME, ZOLog, restore
+from ..zo import log as zolog
 from ..zo.plan import Plan, group_passes
 from .base import Method, StepResult
 
@@ -73,13 +72,14 @@ class ZOMethod(Method):
         self.replicas = self.estimator.replicas()
         self.passes = group_passes(self.replicas, parallel, cfg.max_replicas)
         self.opt = optim.build(optim.spec_from_args(cfg), [p for _, p in params])
-        self.log: ZOLog | None = None
+        self.key_space = zolog.KeySpace(run.seed)  # federated runs set run/round/client
+        self.log: zolog.ZOLog | None = None
 
     def describe(self) -> str:
         return f"{super().describe()} | eps {self.cfg.eps:.0e}"
 
     def keys(self, step: int) -> list[list[int]]:
-        return optim.query_keys(self.run.seed, step, self.queries, len(self.params))
+        return self.key_space.keys(step, self.queries, len(self.params))
 
     def step(self, batches, step, lr, eps=None):
         eps = self.cfg.eps if eps is None else eps
@@ -113,17 +113,18 @@ class ZOMethod(Method):
 
     # the step log (zo/log.py): reproducibility and resume
     def header(self) -> dict:
-        return {"seed": self.run.seed, "dist": self.cfg.perturbation,
-                "trainable": self.run.trainable, "dtype": self.run.dtype,
-                "params": [n for n, _ in self.params], "queries": self.queries,
-                "optimizer": self.opt.spec()}
+        return zolog.header(self.key_space, dist=self.cfg.perturbation,
+                            trainable=self.run.trainable, dtype=self.run.dtype,
+                            params=[n for n, _ in self.params], queries=self.queries,
+                            optimizer=self.opt.spec())
 
     def open_log(self, out_dir, fresh):
-        self.log = ZOLog(Path(out_dir) / LOG_NAME, self.header(), fresh)
+        self.log = zolog.ZOLog(out_dir)
+        self.log.start(self.header(), fresh)
 
     def _log(self, rec: dict) -> None:
         if self.log is not None:
             self.log.append(rec)
 
     def restore(self, out_dir) -> int:
-        return restore(Path(out_dir) / LOG_NAME, self.header(), self.params, self.opt)
+        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt)

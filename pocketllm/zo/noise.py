@@ -60,6 +60,7 @@ from pocketllm.zo import kernel as _kernel_build
 __all__ = [
     "DISTS",
     "derive_key",
+    "splitmix64",
     "noise",
     "noise_at",
     "add_noise_",
@@ -85,6 +86,12 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
     return x ^ (x >> 31)
+
+
+def splitmix64(x: int) -> int:
+    """The splitmix64 mix of ``x`` mod 2**64 (a bijection on 64-bit ints): how keys are made
+    from seeds, here for callers that derive their own (``zo.log.KeySpace``)."""
+    return _splitmix64(int(x) & _M64)
 
 
 def derive_key(seed: int, step: int, index: int) -> int:

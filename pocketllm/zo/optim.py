@@ -1,7 +1,7 @@
 """Zeroth-order optimizers, by name (`--zo-optimizer`), shared by zo-sgd and prge.
 
 A ZO step yields an estimate held as seeds: q queries, query j with its keys (one per trainable
-tensor) and its projected gradient g_j, so that
+tensor, from `pocketllm.zo.log.KeySpace`) and its projected gradient g_j, so that
 
     g_hat_i = (1/q) sum_j g_j z(keys[j][i])          (z regenerated from the key, never stored)
 
@@ -55,13 +55,6 @@ class Estimate:
         for k, g in zip(self.keys, self.grads):
             out.add_(noise.noise(k[i], 0, like.numel(), self.dist), alpha=g / q)
         return out.view(like.shape)
-
-
-def query_keys(seed: int, step: int, queries: int, n_params: int) -> list[list[int]]:
-    """The keys of step `step`: query j perturbs tensor i with derive_key(seed, step, j n + i)
-    (query 0's keys are zo-sgd's)."""
-    return [[noise.derive_key(seed, step, j * n_params + i) for i in range(n_params)]
-            for j in range(queries)]
 
 
 @dataclass

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pocketllm.zo import noise, optim
+from pocketllm.zo.log import KeySpace
 
 SHAPES = [(6, 4), (5,)]
 
@@ -19,7 +20,7 @@ def _problem():
 
 
 def _estimate(f, params, step, q, eps=1e-3, dist="gaussian"):
-    keys = optim.query_keys(1, step, q, len(params))
+    keys = KeySpace(1).keys(step, q, len(params))
     grads = []
     for k in keys:
         pert = [[p + s * eps * noise.noise(ki, 0, p.numel(), dist).view_as(p)
@@ -60,7 +61,7 @@ def test_conservative_never_increases_the_loss():
 
 def test_dense_estimate_is_the_seeded_sum():
     params = [torch.zeros(s) for s in SHAPES]
-    est = optim.Estimate(optim.query_keys(2, 0, 3, 2), [0.5, -1.0, 2.0])
+    est = optim.Estimate(KeySpace(2).keys(0, 3, 2), [0.5, -1.0, 2.0])
     for i, p in enumerate(params):
         expect = sum(g / 3 * noise.noise(k[i], 0, p.numel()).view_as(p)
                      for k, g in zip(est.keys, est.grads))
