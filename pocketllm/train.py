@@ -154,7 +154,8 @@ class Run:
             w = self.window
             self.report.say(f"step {done} | loss {sum(x[0] for x in w) / len(w):.4f} | "
                             f"lr {res.lr:.2e} | tok/s {sum(x[2] for x in w) / sum(x[1] for x in w):.0f}"
-                            f" | fwd {self.fwd} | peak_rss {memory.peak_rss_mb():.0f}MB")
+                            f" | fwd {self.fwd} | peak_rss {memory.peak_rss_mb():.0f}MB"
+                            + (f" | {extra}" if (extra := self.method.progress()) else ""))
             self.window = []
 
     def evaluate_every(self, done: int, res, dt) -> None:

@@ -121,6 +121,10 @@ class Method(ABC):
         return (f"trainable {self.run.trainable} ({n / 1e6:.3f}M) | "
                 f"lr {self.run.learning_rate:.2e}")
 
+    def progress(self) -> str:
+        """Method-specific figures for a report line ("" for none)."""
+        return ""
+
     # ---- training -----------------------------------------------------------------------
     def steps(self, batch_at, start: int, iters: int, hyper):
         """Run steps start..iters-1; yield (steps done, StepResult) after each. `batch_at(step)`:

@@ -100,6 +100,11 @@ class SideTuning(Method):
         self.model_lock = threading.Lock()
         self.totals = {"wire_bytes": 0, "forward_s": 0.0}
         self.opened = False  # the server holds the session (after Open)
+        self.start = self.acked = 0  # steps acknowledged at the start and so far
+
+    def progress(self) -> str:
+        sent = max(self.acked - self.start, 1)
+        return f"wire {self.totals['wire_bytes'] / sent / 1e6:.2f} MB/step"
 
     def describe(self) -> str:
         return (f"server {self.cfg.server} | {len(self.side.taps)} taps at {self.cfg.act_bits} "
@@ -113,7 +118,8 @@ class SideTuning(Method):
 
     def restore(self, out_dir) -> int:
         self.opened = True
-        return self.client.open(self.session(out_dir, True), self.side)
+        self.start = self.acked = self.client.open(self.session(out_dir, True), self.side)
+        return self.start
 
     def open_log(self, out_dir, fresh):
         self.session(out_dir, not fresh)
@@ -124,9 +130,13 @@ class SideTuning(Method):
     def steps(self, batch_at, start, iters, hyper):
         from ..split.client import SplitError, device_step
 
+        tokens: dict[int, int] = {}  # step -> tokens its forward read, until acknowledged
+
         def make_step(s: int):
+            batch = batch_at(s - 1)[0]
+            tokens[s] = int(batch["attention_mask"].sum())
             with self.model_lock:
-                return device_step(self.model, batch_at(s - 1)[0], self.side, s, self.objective)
+                return device_step(self.model, batch, self.side, s, self.objective)
         self.opened = True
         try:
             for step, loss, item in self.client.steps(self.sid, self.side, make_step, iters,
@@ -138,8 +148,10 @@ class SideTuning(Method):
                              **item.extra}
                     self.totals["wire_bytes"] += item.wire_bytes
                     self.totals["forward_s"] += item.forward_s
+                self.acked = step
                 yield step, StepResult(loss=loss, tokens=0, forward_passes=1, extra=extra,
-                                       lr=self.run.learning_rate)
+                                       lr=self.run.learning_rate,
+                                       input_tokens=tokens.pop(step, 0))
         except SplitError as e:
             raise SystemExit(f"error: {e}") from None
 
