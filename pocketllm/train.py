@@ -151,11 +151,11 @@ class Run:
                             "step_time": dt, "forward_passes": self.fwd, **res.extra})
         self.report.progress(1, {"loss": f"{res.loss:.3f}"})
         if done % args.steps_per_report == 0 or done == args.iters:
-            w = self.window
-            self.report.say(f"step {done} | loss {sum(x[0] for x in w) / len(w):.4f} | "
-                            f"lr {res.lr:.2e} | tok/s {sum(x[2] for x in w) / sum(x[1] for x in w):.0f}"
-                            f" | fwd {self.fwd} | peak_rss {memory.peak_rss_mb():.0f}MB"
-                            + (f" | {extra}" if (extra := self.method.progress()) else ""))
+            loss, secs, toks = (sum(col) for col in zip(*self.window))
+            parts = [f"step {done}", f"loss {loss / len(self.window):.4f}", f"lr {res.lr:.2e}",
+                     f"tok/s {toks / secs:.0f}", f"fwd {self.fwd}",
+                     f"peak_rss {memory.peak_rss_mb():.0f}MB", self.method.progress()]
+            self.report.say(" | ".join(p for p in parts if p))
             self.window = []
 
     def evaluate_every(self, done: int, res, dt) -> None:
