@@ -76,7 +76,7 @@ class DataArgs:
 class TrainArgs(ModelArgs, DataArgs):
     method: str = opt("zo-sgd", "training method (see `pocketllm methods`); its own settings "
                       "are the flags its section of `pocketllm methods` lists")
-    trainable: str = opt("lora", "which weights to train", choices=("full", "lora"))
+    trainable: str = opt("lora", "which weights to train", choices=lambda: _trainable_sets())
     lora_rank: int = opt(8, "LoRA rank r")
     lora_alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = opt(0.0, "LoRA dropout (first-order methods only)")
@@ -170,6 +170,11 @@ class MemoryArgs(ModelArgs):
     measure: bool = opt(False, "also run it in a fresh process and print the measured peak RSS")
     steps: int = opt(1, "--measure: measured steps (first-order methods run one more, "
                      "unmeasured, first: AdamW's state exists from the second step on)")
+
+
+def _trainable_sets() -> tuple[str, ...]:
+    from .trainable import TRAINABLE
+    return tuple(TRAINABLE)
 
 
 def flag(name: str) -> str:

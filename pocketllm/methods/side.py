@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import memory
 from ..config import opt
+from ..split.quant import ACT_BITS
 from .base import Method, StepResult, register
 
 
@@ -30,7 +31,7 @@ class SideArgs:
                       "plaintext (loopback / trusted network only)")
     tap_every: int = opt(1, "side: stream every k-th layer's hidden states")
     act_bits: int = opt(8, "side: bits per streamed activation (per-token scales)",
-                        choices=(16, 8, 4))
+                        choices=lambda: ACT_BITS)
     side_width: int = opt(64, "side: side network width")
     side_depth: int = opt(1, "side: MLP blocks per tapped layer")
     private_labels: str = opt("auto", "side: 'on' computes the loss on the device (the server "

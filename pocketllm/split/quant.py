@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 BITS = (32, 16, 8, 4)
+ACT_BITS = (16, 8, 4)  # what a device may stream its activations at (32: gradients only)
 _QMAX = {8: 127, 4: 7}
 _FLOAT = {32: np.float32, 16: np.float16}
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..loss import PlainHead, stream_head
-from .quant import roundtrip
+from .quant import ACT_BITS, roundtrip
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SideConfig:
             raise ValueError(f"taps must be 1..512 distinct ascending layer indices, got {self.taps}")
         if n_layers is not None and self.taps[-1] >= n_layers:
             raise ValueError(f"tap {self.taps[-1]} beyond the backbone's {n_layers} layers")
-        if self.act_bits not in (16, 8, 4):
+        if self.act_bits not in ACT_BITS:
             raise ValueError(f"act_bits must be 16, 8 or 4, got {self.act_bits}")
 
 
