@@ -112,7 +112,7 @@ def report(a, cmds: dict[str, list[str]], load: tuple) -> None:
         s = json.loads((runs[n] / "summary.json").read_text())
         t = time_to(pts, target) if target is not None else None
         # training seconds: the runs' own clock at their last (after-training) evaluation,
-        # evaluation excluded; summary.json's train_seconds also counts the evaluations
+        # evaluation excluded (summary.json's train_seconds, the same clock since the one loop)
         train_s = pts[-1][0] if pts else 0.0
         rows.append([CONFIGS[n][0], s["steps"], f"{train_s:.0f}",
                      f"{train_s / max(s['steps'], 1):.2f}",

@@ -78,6 +78,30 @@ class Run:
 
     # ---- the loop -------------------------------------------------------------------------
     def loop(self, t_start: float) -> dict:
+        args, method = self.args, self.method
+        start, before = self.begin()
+        batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
+                          args.grad_accumulation, self.objective.collate)
+        batch_at = lambda step: [batcher(step, k) for k in range(args.grad_accumulation)]
+        callbacks = [self.record, self.evaluate_every, self.save_every]
+        memory.reset_peak()  # peak from here on: training, not model loading
+        t0 = time.time()
+        for done, res in method.steps(batch_at, start, args.iters, self.hyper):
+            dt = time.time() - t0  # the step alone: callbacks (evaluation) are not training
+            for callback in callbacks:
+                callback(done, res, dt)
+            t0 = time.time()
+        method.sync()
+        peak = memory.peak_rss_mb()
+        self.save(args.iters)
+        with method.evaluating():
+            after = self.evaluate(args.iters, "after", self.final_split, synced=True)
+            if self.data.task:
+                self.evaluate(args.iters, "after", synced=True)
+        return self.finish(start, before, after, peak, t_start)
+
+    def begin(self) -> tuple[int, EvalResult | None]:
+        """Resume or start; the zero-shot evaluation. Returns (first step, that evaluation)."""
         args, method, out = self.args, self.method, self.out
         start = method.restore(out) if args.resume else 0
         if args.resume:
@@ -85,9 +109,8 @@ class Run:
         method.open_log(out, fresh=not args.resume)
         self.report = Reporter(out, args.iters, start, fresh=not args.resume)
         self.clock = self.report.last_wall
+        self.fwd, self.tokens, self.window = 0, 0, []
         self.best = read_best(out / BEST_DIR) if args.resume and args.keep_best else None
-        batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
-                          args.grad_accumulation, self.objective.collate)
         if self.choices is not None:
             print(f"closed label set of {len(self.choices)} completions: accuracy = the right "
                   f"label ranks first among them", flush=True)
@@ -103,33 +126,21 @@ class Run:
                 and start < args.iters and start not in self.report.valid_steps):
             self.evaluate(start, "eval")  # interrupted between a step and its evaluation:
             #                               --keep-best must see every evaluation
-        callbacks = [self.record, self.evaluate_every, self.save_every]
-        memory.reset_peak()  # peak from here on: training, not model loading
-        self.fwd, self.tokens, self.window = 0, 0, []
-        batch_at = lambda step: [batcher(step, k) for k in range(args.grad_accumulation)]
-        t0 = time.time()
-        for done, res in method.steps(batch_at, start, args.iters, self.hyper):
-            dt = time.time() - t0
-            for callback in callbacks:
-                callback(done, res, dt)
-            t0 = time.time()
-        method.sync()
-        peak = memory.peak_rss_mb()
-        self.save(args.iters)
-        with method.evaluating():
-            after = self.evaluate(args.iters, "after", self.final_split, synced=True)
-            if self.data.task:
-                self.evaluate(args.iters, "after", synced=True)
+        return start, before
+
+    def finish(self, start, before, after, peak: float, t_start: float) -> dict:
+        """summary.json and the closing summary."""
         self.report.close()
-        summary = {"steps": args.iters - start, "train_seconds": self.clock - self.report.last_wall,
+        summary = {"steps": self.args.iters - start,
+                   "train_seconds": self.clock - self.report.last_wall,  # steps only
                    "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
                    "forward_passes": self.fwd, "tokens": self.tokens,
-                   "output": str(out / method.output_name(self.spec)),
+                   "output": str(self.out / self.method.output_name(self.spec)),
                    "before": before.__dict__ if before else None,
                    "after": after.__dict__ if after else None,
-                   "best": dict(self.best, path=str(out / BEST_DIR)) if self.best else None,
-                   **method.summary()}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                   "best": dict(self.best, path=str(self.out / BEST_DIR)) if self.best else None,
+                   **self.method.summary()}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary, before, after, self.spec is not None)
         return summary
 
