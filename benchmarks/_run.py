@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: run a workload mode in a fresh process, read a run's dev curve, write a table."""
+"""Shared by the benchmark scripts: run the workload in a fresh process, read a run's dev
+curve, write a table."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from pocketllm.memory import run_in_fresh_process  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run_mode(mode: str, **kw) -> dict:
-    """`python -m pocketllm.workload --mode mode --k v ...` in a fresh process."""
+def run_mode(method: str, **kw) -> dict:
+    """`python -m pocketllm.workload --method method --k v ...` in a fresh process."""
     try:
-        return run_in_fresh_process(mode, **kw)
+        return run_in_fresh_process(method, **kw)
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
 

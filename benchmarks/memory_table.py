@@ -20,19 +20,30 @@ from _run import run_mode, write_table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pocketllm.bench.machine import describe  # noqa: E402
 
-MODES = [("inference", "inference (forward + loss, no grad)"),
-         ("zo-full", "zo-sgd, full parameters"),
-         ("zo-lora", "zo-sgd, LoRA r=8 q/v"),
-         ("naive-zo-full", "naive MeZO reference, full parameters"),
-         ("lora-adam", "lora-adam (backprop), LoRA r=8 q/v")]
+# the peak table's runs, (workload --method, --trainable, label); the first is the yardstick
+PEAKS = [("inference", "full", "inference (forward + loss, no grad)"),
+         ("zo-sgd", "full", "zo-sgd, full parameters"),
+         ("zo-sgd", "lora", "zo-sgd, LoRA r=8 q/v"),
+         ("naive-zo", "full", "naive MeZO reference, full parameters"),
+         ("lora-adam", "lora", "lora-adam (backprop), LoRA r=8 q/v")]
 
 
-# (workload mode, method, trainable, label) of the estimate-vs-measurement table
-RUNS = [("inference", "inference", "full", "inference"),
-        ("zo-full", "zo-sgd", "full", "zo-sgd full"),
-        ("zo-lora", "zo-sgd", "lora", "zo-sgd LoRA r=8"),
-        ("lora-adam", "lora-adam", "lora", "lora-adam r=8"),
-        ("adam", "adam", "full", "adam (full)")]
+# (method, trainable, label) of the estimate-vs-measurement table
+RUNS = [("inference", "full", "inference"),
+        ("zo-sgd", "full", "zo-sgd full"),
+        ("zo-sgd", "lora", "zo-sgd LoRA r=8"),
+        ("lora-adam", "lora", "lora-adam r=8"),
+        ("adam", "full", "adam (full)")]
+# --reuse: workload JSON written before the workload took --method/--trainable (the committed
+# memory_models_measured.jsonl) names each run by a mode; these are RUNS' modes
+OLD_MODES = {"inference": ("inference", "full"), "zo-full": ("zo-sgd", "full"),
+             "zo-lora": ("zo-sgd", "lora"), "lora-adam": ("lora-adam", "lora"),
+             "adam": ("adam", "full")}
+
+
+def _run_of(r: dict) -> tuple[str, str]:
+    """(method, trainable) of a workload result, old (mode) or new."""
+    return OLD_MODES[r["mode"]] if "mode" in r else (r["method"], r["trainable"])
 
 
 def models_table(a) -> None:
@@ -40,7 +51,8 @@ def models_table(a) -> None:
     import json
     import os
 
-    from pocketllm.memory_estimate import estimate, framework_mb
+    from pocketllm.memory_estimate import Inference, estimate, framework_mb
+    from pocketllm.methods import REGISTRY
     from pocketllm.models import load_config
 
     load_start = os.getloadavg()
@@ -49,16 +61,17 @@ def models_table(a) -> None:
     if a.reuse:
         for line in Path(a.reuse).read_text().splitlines():
             r = json.loads(line)
-            reused[(r["model"], r["dtype"], r["mode"], r["batch"], r["seq"])] = r
+            reused[(r["model"], r["dtype"], *_run_of(r), r["batch"], r["seq"])] = r
     rows, n_reused = [], 0
     for spec in a.models:
         name, _, size = spec.rpartition(":")
         batch, seq = (int(x) for x in size.split("x"))
         cfg = load_config(name)
         for dtype in a.dtypes:
-            for mode, method, trainable, label in RUNS:
-                est = estimate(cfg, method, trainable, batch, seq, dtype, framework=framework)
-                key = (name, dtype, mode, batch, seq)
+            for method, trainable, label in RUNS:
+                entry = {Inference.name: Inference, **REGISTRY}[method]
+                est = estimate(cfg, entry, trainable, batch, seq, dtype, framework=framework)
+                key = (name, dtype, method, trainable, batch, seq)
                 r = None
                 if spec in a.estimate_only:
                     why = "estimate only (MeZO's batch: too slow to run on this CPU)"
@@ -70,8 +83,8 @@ def models_table(a) -> None:
                 elif a.reuse_only:
                     why = "estimate only (not run in this session's time)"
                 else:
-                    r = run_mode(mode, model=name, dtype=dtype, batch_size=batch, seq=seq,
-                                 steps=1, warmup=1 if mode in ("adam", "lora-adam") else 0)
+                    r = run_mode(method, trainable=trainable, model=name, dtype=dtype,
+                                 batch_size=batch, seq=seq, steps=1, warmup=est.warmup)
                     why = "measured"
                     print(json.dumps(r), flush=True)
                 meas = max(r["peak_run_mb"], r["rss_loaded_mb"]) if r else None
@@ -105,9 +118,9 @@ MODELS_NOTES = """
 Estimate: `pocketllm memory --model M --method X --trainable T --batch-size B
 --max-seq-length L --dtype D` (pocketllm/memory_estimate.py: from the config alone; the
 framework's own footprint, {framework:.0f} MB, measured once in a fresh process). Measured:
-peak RSS of `python -m pocketllm.workload --mode M --model X --dtype D --batch-size B
---seq L --steps 1 --warmup W` in a fresh process (W = 1 for lora-adam and adam, so AdamW's state
-exists; 0 otherwise; the smollm2-135m lora-adam rows ran with W = 0: LoRA's AdamW state is 4 MB
+peak RSS of `python -m pocketllm.workload --method X --trainable T --model M --dtype D
+--batch-size B --seq L --steps 1 --warmup W` in a fresh process (W = 1 for lora-adam and adam,
+so AdamW's state exists; 0 otherwise; the smollm2-135m lora-adam rows ran with W = 0: LoRA's AdamW state is 4 MB
 either way), from just after loading (the kernel's high-water mark is reset there)
 through the step, or the loaded RSS if larger. Batches: random tokens; causal LMs score every
 position (the dense language-modelling case), RoBERTa one <mask> per row through its MLM head.
@@ -154,14 +167,14 @@ def main() -> None:
     if a.models:
         return models_table(a)
     res = {}
-    for mode, _ in MODES:
-        res[mode] = run_mode(mode, model=a.model, batch_size=a.batch_size, seq=a.seq,
-                             dtype=a.dtype, steps=a.steps)
-        print(mode, res[mode], flush=True)
-    inf = res["inference"]["peak_run_mb"]
+    for method, trainable, label in PEAKS:
+        res[label] = run_mode(method, trainable=trainable, model=a.model,
+                              batch_size=a.batch_size, seq=a.seq, dtype=a.dtype, steps=a.steps)
+        print(label, res[label], flush=True)
+    inf = res[PEAKS[0][2]]["peak_run_mb"]
     rows = []
-    for mode, label in MODES:
-        r = res[mode]
+    for _, _, label in PEAKS:
+        r = res[label]
         rows.append([label, f"{r['peak_run_mb']:.0f}", f"{r['peak_run_mb'] / inf:.3f}",
                      f"{max(r['peak_run_mb'], r['peak_load_mb']):.0f}", f"{r['step_s_median']:.2f}"])
     cmd = "python benchmarks/memory_table.py " + " ".join(sys.argv[1:])

@@ -35,10 +35,11 @@ from _run import RESULTS, ROOT, run_mode, start_server
 sys.path.insert(0, str(ROOT))
 from pocketllm.bench.machine import describe  # noqa: E402
 
-LOCAL = [("inference", "inference (forward + loss, no grad)"),
-         ("zo-lora", "local zo-sgd, LoRA r=8 q/v"),
-         ("lora-adam", "local lora-adam, LoRA r=8 q/v"),
-         ("adam", "local adam, full parameters")]
+# (workload --method, --trainable, label)
+LOCAL = [("inference", "full", "inference (forward + loss, no grad)"),
+         ("zo-sgd", "lora", "local zo-sgd, LoRA r=8 q/v"),
+         ("lora-adam", "lora", "local lora-adam, LoRA r=8 q/v"),
+         ("adam", "full", "local adam, full parameters")]
 RATES = (10e6, 100e6)
 
 
@@ -205,9 +206,10 @@ def main() -> None:
     mem_rows, byte_rows, big_rows = [], [], []
     if a.only in ("", "memory"):
         res = {}
-        for mode, label in LOCAL:
-            res[label] = run_mode(mode, model=a.model, batch_size=a.batch_size, seq=a.seq,
-                                  dtype=a.dtype, steps=a.steps, threads=a.threads)
+        for method, trainable, label in LOCAL:
+            res[label] = run_mode(method, trainable=trainable, model=a.model,
+                                  batch_size=a.batch_size, seq=a.seq, dtype=a.dtype,
+                                  steps=a.steps, threads=a.threads)
             print(label, res[label], flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             proc, addr, token = start_server(Path(tmp), 1, [a.model])
@@ -220,8 +222,8 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait()
-        inf = res[LOCAL[0][1]]["peak_run_mb"]
-        adam = res[LOCAL[3][1]]["peak_run_mb"]
+        inf = res[LOCAL[0][2]]["peak_run_mb"]
+        adam = res[LOCAL[3][2]]["peak_run_mb"]
         for label, r in res.items():
             mem_rows.append([label, f"{r['peak_run_mb']:.0f}", f"{r['peak_run_mb'] / inf:.3f}",
                              f"{adam / r['peak_run_mb']:.2f}", f"{r['step_s_median']:.2f}"])

@@ -44,7 +44,7 @@ def measure(kind: str, model_name: str, B: int, seq: int, rounds: int, dist: str
 
     tune_allocator()  # as `pocketllm train` does
     model, _ = load_model(model_name)
-    args = train_args(f"zo-{kind}", "float32", model_name, batch_size=B)
+    args = train_args("zo-sgd", kind, "float32", model_name, batch_size=B)
     _, params = setup_trainable(model, args)
     eps = 1e-3 if kind == "full" else 1e-2
     ours = build("zo-sgd", model, params, args, eps=eps, perturbation=dist, zo_passes="pair")

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the memory of inference.")
     sub = p.add_subparsers(dest="command", required=True)
     methods = tuple(sorted(REGISTRY))
-    extra = {"train": setting_classes()}  # train also takes every method's own settings
+    # train and memory also take every method's own settings (resolved by the method named)
+    extra = {"train": setting_classes(), "memory": setting_classes()}
     choices = {"train": {"method": methods}, "memory": {"method": ("inference", *methods)}}
     for name, (cls, help) in COMMANDS.items():
         C.add_args(sub.add_parser(name, help=help, description=help), cls,
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{k.replace('_', '-')} {v}" for k, v in d.items()))
         return 0
     cls, _ = COMMANDS[ns.command]
-    # train's flags are its own and the methods' settings: it resolves both (cmd_train)
-    args = ns if ns.command == "train" else C.resolve(cls, ns)
+    # train's and memory's flags are their own and the methods' settings: they resolve both
+    args = ns if ns.command in ("train", "memory") else C.resolve(cls, ns)
     from .memory import tune_allocator
     tune_allocator()  # before any tensor exists: no page-fault churn on activations
     from .data import DataError
@@ -167,31 +168,42 @@ def cmd_replay(args: C.ReplayArgs) -> int:
     return 0
 
 
-def cmd_memory(args: C.MemoryArgs) -> int:
-    from .memory_estimate import estimate, framework_mb
+def cmd_memory(ns: argparse.Namespace) -> int:
+    from .memory_estimate import Inference, estimate, framework_mb
+    from .methods import REGISTRY, setting_classes, settings_for
     from .models import load_config
+    args, given = C.resolve_with(C.MemoryArgs, ns, *setting_classes())
+    # inference is the memory command's yardstick, not a method; the rest are the registry's
+    cls = {Inference.name: Inference, **REGISTRY}[args.method]
+    settings = settings_for(args.method, given) if args.method in REGISTRY else {}
+    if given and args.method not in REGISTRY:
+        raise SystemExit(f"--method {args.method} has no settings: "
+                         f"{' '.join(C.flag(k) for k in given)}")
+    # the trainable set the method trains: --trainable where it fits, else the method's own
+    kinds = cls.trainable_kinds
+    trainable = args.trainable if args.trainable in kinds else kinds[0]
     config = load_config(args.model)
-    trainable = "full" if args.method == "adam" else "lora" if args.method == "lora-adam" \
-        else args.trainable
     try:
-        est = estimate(config, args.method, trainable, args.batch_size, args.max_seq_length,
-                       args.dtype, args.lora_rank, args.zo_passes, list(args.lora_targets),
-                       framework=framework_mb())
+        est = estimate(config, cls, trainable, args.batch_size, args.max_seq_length,
+                       args.dtype, args.lora_rank, list(args.lora_targets),
+                       framework=framework_mb(), **settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    what = args.method + ("" if args.method == "inference" else f", {trainable}")
+    what = args.method + (f", {trainable}" if cls.trains_model else "")
     print(f"{args.model} ({args.dtype}), {what}, batch {args.batch_size} x "
           f"{args.max_seq_length} tokens")
     measured = None
-    if args.measure:
+    if args.measure:  # the same method and settings, in a process of its own
         from .memory import run_in_fresh_process
-        from .workload import mode_for
-        r = run_in_fresh_process(mode_for(args.method, trainable), model=args.model,
-                                 dtype=args.dtype, batch_size=args.batch_size,
-                                 seq=args.max_seq_length, steps=args.steps,
-                                 warmup=1 if args.method in ("adam", "lora-adam") else 0,
-                                 lora_rank=args.lora_rank, zo_passes=args.zo_passes)
+        try:
+            r = run_in_fresh_process(args.method, trainable=trainable, model=args.model,
+                                     dtype=args.dtype, batch_size=args.batch_size,
+                                     seq=args.max_seq_length, steps=args.steps,
+                                     warmup=est.warmup, lora_rank=args.lora_rank, **settings)
+        except RuntimeError as e:
+            print(f"error: --measure: {e}", file=sys.stderr)
+            return 2
         measured = max(r["peak_run_mb"], r["rss_loaded_mb"])
     print(est.table(measured))
     return 0

@@ -158,15 +158,15 @@ class ReplayArgs(ModelArgs):
 
 @dataclass
 class MemoryArgs(ModelArgs):
-    method: str = opt("zo-sgd", "what to estimate: inference or a training method")
-    trainable: str = opt("lora", "which weights train", choices=("full", "lora"))
+    method: str = opt("zo-sgd", "what to estimate: inference or a training method (its own "
+                      "settings are the flags its section of `pocketllm methods` lists)")
+    trainable: str = opt("lora", "which weights train (a method that trains only one kind: "
+                         "that one)", choices=("full", "lora"))
     batch_size: int = opt(8, "sequences per micro-batch")
     max_seq_length: int = opt(256, "tokens per sequence (every sequence assumed this long; a "
                               "causal LM scores every position, a masked LM one <mask> per row)")
     lora_rank: int = opt(8, "LoRA rank r")
     lora_targets: list = opt([], "module names to adapt (default: the query/value projections)")
-    zo_passes: str = opt("auto", "zo-sgd passes, as for train", choices=("auto", "pair",
-                                                                        "sequential"))
     measure: bool = opt(False, "also run it in a fresh process and print the measured peak RSS")
     steps: int = opt(1, "--measure: measured steps (first-order methods run one more, "
                      "unmeasured, first: AdamW's state exists from the second step on)")

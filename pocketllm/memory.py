@@ -3,7 +3,7 @@
 Peak RSS is what decides whether a run fits on a device. Loading a model briefly needs more than
 holding it, so the figure that tells the methods apart is the peak *after* loading: Linux lets a
 process reset its high-water mark (writing 5 to /proc/self/clear_refs), which we do once the
-model is in memory. A mode's peak is measured in a process of its own (`run_in_fresh_process`).
+model is in memory. A method's peak is measured in a process of its own (`run_in_fresh_process`).
 
 Imports nothing of pocketllm: every layer may use it.
 """
@@ -105,12 +105,19 @@ def limit_arenas(n: int = 1) -> bool:
     return _mallopt((_M_ARENA_MAX, n))
 
 
-def run_in_fresh_process(mode: str, **kw) -> dict:
-    """`python -m pocketllm.workload --mode mode --k v ...` in a fresh process (so its peak RSS
-    is its own); returns the JSON it prints. RuntimeError with the child's stderr if it fails."""
-    cmd = [sys.executable, "-m", WORKLOAD, "--mode", mode]
+def run_in_fresh_process(method: str, **kw) -> dict:
+    """`python -m pocketllm.workload --method method --k v ...` in a fresh process (so its peak
+    RSS is its own): `method` is inference, naive-zo or a registered method, `kw` the workload's
+    flags (trainable, model, dtype, batch_size, seq, steps, warmup, ...) and the method's
+    settings (a bool as --k / --no-k, a list as its items). Returns the JSON it prints;
+    RuntimeError with the child's stderr if it fails."""
+    cmd = [sys.executable, "-m", WORKLOAD, "--method", method]
     for k, v in kw.items():
-        cmd += ["--" + k.replace("_", "-"), str(v)]
+        name = k.replace("_", "-")
+        if isinstance(v, bool):
+            cmd.append(f"--{name}" if v else f"--no-{name}")
+        else:
+            cmd += [f"--{name}", *map(str, v if isinstance(v, (list, tuple)) else [v])]
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if out.returncode != 0:

@@ -1,25 +1,29 @@
 """Will it fit? Peak RSS of a run estimated from the model's config alone.
 
-    estimate(config, method, trainable, batch, seq, dtype) -> Estimate (a list of components)
+    estimate(config, method, trainable, batch, seq, dtype, ..., **settings) -> Estimate
 
-The model is built on the meta device (shapes, no memory) to count its parameters exactly;
-everything else is arithmetic on the config:
+`method` is a training method's class, whose `memory_profile(cfg, run, shape)` says which kind
+of peak it makes with its settings `cfg` (`settings`, as its flags), or a `Profile` itself;
+`Inference` is the memory command's pseudo-method, a forward without training. The model is
+built on the meta device (shapes, no memory) to count its parameters exactly; everything else is
+arithmetic on the config:
 
 * weights: every parameter and buffer once (tied ones once), plus LoRA A/B (float32);
-* activations: what one forward keeps alive.
-  - inference (no autograd) keeps about one layer's working set at a time (`_layer_working_set`)
-    plus the loss's scratch: the output head is streamed in `loss.VOCAB_CHUNK`-row chunks, so
-    only a (scored positions x 2048) block of logits exists at once;
-  - autograd (lora-adam, adam) keeps every layer's saved tensors for the backward pass. The bytes
-    per token per layer come from `SAVED_PER_LAYER`, measured by tracing the saved tensors of
-    each architecture family with `saved_activation_bytes` (tests/test_memory_estimate.py
+* activations, by kind of peak:
+  - `NoGradForward` (inference, zeroth-order methods, split mode's device): no autograd, so
+    about one layer's working set at a time (`_layer_working_set`) plus the loss's scratch: the
+    output head is streamed in `loss.VOCAB_CHUNK`-row chunks, so only a (scored positions x
+    2048) block of logits exists at once. A zeroth-order forward runs over R replicas of the
+    batch (zo-sgd: 2 for pair passes, 1 sequential; prge: up to 2q) and adds the Perturber's
+    scratch (`pocketllm.zo.perturb`): one buffer per replica for the largest trainable weight
+    (the copies are built just in time, per module, into reused buffers), one per replica for a
+    head chunk, and a perturbed embedding lookup;
+  - `Backprop` (lora-adam, adam) keeps every layer's saved tensors for the backward pass. The
+    bytes per token per layer come from `SAVED_PER_LAYER`, measured by tracing the saved tensors
+    of each architecture family with `saved_activation_bytes` (tests/test_memory_estimate.py
     re-derives them), plus the chunked loss's saved tensors (its float32 exp() per chunk:
     4 bytes per scored position per vocabulary row, and one copy of the scored hidden states per
     chunk), plus one layer's working set for the backward's own temporaries;
-  - zo-sgd keeps what inference keeps (of the batch, or of the batch twice for --zo-passes pair)
-    plus the Perturber's scratch (`pocketllm.zo.perturb`): one buffer per sign for the largest
-    trainable weight (the copies are built just in time, per module, into reused buffers), one
-    per sign for a head chunk, and a perturbed embedding lookup;
 * gradients: one per trainable weight, in its dtype (adam: the whole model; lora-adam: A, B);
 * optimizer state: AdamW's two moments per trainable weight, plus its per-tensor temporary;
 * framework: the Python + torch + transformers process before any weights (measured in this
@@ -30,12 +34,16 @@ while the gradients fill in, so the peak is weights + optimizer state + the larg
 activations + the head's gradient, which comes first) and (all gradients + the AdamW
 temporary). Scored positions: a causal LM's workload scores every position (the dense case,
 `pocketllm.workload`); a masked LM scores one <mask> per row.
+
+Imports nothing of pocketllm.methods (the methods import this module for their profiles).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -74,7 +82,6 @@ FAMILY = {"llama": "gated", "mistral": "gated", "qwen2": "gated", "qwen3": "gate
           "gemma": "gated", "gemma2": "gated", "gemma3_text": "gated", "phi3": "gated",
           "opt": "relu", "gpt2": "relu", "roberta": "encoder", "bert": "encoder",
           "xlm-roberta": "encoder"}
-METHODS = ("inference", "zo-sgd", "lora-adam", "adam")
 
 
 @dataclass
@@ -104,6 +111,7 @@ class Estimate:
     trainable: str
     components: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warmup: int = 0  # steps a measurement runs first, unmeasured (state that exists from step 2)
 
     @property
     def total(self) -> float:
@@ -147,7 +155,7 @@ def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | N
     from .models import MASKED_LM_TYPES
 
     model = _meta_model(config)
-    bpe = torch.finfo(getattr(torch, dtype)).bits // 8
+    bpe = _bytes_per(dtype)
     params = list(model.parameters())  # distinct: tied weights once
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     targets = list(lora_targets or default_targets(model))
@@ -235,6 +243,164 @@ def _layer_working_set(s: Shape, tokens: int, bpe: int) -> float:
     return tokens * bpe * (6 * s.hidden + ffn_tensors * s.ffn)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """A run's sizes, by the names `TrainArgs` gives them (what a `memory_profile` reads)."""
+
+    trainable: str
+    batch_size: int
+    max_seq_length: int
+    dtype: str = "float32"
+    lora_rank: int = 8
+    lora_targets: tuple = ()
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What one forward over `rows` rows of a batch holds besides the weights (bytes)."""
+
+    rows: int
+    tokens: int
+    scored: int     # positions the loss scores
+    working: int    # one layer's working set (`_layer_working_set`)
+    loss: int       # the loss's scratch: final hidden states, the scored ones, a head chunk
+
+
+def forward(s: Shape, rows: int, seq: int, bpe: int, autograd: bool,
+            head: bool = True) -> Forward:
+    """The activations of one forward over `rows` rows of `seq` tokens. Scored positions:
+    every position of a causal LM's batch, one <mask> per row of a masked LM. `head`: whether
+    the output head's loss runs (False: the forward stops at the final hidden states)."""
+    tokens = rows * seq
+    scored = rows if s.masked else rows * (seq - 1)
+    # the final hidden states and the scored positions' copy, plus one chunk's logits: without
+    # autograd two buffers reused by every chunk (the matmul's output and, below float32, its
+    # float32 copy; exp() in place), with autograd the float32 logits, their exp() and more
+    chunk_bytes = 3 * 4 if autograd else bpe + (4 if bpe != 4 else 0)
+    loss = tokens * s.hidden * bpe + scored * s.hidden * bpe
+    if head:
+        loss += scored * min(2048, s.vocab) * chunk_bytes
+        if s.masked:  # the MLM head's dense + LayerNorm at the scored rows, then (rows, V) logits
+            loss += 3 * scored * s.hidden * bpe + 2 * scored * s.vocab * 4
+    return Forward(rows, tokens, scored, _layer_working_set(s, tokens, bpe), loss)
+
+
+class Profile:
+    """One kind of peak: what a run of this kind holds at its highest point, beyond the
+    framework and the weights. A method's `memory_profile` returns one."""
+
+    adapter: bool = True  # LoRA A/B are part of the run with --trainable lora (False: frozen)
+    warmup: int = 0       # steps a measurement runs first, unmeasured
+
+    def fill(self, est: Estimate, s: Shape, run: Sizes, lora: bool) -> None:
+        """Add this kind's components (MiB) and notes to `est`; `lora`: LoRA A/B train."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NoGradForward(Profile):
+    """A forward without autograd over `replicas` copies of the batch, one layer alive at a
+    time. `perturbed`: each replica sees its own perturbed weights (the Perturber's scratch,
+    per replica); `head`: the output head's loss runs on this machine; `extra`: components the
+    method adds, (name, MiB); `what`: the subject of a note on the rows it runs; `notes`: more."""
+
+    replicas: int = 1
+    perturbed: bool = False
+    head: bool = True
+    adapter: bool = True
+    what: str = ""
+    extra: tuple[tuple[str, float], ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def fill(self, est: Estimate, s: Shape, run: Sizes, lora: bool) -> None:
+        bpe = _bytes_per(run.dtype)
+        f = forward(s, run.batch_size * self.replicas, run.max_seq_length, bpe, autograd=False,
+                    head=self.head)
+        c = est.components
+        c["activations (one layer at a time)"] = (f.working + f.loss) / MB
+        if self.perturbed:
+            # the scratch slot of a Linear weight (the embedding is perturbed row by row into
+            # its lookup's output, the head chunk by chunk)
+            largest = s.lora_largest * 4 if lora else s.largest_linear * bpe
+            head = 0 if lora else min(2048, s.vocab) * s.hidden * bpe
+            embed = 0 if lora else f.tokens * s.hidden * bpe  # perturbed lookup, per group
+            c["ZO scratch (perturbed copies)"] = (self.replicas * (largest + head) + embed) / MB
+        c.update(self.extra)
+        if self.what:
+            est.notes.append(f"{self.what}: activations of {f.rows} rows")
+        est.notes.extend(self.notes)
+
+
+@dataclass(frozen=True)
+class Backprop(Profile):
+    """Autograd through the whole forward and a backward pass, AdamW on the trainable weights:
+    every layer's saved tensors, then gradients and two moments per trainable weight."""
+
+    warmup: ClassVar[int] = 1  # AdamW's state exists from the second step on
+
+    def fill(self, est: Estimate, s: Shape, run: Sizes, lora: bool) -> None:
+        bpe = _bytes_per(run.dtype)
+        f = forward(s, run.batch_size, run.max_seq_length, bpe, autograd=True)
+        c = est.components
+        # every layer's saved tensors, the loss's, and the backward's temporaries
+        ch, cf, ca = SAVED_PER_LAYER[(s.family, run.trainable, run.dtype)]
+        saved = s.layers * f.tokens * (ch * s.hidden + cf * s.ffn + ca * s.heads)
+        # the chunked loss saves, per chunk, its float32 logits (for gather) and their exp(),
+        # and the scored hidden states it multiplied (a copy per chunk)
+        loss_saved = (2 * f.scored * s.vocab * 4
+                      + math.ceil(s.vocab / 2048) * f.scored * s.hidden * bpe)
+        if s.masked:
+            loss_saved += 4 * f.scored * s.hidden * bpe
+        kept = saved + loss_saved + f.tokens * s.hidden * bpe
+        n_train = s.lora_params if lora else s.params
+        train_bpe = 4 if lora else bpe  # LoRA A/B are float32
+        grads = n_train * train_bpe
+        temp = s.lora_largest * 4 if lora else s.largest * bpe
+        c["optimizer state (AdamW: 2 moments)"] = 2 * n_train * train_bpe / MB
+        # The backward's first gradient is the head's (vocab x hidden; all of A/B for LoRA,
+        # tiny) while every activation is still kept; the last moment is all gradients and no
+        # activations.
+        first_grad = grads if lora else s.vocab * s.hidden * bpe
+        start = (1 + AUTOGRAD_HEAP_OVERHEAD) * kept + f.working + f.loss + first_grad
+        step = grads + temp
+        if start >= step:
+            c["activations kept for backward"] = kept / MB
+            c["heap fragmentation (autograd)"] = AUTOGRAD_HEAP_OVERHEAD * kept / MB
+            c["backward temporaries (one layer)"] = (f.working + f.loss) / MB
+            c["gradients (the head's, first)" if not lora else "gradients"] = first_grad / MB
+            est.notes.append(f"peak at the start of backward (activations {kept / MB:.0f} MB > "
+                             f"gradients {grads / MB:.0f} MB)")
+        else:
+            c["gradients"] = grads / MB
+            c["AdamW step temporary"] = temp / MB
+            est.notes.append(f"peak at the optimizer step (gradients {grads / MB:.0f} MB > "
+                             f"activations {kept / MB:.0f} MB, freed by then)")
+
+
+@dataclass
+class NoSettings:
+    """A memory entry without settings of its own."""
+
+
+class Inference:
+    """`pocketllm memory --method inference`: the model's forward and loss, nothing trained.
+    A pseudo-method of the memory command and the workload (not in the method registry): the
+    yardstick the methods' estimates are read against."""
+
+    name = "inference"
+    Config = NoSettings
+    trainable_kinds = ("full",)  # the model as loaded: no adapter
+    trains_model = False
+
+    @classmethod
+    def memory_profile(cls, cfg, run: Sizes, shape: Shape) -> Profile:
+        return NoGradForward(adapter=False)
+
+
+def _bytes_per(dtype: str) -> int:
+    return torch.finfo(getattr(torch, dtype)).bits // 8
+
+
 PAIR_BUDGET = 0.05  # zo-sgd's promise: about inference's memory (issue 3: within 5%)
 
 
@@ -245,104 +411,64 @@ def pair_passes_fit(config, trainable: str, batch: int, seq: int, dtype: str = "
     when LoRA is trained, or when the second batch's activations add at most PAIR_BUDGET to the
     run's estimated peak; else two sequential forwards. (Full parameters, default model:
     pair at 8 x 64, sequential at 16 x 128; OPT-1.3B: pair at 2 x 64, sequential at 16 x 128.)
-    `shape`: `model_shape` of these settings when the caller has it (built once, not per call)."""
+    `shape`: `model_shape` of these settings when the caller has it (built once, not per call;
+    `config` is not read then)."""
     if trainable == "lora":
         return True
     shape = shape or model_shape(config, dtype, lora_rank, lora_targets)
     kw = dict(dtype=dtype, lora_rank=lora_rank, lora_targets=lora_targets,
               framework=FRAMEWORK_MB, shape=shape)
-    one = estimate(config, "zo-sgd", trainable, batch, seq, zo_passes="sequential", **kw).total
-    two = estimate(config, "zo-sgd", trainable, batch, seq, zo_passes="pair", **kw).total
+    one = estimate(config, NoGradForward(1, perturbed=True), trainable, batch, seq, **kw).total
+    two = estimate(config, NoGradForward(2, perturbed=True), trainable, batch, seq, **kw).total
     return two <= (1 + PAIR_BUDGET) * one
 
 
-def estimate(config, method: str, trainable: str, batch: int, seq: int,
-             dtype: str = "float32", lora_rank: int = 8, zo_passes: str = "auto",
+def estimate(config, method, trainable: str, batch: int, seq: int,
+             dtype: str = "float32", lora_rank: int = 8,
              lora_targets: list[str] | None = None, framework: float | None = None,
-             shape: Shape | None = None) -> Estimate:
-    """The estimated peak RSS of `method` (inference, zo-sgd, lora-adam, adam) on `config`
-    at `batch` x `seq` tokens, by component (MiB). `shape`: its `model_shape`, if built."""
-    if method not in METHODS:
-        raise ValueError(f"--method {method!r}: the estimate knows {', '.join(METHODS)}")
-    if method == "adam" and trainable != "full" or method == "lora-adam" and trainable != "lora":
-        raise ValueError(f"--method {method} trains {'full' if method == 'adam' else 'lora'} "
-                         f"weights, not --trainable {trainable}")
+             shape: Shape | None = None, **settings) -> Estimate:
+    """The estimated peak RSS of `method` on `config` at `batch` x `seq` tokens, by component
+    (MiB). `method`: a method class (its `memory_profile`, with its settings `settings`, e.g.
+    zo_passes="pair"; `Inference`) or a `Profile`. `shape`: its `model_shape`, if built."""
+    name = getattr(method, "name", None) or type(method).__name__
+    if not isinstance(method, Profile):
+        if not hasattr(method, "memory_profile"):
+            raise ValueError(f"estimate: {method!r} is neither a memory profile nor a method "
+                             "class (pocketllm.methods.get_method(name), memory_estimate."
+                             "Inference)")
+        kinds = method.trainable_kinds
+        if getattr(method, "trains_model", True) and trainable not in kinds:
+            raise ValueError(f"--method {name} trains {'/'.join(kinds)} weights, not "
+                             f"--trainable {trainable}")
+    elif settings:
+        raise ValueError(f"estimate: settings {sorted(settings)} given with a profile")
     s = shape or model_shape(config, dtype, lora_rank, lora_targets)
-    bpe = torch.finfo(getattr(torch, dtype)).bits // 8
-    lora = trainable == "lora" and method != "inference"
-    est = Estimate(method, trainable)
+    run = Sizes(trainable, batch, seq, dtype, lora_rank, tuple(lora_targets or ()))
+    profile = method if isinstance(method, Profile) else _profile(method, name, run, s, settings)
+    lora = trainable == "lora" and profile.adapter
+    est = Estimate(name, trainable, warmup=profile.warmup)
     c = est.components
     c["framework (python, torch, transformers)"] = (framework if framework is not None
                                                     else framework_mb()) + RUNTIME_SLACK_MB
     c["weights"] = s.param_bytes / MB
     if lora:
         c["LoRA weights (float32)"] = s.lora_params * 4 / MB
-
-    # scored positions: every position of a causal LM's batch, one <mask> per row of a masked LM
-    pair = method == "zo-sgd" and (zo_passes == "pair" or zo_passes == "auto" and pair_passes_fit(
-        config, trainable, batch, seq, dtype, lora_rank, lora_targets, shape=s))
-    rows = batch * (2 if pair else 1)
-    tokens = rows * seq
-    scored = rows if s.masked else rows * (seq - 1)
-    chunks = math.ceil(s.vocab / 2048)
-    chunk_rows = min(2048, s.vocab)
-    working = _layer_working_set(s, tokens, bpe)
-    # the final hidden states and the scored positions' copy, plus one chunk's logits: without
-    # autograd two buffers reused by every chunk (the matmul's output and, below float32, its
-    # float32 copy; exp() in place), with autograd the float32 logits, their exp() and more
-    no_grad = method in ("inference", "zo-sgd")
-    chunk_bytes = (bpe + (4 if bpe != 4 else 0)) if no_grad else 3 * 4
-    loss_scratch = tokens * s.hidden * bpe + scored * s.hidden * bpe + \
-        scored * chunk_rows * chunk_bytes
-    if s.masked:  # the MLM head's dense + LayerNorm at the scored rows, then (rows, V) logits
-        loss_scratch += 3 * scored * s.hidden * bpe + 2 * scored * s.vocab * 4
-
-    if method in ("inference", "zo-sgd"):
-        c["activations (one layer at a time)"] = (working + loss_scratch) / MB
-        if method == "zo-sgd":
-            signs = 2 if pair else 1
-            # the scratch slot of a Linear weight (the embedding is perturbed row by row into
-            # its lookup's output, the head chunk by chunk)
-            largest = s.lora_largest * 4 if lora else s.largest_linear * bpe
-            head = 0 if lora else chunk_rows * s.hidden * bpe
-            embed = 0 if lora else tokens * s.hidden * bpe  # perturbed lookup, per group
-            c["ZO scratch (perturbed copies)"] = (signs * (largest + head) + embed) / MB
-            est.notes.append(f"zo-sgd {'pair' if pair else 'sequential'} passes: activations "
-                             f"of {rows} rows")
-        return est
-
-    # first-order: every layer's saved tensors, the loss's, and the backward's temporaries
-    ch, cf, ca = SAVED_PER_LAYER[(s.family, trainable, dtype)]
-    saved = s.layers * tokens * (ch * s.hidden + cf * s.ffn + ca * s.heads)
-    # the chunked loss saves, per chunk, its float32 logits (for gather) and their exp(), and
-    # the scored hidden states it multiplied (a copy per chunk)
-    loss_saved = 2 * scored * s.vocab * 4 + chunks * scored * s.hidden * bpe
-    if s.masked:
-        loss_saved += 4 * scored * s.hidden * bpe
-    kept = saved + loss_saved + tokens * s.hidden * bpe
-    n_train = s.lora_params if lora else s.params
-    train_bpe = 4 if lora else bpe  # LoRA A/B are float32
-    grads = n_train * train_bpe
-    temp = s.lora_largest * 4 if lora else s.largest * bpe
-    c["optimizer state (AdamW: 2 moments)"] = 2 * n_train * train_bpe / MB
-    # The backward's first gradient is the head's (vocab x hidden; all of A/B for LoRA, tiny)
-    # while every activation is still kept; the last moment is all gradients and no activations.
-    first_grad = grads if lora else s.vocab * s.hidden * bpe
-    start = (1 + AUTOGRAD_HEAP_OVERHEAD) * kept + working + loss_scratch + first_grad
-    step = grads + temp
-    if start >= step:
-        c["activations kept for backward"] = kept / MB
-        c["heap fragmentation (autograd)"] = AUTOGRAD_HEAP_OVERHEAD * kept / MB
-        c["backward temporaries (one layer)"] = (working + loss_scratch) / MB
-        c["gradients (the head's, first)" if not lora else "gradients"] = first_grad / MB
-        est.notes.append(f"peak at the start of backward (activations {kept / MB:.0f} MB > "
-                         f"gradients {grads / MB:.0f} MB)")
-    else:
-        c["gradients"] = grads / MB
-        c["AdamW step temporary"] = temp / MB
-        est.notes.append(f"peak at the optimizer step (gradients {grads / MB:.0f} MB > "
-                         f"activations {kept / MB:.0f} MB, freed by then)")
+    profile.fill(est, s, run, lora)
     return est
+
+
+def _profile(method, name: str, run: Sizes, s: Shape, settings: dict) -> Profile:
+    """The profile a method class declares for its settings on this run."""
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(method.Config)})
+    if unknown:
+        raise ValueError(f"--method {name} has no setting "
+                         f"{', '.join('--' + u.replace('_', '-') for u in unknown)}")
+    cfg = method.Config(**settings)
+    profile = method.memory_profile(cfg, run, s)
+    if profile is None:
+        raise ValueError(f"--method {name} has no memory profile: its class declares none "
+                         "(a `memory_profile` classmethod returning a memory_estimate.Profile)")
+    return profile
 
 
 def saved_activation_bytes(model, batch: dict[str, torch.Tensor]) -> int:

@@ -1,10 +1,13 @@
-"""The benchmarks' workload: a model, a fixed batch, and one step of each method on it.
+"""The benchmarks' workload: a model, a fixed batch, and one step of a method on it.
 
-`python -m pocketllm.workload --mode M` runs a few steps of mode M in this (fresh) process and
-prints one JSON line with its timings and peak RSS, which is how `pocketllm memory --measure`, the
-framework's RSS (`memory_estimate.framework_mb`) and the memory table measure every mode in a
-process of its own (`memory.run_in_fresh_process` starts it). A top-layer module: nothing in the
-package imports it but the CLI.
+`python -m pocketllm.workload --method NAME --trainable T` runs a few steps of NAME in this
+(fresh) process and prints one JSON line with its timings and peak RSS, which is how `pocketllm
+memory --measure`, the framework's RSS (`memory_estimate.framework_mb`) and the memory table
+measure every method in a process of its own (`memory.run_in_fresh_process` starts it). NAME is
+any registered method (its own settings as flags, as for `train`), or one of the runs that are
+not methods (`REFERENCE`): `inference` (forward and loss, no grad; --trainable lora: through
+LoRA layers) and `naive-zo` (the reference MeZO step, `zo.naive_mezo`). A top-layer module:
+nothing in the package imports it but the CLI.
 """
 
 from __future__ import annotations
@@ -22,23 +25,11 @@ from . import memory
 from .config import TrainArgs
 from .loss import (PlainHead, TokenStats, answer_transform, backbone, group_losses,
                    output_head, stream_head)
-from .methods import build, get_method
+from .methods import Method, build, get_method
 from .models import MASKED_LM_TYPES, load_model
 from .objectives import LanguageModeling
 from .trainable import setup_trainable
 from .zo.naive_mezo import naive_zo_step
-
-MODES = ("inference", "inference-lora", "zo-full", "zo-lora", "naive-zo-full", "naive-zo-lora",
-         "lora-adam", "adam")
-# the method each training mode runs (the naive reference and inference run no method)
-METHOD_OF = {"zo-full": "zo-sgd", "zo-lora": "zo-sgd", "lora-adam": "lora-adam", "adam": "adam"}
-
-
-def mode_for(method: str, trainable: str) -> str:
-    """The workload mode that runs `method` on `trainable` weights."""
-    if method == "zo-sgd":
-        return f"zo-{trainable}"
-    return method  # inference, lora-adam, adam
 
 
 def is_masked_lm(model) -> bool:
@@ -90,45 +81,76 @@ class Scored:
         return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def make_step(mode: str, model, batch, args: TrainArgs, **settings) -> Callable[[int], None]:
-    """A callable running step i of `mode` on `batch` (LoRA/full already set by args;
-    `settings`: the method's own, e.g. zo_passes)."""
+def _inference(model, batch, args: TrainArgs, stats, eps: float) -> Callable[[int], None]:
+    if args.trainable == "lora":
+        setup_trainable(model, args)  # the forward through LoRA layers, as a LoRA run's
+
+    def run(i):
+        with torch.no_grad():
+            group_losses(stats(model, batch), 1)
+    return run
+
+
+def _naive_zo(model, batch, args: TrainArgs, stats, eps: float) -> Callable[[int], None]:
+    _, params = setup_trainable(model, args)
+    plist = [p for _, p in params]
+    for p in plist:
+        p.requires_grad_(False)
+
+    def loss():
+        return group_losses(stats(model, batch), 1).item()
+    return lambda i: naive_zo_step(plist, loss, eps, args.learning_rate, seed=i)
+
+
+# the runs that are not training methods: name -> builder of its step
+REFERENCE: dict[str, Callable] = {"inference": _inference, "naive-zo": _naive_zo}
+# what a reference run trains or runs through (a method's own: its `trainable_kinds`)
+REFERENCE_KINDS = ("full", "lora")
+
+
+def names() -> tuple[str, ...]:
+    """What `--method` accepts: the reference runs, then the registered methods."""
+    from .methods import REGISTRY
+    return (*REFERENCE, *sorted(REGISTRY))
+
+
+def make_step(name: str, model, batch, args: TrainArgs, **settings) -> Callable[[int], None]:
+    """A callable running step i of `name` (a reference run or a registered method, built by
+    `methods.build` with its `settings`) on `batch`, on the weights `args.trainable` names."""
     stats = masked_lm_stats if is_masked_lm(model) else LanguageModeling().stats
     eps = 1e-3 if args.trainable == "full" else 1e-2
-    if mode.startswith("inference"):
-        if mode == "inference-lora":
-            setup_trainable(model, args)
-
-        def run(i):
-            with torch.no_grad():
-                group_losses(stats(model, batch), 1)
-        return run
-    _, params = setup_trainable(model, args)
-    if mode.startswith("naive-"):
-        plist = [p for _, p in params]
-        for p in plist:
-            p.requires_grad_(False)
-
-        def loss():
-            return group_losses(stats(model, batch), 1).item()
-        return lambda i: naive_zo_step(plist, loss, eps, args.learning_rate, seed=i)
-    name = METHOD_OF[mode]
-    if "eps" in {f.name for f in dataclasses.fields(get_method(name).Config)}:
+    if name in REFERENCE:
+        if settings:
+            raise SystemExit(f"--method {name} has no settings: "
+                             f"{', '.join(k.replace('_', '-') for k in settings)}")
+        return REFERENCE[name](model, batch, args, stats, eps)
+    cls = get_method(name)
+    if cls.steps is not Method.steps:  # e.g. split mode: its stream is not a step to time
+        raise SystemExit(f"--method {name} drives its own steps (`steps`), which the workload "
+                         "cannot time one `step` at a time (split mode's device: "
+                         "benchmarks/split_bench.py)")
+    _, params = cls.trainable(model, args)
+    if "eps" in {f.name for f in dataclasses.fields(cls.Config)}:
         settings = {"eps": eps, **settings}
     method = build(name, model, params, args, Scored(stats), **settings)
     return lambda i: method.step([batch], i, args.learning_rate)
 
 
-def train_args(mode: str, dtype: str, model: str, **kw) -> TrainArgs:
-    trainable = "full" if mode.endswith("full") or mode == "adam" else "lora"
-    return TrainArgs(model=model, dtype=dtype, trainable=trainable,
-                     method=METHOD_OF.get(mode, "zo-sgd"),
+def train_args(name: str, trainable: str, dtype: str, model: str, **kw) -> TrainArgs:
+    """The run settings of `name` on `trainable` weights (learning rate: 1e-6 full, 1e-3 LoRA)."""
+    method = {"method": name} if name not in REFERENCE else {}
+    return TrainArgs(model=model, dtype=dtype, trainable=trainable, **method,
                      learning_rate=1e-6 if trainable == "full" else 1e-3, **kw)
 
 
 def main() -> None:
+    from . import config as C
+    from .methods import REGISTRY, setting_classes, settings_for
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mode", choices=MODES, required=True)
+    ap.add_argument("--method", choices=names(), required=True)
+    ap.add_argument("--trainable", choices=("full", "lora"), default=None,
+                    help="which weights (default: the method's first kind; inference, "
+                         "naive-zo: full)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -137,17 +159,24 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--zo-passes", default="auto", choices=("auto", "pair", "sequential"))
+    C.add_args(ap.add_argument_group("method settings (as for train)"), *setting_classes())
     a = ap.parse_args()
+    own = {"method", "trainable", "model", "dtype", "batch_size", "seq", "steps", "warmup",
+           "threads", "lora_rank", "config"}
+    given = {k: v for k, v in vars(a).items() if k not in own}
+    if a.config:
+        given = {**C.load_yaml(a.config, *setting_classes()), **given}
+    settings = settings_for(a.method, given) if a.method in REGISTRY else given
+    kinds = REGISTRY[a.method].trainable_kinds if a.method in REGISTRY else REFERENCE_KINDS
+    trainable = a.trainable or kinds[0]
     memory.tune_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, a.dtype)
     batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq, masked=is_masked_lm(model))
-    args = train_args(a.mode, a.dtype, a.model, batch_size=a.batch_size, lora_rank=a.lora_rank,
-                      max_seq_length=a.seq)
-    settings = {"zo_passes": a.zo_passes} if METHOD_OF.get(a.mode) == "zo-sgd" else {}
-    step = make_step(a.mode, model, batch, args, **settings)
+    args = train_args(a.method, trainable, a.dtype, a.model, batch_size=a.batch_size,
+                      lora_rank=a.lora_rank, max_seq_length=a.seq)
+    step = make_step(a.method, model, batch, args, **settings)
     rss_loaded = memory.rss_mb()
     peak_load = memory.peak_rss_mb()
     memory.reset_peak()
@@ -157,8 +186,9 @@ def main() -> None:
         step(i)
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-    print(json.dumps({"mode": a.mode, "model": a.model, "dtype": a.dtype,
-                      "batch": a.batch_size, "seq": a.seq, "rss_loaded_mb": rss_loaded,
+    print(json.dumps({"method": a.method, "trainable": trainable, "model": a.model,
+                      "dtype": a.dtype, "batch": a.batch_size, "seq": a.seq,
+                      "rss_loaded_mb": rss_loaded,
                       "peak_load_mb": peak_load, "peak_run_mb": memory.peak_rss_mb(),
                       "step_s_median": statistics.median(times), "step_s": times,
                       "threads": torch.get_num_threads()}))

@@ -36,7 +36,7 @@ def test_run_in_fresh_process_runs_the_workload_and_returns_its_json():
     # (memory.WORKLOAD, a string: no import to check it) is checked here
     r = memory.run_in_fresh_process("inference", model="tiny-llama", batch_size=1, seq=8,
                                     steps=1, warmup=0)
-    assert r["mode"] == "inference" and r["model"] == "tiny-llama"
+    assert r["method"] == "inference" and r["model"] == "tiny-llama"
     assert r["peak_run_mb"] > 0 and r["rss_loaded_mb"] > 0
-    with pytest.raises(RuntimeError, match="--mode"):
-        memory.run_in_fresh_process("no-such-mode")
+    with pytest.raises(RuntimeError, match="--method"):
+        memory.run_in_fresh_process("no-such-method")

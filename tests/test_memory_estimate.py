@@ -8,6 +8,7 @@ import torch
 from pocketllm import memory_estimate as ME
 from pocketllm.cli import main
 from pocketllm.config import TrainArgs
+from pocketllm.methods import get_method
 from pocketllm.models import auto_class, load_config
 from pocketllm.train import setup_trainable
 
@@ -19,8 +20,14 @@ def _no_probe(monkeypatch):
     monkeypatch.setattr(ME, "_framework", FRAMEWORK)
 
 
+def _entry(method):
+    """What `pocketllm memory --method` estimates: the inference yardstick or a method class."""
+    return ME.Inference if method == "inference" else get_method(method)
+
+
 def _est(method, trainable, batch=4, seq=32, name="tiny-llama", **kw):
-    return ME.estimate(load_config(name), method, trainable, batch, seq, framework=FRAMEWORK, **kw)
+    return ME.estimate(load_config(name), _entry(method), trainable, batch, seq,
+                       framework=FRAMEWORK, **kw)
 
 
 def test_breakdown_has_every_component_and_sums_to_the_total():
@@ -59,8 +66,10 @@ def test_method_order_adam_over_lora_adam_over_zo_about_inference(dtype):
 
 def test_weights_are_the_parameter_count_times_the_dtype():
     cfg = load_config("random:opt-1.3b")
-    w32 = ME.estimate(cfg, "inference", "full", 1, 8, "float32", framework=0).components["weights"]
-    w16 = ME.estimate(cfg, "inference", "full", 1, 8, "bfloat16", framework=0).components["weights"]
+    w32 = ME.estimate(cfg, ME.Inference, "full", 1, 8, "float32",
+                      framework=0).components["weights"]
+    w16 = ME.estimate(cfg, ME.Inference, "full", 1, 8, "bfloat16",
+                      framework=0).components["weights"]
     assert w32 == pytest.approx(1315.8e6 * 4 / 2**20, rel=2e-3)
     assert w16 == pytest.approx(w32 / 2, rel=2e-3)
 
@@ -70,6 +79,10 @@ def test_bad_method_or_trainable_is_an_actionable_error():
         _est("sgd", "full")
     with pytest.raises(ValueError, match="--trainable lora"):
         _est("adam", "lora")
+    with pytest.raises(ValueError, match="neither a memory profile nor a method class"):
+        ME.estimate(load_config("tiny-llama"), "adam", "full", 1, 8, framework=FRAMEWORK)
+    with pytest.raises(ValueError, match="adam has no setting --zo-passes"):
+        _est("adam", "full", zo_passes="pair")
 
 
 def _trace_per_layer(family, trainable, dtype, h, f, heads):
@@ -134,10 +147,11 @@ def test_auto_passes_pair_only_within_the_memory_budget():
     assert not ME.pair_passes_fit(cfg, "full", 16, 128)     # +120 MB, over 5%: sequential
     assert ME.pair_passes_fit(cfg, "lora", 16, 128)         # LoRA always pairs
     for b, s in ((8, 64), (16, 128)):
-        auto = ME.estimate(cfg, "zo-sgd", "full", b, s, framework=FRAMEWORK).total
-        pair = ME.estimate(cfg, "zo-sgd", "full", b, s, zo_passes="pair",
+        zo = get_method("zo-sgd")
+        auto = ME.estimate(cfg, zo, "full", b, s, framework=FRAMEWORK).total
+        pair = ME.estimate(cfg, zo, "full", b, s, zo_passes="pair",
                            framework=FRAMEWORK).total
-        one = ME.estimate(cfg, "zo-sgd", "full", b, s, zo_passes="sequential",
+        one = ME.estimate(cfg, zo, "full", b, s, zo_passes="sequential",
                           framework=FRAMEWORK).total
         assert auto == (pair if ME.pair_passes_fit(cfg, "full", b, s) else one)
         assert auto <= 1.05 * one

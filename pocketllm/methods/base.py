@@ -83,6 +83,14 @@ class Method(ABC):
                              f" weights, not --trainable {run.trainable}")
 
     @classmethod
+    def memory_profile(cls, cfg, run, shape):
+        """The kind of peak memory a run of this method makes with settings `cfg` (a
+        `memory_estimate.Profile`, what `pocketllm memory` estimates from), on a run of `run`'s
+        sizes (trainable, batch_size, max_seq_length, dtype, lora_rank, lora_targets) and a
+        model of `shape` (`memory_estimate.Shape`). None: the method has no estimate."""
+        return None
+
+    @classmethod
     def trainable(cls, model: nn.Module, run) -> tuple:
         """(LoRA spec or None, [(name, parameter)] this method trains) on `model`."""
         return setup_trainable(model, run)

@@ -11,6 +11,7 @@ import torch
 from dataclasses import dataclass
 
 from ..config import opt
+from ..memory_estimate import Backprop
 from .base import Method, StepResult
 
 CKPT = "checkpoint.pt"
@@ -33,6 +34,11 @@ class FirstOrderAdamW(Method):
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW([p for _, p in params], lr=run.learning_rate,
                                      weight_decay=cfg.weight_decay)
+
+    @classmethod
+    def memory_profile(cls, cfg, run, shape):
+        """Backprop through the model, AdamW on the trainable weights."""
+        return Backprop()
 
     def step(self, batches, step, lr, eps=None):
         for group in self.opt.param_groups:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import opt
+from ..memory_estimate import NoGradForward
 from ..zo.plan import PARALLEL
 from .base import register
 from .zo import ZOConfig, ZOMethod
@@ -40,3 +41,16 @@ class PRGE(ZOMethod):
     Config = PRGEConfig
     trainable_kinds = ("lora",)
     defaults = {k: v for k, v in ZOSGD.defaults.items() if k.startswith("lora")}
+
+    @classmethod
+    def memory_profile(cls, cfg, run, shape):
+        """No autograd over 2q replicas of the batch in one forward (--parallel both), or fewer
+        per forward (other --parallel modes, --max-replicas): the widest forward sets the
+        activations, each of its replicas with its own perturbed adapter copy."""
+        if cfg.queries < 1:
+            raise ValueError(f"--queries must be at least 1, got {cfg.queries}")
+        forwards, widest = cls.widest_pass(cfg, cfg.queries, cfg.parallel)
+        return NoGradForward(widest, perturbed=True,
+                             what=f"prge {cfg.queries} quer{'y' if cfg.queries == 1 else 'ies'} "
+                                  f"(--parallel {cfg.parallel}), the widest of {forwards} "
+                                  "forward(s)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import memory
 from ..config import opt
+from ..memory_estimate import MB, NoGradForward
 from ..split.quant import ACT_BITS
 from .base import Method, StepResult, register
 
@@ -68,6 +69,31 @@ class SideTuning(Method):
                              "not --grad-accumulation")
         memory.limit_arenas(1)  # forward, gRPC and head-pass threads share one heap (memory.py)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    @classmethod
+    def memory_profile(cls, cfg, run, shape):
+        """The device's frozen forward: inference's activations (no autograd, no adapter), the
+        output head's loss only with private labels (labels sent: the forward stops at the
+        final hidden states), plus the quantized taps of the steps the device may hold
+        (--queue-depth ahead and the one being sent). Approximate, and said so in a note."""
+        from ..split.client import private_labels, step_bytes
+        from ..split.side import SideConfig, tap_layers
+        if shape.masked:
+            raise ValueError("--method side supports causal LMs only")
+        private = private_labels(cfg.private_labels, class_labels=False)  # text targets
+        side = SideConfig(model="", hidden=shape.hidden,
+                          taps=tap_layers(shape.layers, cfg.tap_every), act_bits=cfg.act_bits,
+                          private_labels=private)
+        rows = run.batch_size * (run.max_seq_length - 1)  # every position scored, as inference
+        queued = (cfg.queue_depth + 1) * step_bytes(rows, side)
+        return NoGradForward(
+            adapter=False, head=private,
+            extra=((f"queued taps ({cfg.queue_depth + 1} steps, {cfg.act_bits} bits)",
+                    queued / MB),),
+            notes=("side: approximate; the device's forward as inference's, " + (
+                "with the head loss on the device (private labels)" if private else
+                "no head loss (labels sent)") + "; gRPC's buffers and threads and the side "
+                "output the server sends back are not counted",))
 
     @classmethod
     def trainable(cls, model, run):

@@ -128,3 +128,13 @@ class ZOMethod(Method):
 
     def restore(self, out_dir) -> int:
         return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt)
+
+    # the memory profile (pocketllm memory): each ZO method's `memory_profile` reads this
+    @classmethod
+    def widest_pass(cls, cfg, queries: int, parallel: str) -> tuple[int, int]:
+        """(forwards a step makes, replicas of the batch in the widest of them) for `queries`
+        queries grouped by `parallel` and --max-replicas, as `__init__` groups them: the widest
+        forward holds the step's largest activations."""
+        replicas = estimators.REGISTRY.lookup(cfg.estimator)(queries).replicas()
+        passes = group_passes(replicas, parallel, cfg.max_replicas)
+        return len(passes), max(len(p) for p in passes)

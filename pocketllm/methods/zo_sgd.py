@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import opt
-from ..memory_estimate import UnknownShape, pair_passes_fit
+from ..memory_estimate import NoGradForward, UnknownShape, pair_passes_fit
 from .base import register
 from .zo import ZOConfig, ZOMethod
 
@@ -59,3 +59,15 @@ class ZOSGD(ZOMethod):
     defaults = {"full": {"learning_rate": 1e-5, "eps": 1e-3, "perturbation": "rademacher"},
                 "lora": {"learning_rate": 3e-4, "eps": 1e-2, "perturbation": "gaussian"},
                 "lora:task": {"learning_rate": 3e-3, "lr_schedule": "linear"}}
+
+    @classmethod
+    def memory_profile(cls, cfg, run, shape):
+        """No autograd over the batch twice (pair passes) or once (sequential), as --zo-passes
+        picks them (auto: `pair_passes_fit` at this run's sizes), each replica with its own
+        perturbed copies."""
+        pair = cfg.zo_passes == "pair" or cfg.zo_passes == "auto" and pair_passes_fit(
+            None, run.trainable, run.batch_size, run.max_seq_length, run.dtype, run.lora_rank,
+            list(run.lora_targets) or None, shape=shape)
+        _, widest = cls.widest_pass(cfg, 1, "both" if pair else "none")
+        return NoGradForward(widest, perturbed=True,
+                             what=f"zo-sgd {'pair' if widest == 2 else 'sequential'} passes")
