@@ -161,7 +161,7 @@ class MemoryArgs(ModelArgs):
     method: str = opt("zo-sgd", "what to estimate: inference or a training method (its own "
                       "settings are the flags its section of `pocketllm methods` lists)")
     trainable: str = opt("lora", "which weights train (a method that trains only one kind: "
-                         "that one)", choices=("full", "lora"))
+                         "that one)", choices=lambda: _trainable_sets())
     batch_size: int = opt(8, "sequences per micro-batch")
     max_seq_length: int = opt(256, "tokens per sequence (every sequence assumed this long; a "
                               "causal LM scores every position, a masked LM one <mask> per row)")
