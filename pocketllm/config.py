@@ -93,6 +93,9 @@ class TrainArgs(ModelArgs, DataArgs):
     lr_final: float = opt(0.0, "final learning rate of a linear/cosine schedule")
     lr_warmup: int = opt(0, "steps of linear learning-rate warmup from 0")
     adapter_path: str = opt("adapters", "output directory (adapter, logs, config)")
+    time_budget: float = opt(0.0, "stop after this many minutes of training (steps only, "
+                             "evaluation excluded; the whole run's, across --resume; 0: "
+                             "--iters alone); the schedules still run over --iters")
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")
     save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)")
     steps_per_eval: int = opt(50, "evaluate on valid every N steps (0: only before and after)")

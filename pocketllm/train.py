@@ -85,20 +85,23 @@ class Run:
         batch_at = lambda step: [batcher(step, k) for k in range(args.grad_accumulation)]
         callbacks = [self.record, self.evaluate_every, self.save_every]
         memory.reset_peak()  # peak from here on: training, not model loading
-        t0 = time.time()
+        t0, done = time.time(), start
         for done, res in method.steps(batch_at, start, args.iters, self.hyper):
             dt = time.time() - t0  # the step alone: callbacks (evaluation) are not training
             for callback in callbacks:
                 callback(done, res, dt)
+            if args.time_budget and self.clock >= 60 * args.time_budget:
+                self.report.say(f"step {done} | time budget of {args.time_budget:g} min spent")
+                break
             t0 = time.time()
         method.sync()
         peak = memory.peak_rss_mb()
-        self.save(args.iters)
+        self.save(done, final=True)
         with method.evaluating():
-            after = self.evaluate(args.iters, "after", self.final_split, synced=True)
+            after = self.evaluate(done, "after", self.final_split, synced=True)
             if self.data.task:
-                self.evaluate(args.iters, "after", synced=True)
-        return self.finish(start, before, after, peak, t_start)
+                self.evaluate(done, "after", synced=True)
+        return self.finish(start, done, before, after, peak, t_start)
 
     def begin(self) -> tuple[int, EvalResult | None]:
         """Resume or start; the zero-shot evaluation. Returns (first step, that evaluation)."""
@@ -128,10 +131,10 @@ class Run:
             #                               --keep-best must see every evaluation
         return start, before
 
-    def finish(self, start, before, after, peak: float, t_start: float) -> dict:
+    def finish(self, start, done, before, after, peak: float, t_start: float) -> dict:
         """summary.json and the closing summary."""
         self.report.close()
-        summary = {"steps": self.args.iters - start,
+        summary = {"steps": done - start,
                    "train_seconds": self.clock - self.report.last_wall,  # steps only
                    "wall_seconds": time.time() - t_start, "peak_rss_mb": peak,
                    "forward_passes": self.fwd, "tokens": self.tokens,
@@ -215,15 +218,15 @@ class Run:
                      metadata={"pocketllm_best": json.dumps(self.best)})
         self.report.say(f"step {step} | best on valid so far: adapter kept in {best_dir}")
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, final: bool = False) -> None:
         """The trained weights (adapter; a full model at the end: the ZO log alone also
         rebuilds it, `pocketllm replay`) and what the method needs to resume."""
         self.method.sync()
         if self.spec is not None:
             save_adapter(self.model, self.out, self.spec, base_model=self.args.model)
-        elif step == self.args.iters and self.method.trains_model:
+        elif final and self.method.trains_model:
             self.model.save_pretrained(self.out / "model")
-        self.method.save_state(self.out, step, final=step == self.args.iters)
+        self.method.save_state(self.out, step, final=final)
 
 
 def read_best(best_dir: Path) -> dict | None:

@@ -182,3 +182,16 @@ def test_keep_best_keeps_the_best_valid_adapter(tmp_path, capsys):
         main([*run, "--iters", "2", "--trainable", "full", "--adapter-path", str(tmp_path / "f")])
     with pytest.raises(SystemExit, match="--keep-best is not available with --method side"):
         main([*run, "--iters", "2", "--method", "side", "--adapter-path", str(tmp_path / "s")])
+
+
+def test_time_budget_stops_training_and_saves_what_was_trained(tmp_path, capsys):
+    out = tmp_path / "run"
+    # a budget of 1 ms: the first step spends it
+    assert main(["train", *FAST, "--iters", "50", "--time-budget", "0.00002",
+                 "--steps-per-eval", "0", "--adapter-path", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["after"] is not None
+    assert "time budget of 2e-05 min spent" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").exists()
+    log = (out / "zo_log.jsonl").read_text().splitlines()
+    assert len(log) == 2  # the header and the one step: replay rebuilds the saved adapter
