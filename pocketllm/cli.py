@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ COMMANDS = {
     "serve": (C.ServeArgs, "run the split-mode server that trains side networks for devices"),
     "memory": (C.MemoryArgs, "estimate a run's peak memory from the model's config "
                              "(--measure: and measure it)"),
+    "bench": (C.BenchArgs, "bench accuracy: the few-shot protocol, every run on the same "
+                           "training budget over several seeds (table, CSV, plot)"),
 }
 
 
@@ -31,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     extra = {"train": setting_classes(), "memory": setting_classes()}
     choices = {"train": {"method": methods}, "memory": {"method": ("inference", *methods)}}
     for name, (cls, help) in COMMANDS.items():
-        C.add_args(sub.add_parser(name, help=help, description=help), cls,
-                   *extra.get(name, ()), choices=choices.get(name))
+        parser = sub.add_parser(name, help=help, description=help)
+        if name == "bench":  # what to measure: one protocol so far
+            parser.add_argument("what", choices=("accuracy",))
+        C.add_args(parser, cls, *extra.get(name, ()), choices=choices.get(name))
     sub.add_parser("methods", help="list the training methods, their settings and defaults")
     return p
 
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{k.replace('_', '-')} {v}" for k, v in d.items()))
         return 0
     cls, _ = COMMANDS[ns.command]
+    vars(ns).pop("what", None)  # bench's positional: "accuracy", the one protocol
     # train's and memory's flags are their own and the methods' settings: they resolve both
     args = ns if ns.command in ("train", "memory") else C.resolve(cls, ns)
     from .memory import tune_allocator
@@ -125,6 +131,8 @@ def cmd_eval(args: C.EvalArgs) -> int:
     print(f"{where} ({r.records} records, "
           f"{_what(args)}): "
           f"{r.line()} | {time.time() - t0:.1f}s")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(r.__dict__, indent=2))
     return 0
 
 
@@ -137,6 +145,11 @@ def _what(args) -> str:
 def cmd_serve(args: C.ServeArgs) -> int:
     from .split.server import serve
     return serve(args)
+
+
+def cmd_bench(args: C.BenchArgs) -> int:
+    from .protocol import accuracy
+    return accuracy(args)
 
 
 def cmd_generate(args: C.GenerateArgs) -> int:

@@ -134,6 +134,29 @@ class EvalArgs(ModelArgs, DataArgs):
                             "the backbone")
     batch_size: int = opt(16, "sequences per batch")
     max_batches: int = opt(-1, "stop after N batches (-1: all)")
+    json_out: str = opt("", "also write the figures to this JSON file")
+
+
+@dataclass
+class BenchArgs:
+    """`pocketllm bench accuracy`: the few-shot protocol (pocketllm/protocol.py)."""
+    task: str = opt("sst2", "the task (sst2, rte, cb, boolq, copa, trec)")
+    k: int = opt(16, "training examples per class")
+    seeds: list = opt(["13", "21", "42", "87", "100"], "few-shot sample seeds (the MeZO / "
+                      "LM-BFF protocol's five)")
+    runs: list = opt(["zero-shot", "zo-sgd", "lora-adam"], "what to compare: LABEL (a method "
+                     "name, or zero-shot) or 'LABEL=FLAGS' (the `pocketllm train` flags of "
+                     "that run, e.g. 'prge-q4=--method prge --queries 4 --batch-size 2')")
+    budget_minutes: float = opt(10.0, "training minutes per run (steps only, one thread)")
+    steps_per_eval: int = opt(25, "valid evaluations (and checkpoints) every N steps: the "
+                              "best on valid is the adapter scored")
+    eval_examples: int = opt(1000, "dev/test examples scored (0: all)")
+    max_seq_length: int = opt(256, "truncate examples to this many tokens")
+    model: str = opt("smollm2-135m", "model (as for train)")
+    data: str = opt("", "the task's folder (default: $POCKETLLM_DATA/<task> or "
+                    "../shared/data/<task>)")
+    jobs: int = opt(2, "runs at a time, each pinned to its own core when there are enough")
+    out: str = opt("runs/accuracy", "output folder (a finished run in it is not run again)")
 
 
 @dataclass
