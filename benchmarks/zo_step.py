@@ -16,7 +16,6 @@ per-round figures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess

@@ -5,7 +5,7 @@ What each objective scores is tested in tests/objectives/."""
 import pytest
 import torch
 
-from pocketllm.loss import PlainHead, group_losses, stream_head
+from pocketllm.loss import PlainHead, stream_head
 from pocketllm.models import load_model
 from pocketllm.objectives import LanguageModeling
 from tests.helpers import TEXTS, tiny_batch

@@ -2,7 +2,6 @@
 adapter is scored once, the outputs say so, and a second call resumes instead of rerunning."""
 
 import csv
-import json
 
 import pytest
 

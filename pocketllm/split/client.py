@@ -32,7 +32,7 @@ from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from .quant import payload_bytes, quantize
 from .side import SideConfig, SideNetwork, head_loss_grad, side_from_bytes, tapped
-from .wire import TOKEN_HEADER, config_to_spec, decode_tensor, read_token
+from .wire import TOKEN_HEADER, config_to_spec, decode_tensor
 
 log = logging.getLogger("pocketllm.split")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from pocketllm.cli import main
-from pocketllm.config import TrainArgs, read_run_config
+from pocketllm.config import read_run_config
 from pocketllm.lora import save_adapter
 from pocketllm.models import load_model
 from pocketllm.trainable import setup_trainable
