@@ -116,7 +116,7 @@ class ZOMethod(Method):
         return zolog.header(self.key_space, dist=self.cfg.perturbation,
                             trainable=self.run.trainable, dtype=self.run.dtype,
                             params=[n for n, _ in self.params], queries=self.queries,
-                            optimizer=self.opt.spec())
+                            optimizer=self.opt.spec(), estimator=self.estimator.name)
 
     def open_log(self, out_dir, fresh):
         self.log = zolog.ZOLog(out_dir)

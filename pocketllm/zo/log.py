@@ -33,13 +33,13 @@ FORMAT = "pocketllm-zo-log/2"
 # Formats this version reads, with the value of each header field they may lack (/1 had no
 # key space beyond the seed, and its early logs no queries or optimizer).
 READS = {"pocketllm-zo-log/1": {"queries": 1, "optimizer": {"name": "sgd"},
-                                "run": 0, "round": 0, "client": 0},
-         FORMAT: {}}
+                                "run": 0, "round": 0, "client": 0, "estimator": "spsa"},
+         FORMAT: {"estimator": "spsa"}}
 HEADER_FIELDS = ("seed", "run", "round", "client", "dist", "trainable", "dtype", "params",
                  "queries", "optimizer")
 # what must match for `--resume` to continue a log (dtype may change: the log holds no weights)
 SAME_RUN = ("seed", "dist", "trainable", "params", "queries", "optimizer",
-            "run", "round", "client")
+            "run", "round", "client", "estimator")
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -86,10 +86,12 @@ class KeySpace:
 
 
 def header(space: KeySpace, *, dist: str, trainable: str, dtype: str, params: list[str],
-           queries: int, optimizer: dict) -> dict:
-    """The header line of a run's log."""
-    return {"format": FORMAT, **asdict(space), "dist": dist, "trainable": trainable,
-            "dtype": dtype, "params": params, "queries": queries, "optimizer": optimizer}
+           queries: int, optimizer: dict, estimator: str = "spsa") -> dict:
+    """The header line of a run's log (`estimator`: what made its scalars; replay does not
+    need it, `--resume` refuses to continue a log with another)."""
+    return {"format": FORMAT, **asdict(space), "estimator": estimator, "dist": dist,
+            "trainable": trainable, "dtype": dtype, "params": params, "queries": queries,
+            "optimizer": optimizer}
 
 
 class ZOLog:

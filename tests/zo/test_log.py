@@ -218,3 +218,27 @@ def test_resume_of_a_log_killed_before_its_header_restores_nothing(tmp_path):
     log.path.write_bytes(b'{"format": "pocketllm-zo-log/2", "se')
     assert log.restore({}, [], None) == 0
     assert ZOLog(tmp_path / "nowhere").restore({}, [], None) == 0
+
+
+def test_resume_refuses_a_log_of_another_estimator(tmp_path, registered_estimator):
+    """The header names the estimator whose scalars the log holds (logs before it: spsa)."""
+    from tests.test_cli import FAST
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--iters", "2", "--steps-per-eval", "0", "--no-eval-before",
+                 "--adapter-path", str(out)]) == 0
+    head, _ = ZOLog(out).read()
+    assert head["estimator"] == "spsa"
+    with pytest.raises(SystemExit, match="estimator: 'spsa' there, 'other' now"):
+        main(["train", *FAST, "--iters", "3", "--steps-per-eval", "0", "--no-eval-before",
+              "--estimator", "other", "--resume", "--adapter-path", str(out)])
+
+
+@pytest.fixture
+def registered_estimator(monkeypatch):
+    from pocketllm.zo import estimators
+    from pocketllm.zo.estimators.spsa import SPSA
+
+    class Other(SPSA):
+        pass
+    monkeypatch.setitem(estimators.REGISTRY, "other", Other)
+    Other.name = "other"
