@@ -83,19 +83,25 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _model_with_adapter(args):
-    from .lora import load_adapter
+def _model_with_adapter(args, with_spec: bool = False):
+    """The model with the trained set saved in --adapter-path (whichever kind: LoRA, norm,
+    prefix), and a side network if given; `with_spec`: also the set's spec (None: none)."""
     from .models import load_model
+    from .trainable import load_saved
     model, tok = load_model(args.model, args.dtype)
+    spec = None
     if args.adapter_path:
-        load_adapter(model, args.adapter_path)
+        try:
+            spec = load_saved(model, args.adapter_path)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --adapter-path {args.adapter_path}: {e}") from None
     if getattr(args, "side_network", ""):
         from .split.side import attach_side
         try:
             attach_side(model, args.side_network)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --side-network {args.side_network}: {e}") from None
-    return model, tok
+    return (model, tok, spec) if with_spec else (model, tok)
 
 
 def cmd_eval(args: C.EvalArgs) -> int:
@@ -161,14 +167,13 @@ def cmd_generate(args: C.GenerateArgs) -> int:
 
 
 def cmd_fuse(args: C.FuseArgs) -> int:
-    from .lora import merge_lora
-    model, tok = _model_with_adapter(args)
-    n = merge_lora(model)
+    model, tok, spec = _model_with_adapter(args, with_spec=True)
+    n = spec.merge(model) if spec is not None else 0
     out = Path(args.save_path)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     C.save_yaml(args, out / "pocketllm_config.yaml")
-    print(f"merged {n} LoRA layers into {args.model}; saved to {out}")
+    print(f"merged {n} {getattr(spec, 'kind', 'LoRA')} layers into {args.model}; saved to {out}")
     return 0
 
 

@@ -81,6 +81,8 @@ class TrainArgs(ModelArgs, DataArgs):
     lora_alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = opt(0.0, "LoRA dropout (first-order methods only)")
     lora_targets: list = opt([], "module names to adapt (default: the query/value projections)")
+    num_virtual_tokens: int = opt(8, "--trainable prefix: learned virtual tokens before every "
+                                  "input (prompt tuning)")
     iters: int = opt(200, "training steps")
     batch_size: int = opt(8, "sequences per micro-batch")
     grad_accumulation: int = opt(1, "micro-batches per step (ZO: the same perturbation for all)")

@@ -9,20 +9,20 @@ peft's.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from . import adapter
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: F401  (where they were)
+
 PEFT_PREFIX = "base_model.model."
 
 # Default targets per architecture (the attention query/value projections, as in LoRA and MeZO).
@@ -42,6 +42,24 @@ class LoraSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(FALLBACK_TARGETS))
+
+    # the saved-trainable-set interface (`pocketllm.trainable`)
+    kind: ClassVar[str] = "lora"
+    peft_type: ClassVar[str] = "LORA"
+
+    def save(self, model: nn.Module, path: str | os.PathLike, base_model: str,
+             metadata: dict[str, str] | None = None) -> Path:
+        """The adapter in PEFT's format (`save_adapter`)."""
+        return save_adapter(model, path, self, base_model, metadata)
+
+    @staticmethod
+    def load(model: nn.Module, path: str | os.PathLike) -> "LoraSpec":
+        """Inject and load the adapter saved at `path` (`load_adapter`)."""
+        return load_adapter(model, path)
+
+    def merge(self, model: nn.Module) -> int:
+        """Fold the adapter into the base weights (`merge_lora`); the layers merged."""
+        return merge_lora(model)
 
 
 class LoRALinear(nn.Module):
@@ -150,8 +168,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, spec: LoraSpec,
                  base_model: str, metadata: dict[str, str] | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (atomically) into `path`;
     `metadata` goes into the safetensors header, in the same atomic write as the weights."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     fan_in_fan_out = any(isinstance(m.base_layer, Conv1D) for m in lora_modules(model).values())
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -160,25 +176,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, spec: LoraSpec,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "use_rslora": False, "use_dora": False, "layers_to_transform": None,
     }
-    _atomic_write(path / ADAPTER_WEIGHTS,
-                  lambda p: save_file(lora_state_dict(model), str(p), metadata=metadata))
-    _atomic_write(path / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
-    return path
-
-
-def _atomic_write(dest: Path, write) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, dest)
+    return adapter.write(path, lora_state_dict(model), cfg, metadata)
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraSpec:
-    cfg_file = Path(path) / ADAPTER_CONFIG
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"no LoRA adapter at {path}: {ADAPTER_CONFIG} is missing")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = adapter.read_config(path)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r} "
+                         "is not LORA")
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else list(targets)
     return LoraSpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
@@ -196,17 +201,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraSpec:
 
 def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy adapter_model.safetensors into the model's (already injected) LoRA layers."""
-    sd = load_file(str(Path(path) / ADAPTER_WEIGHTS))
-    mods = lora_modules(model)
-    expected = set(lora_state_dict(model))
-    missing, unexpected = expected - set(sd), set(sd) - expected
-    if missing or unexpected:
-        raise ValueError(f"adapter at {path} does not fit this model: missing "
-                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    with torch.no_grad():
-        for n, m in mods.items():
-            m.lora_A.copy_(sd[f"{PEFT_PREFIX}{n}.lora_A.weight"])
-            m.lora_B.copy_(sd[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+    adapter.load_into(path, {f"{PEFT_PREFIX}{n}.lora_{f}.weight": getattr(m, f"lora_{f}")
+                             for n, m in lora_modules(model).items() for f in "AB"})
 
 
 def merge_lora(model: nn.Module) -> int:

@@ -77,6 +77,13 @@ SAVED_PER_LAYER: dict[tuple[str, str, str], tuple[float, float, float]] = {
     ("encoder", "lora", "float32"): (28.5, 4.0, 0.0),
     ("encoder", "lora", "bfloat16"): (20.5, 2.0, 0.0),
 }
+# The small trainable sets without a measured profile of their own (pocketllm.trainable): each is
+# estimated as a float32 adapter of its size (the norms' scales; `VIRTUAL_TOKENS` embeddings)
+# whose backward saves what the measured set named here saves (norm: the norms' inputs as well,
+# as full fine-tuning does; prefix: activations only, as LoRA). Rough: never measured.
+ROUGH_SETS = {"norm": "full", "prefix": "lora"}
+VIRTUAL_TOKENS = 8  # --num-virtual-tokens' default
+
 # architecture family by model_type: gated MLP (3 ffn matrices), ReLU/GELU MLP, encoder (MLM)
 FAMILY = {"llama": "gated", "mistral": "gated", "qwen2": "gated", "qwen3": "gated",
           "gemma": "gated", "gemma2": "gated", "gemma3_text": "gated", "phi3": "gated",
@@ -101,6 +108,8 @@ class Shape:
     largest_linear: int  # elements of the largest Linear weight besides the output head
     lora_params: int     # LoRA A+B elements for the given rank / targets
     lora_largest: int
+    norm_params: int = 0   # the normalisation layers' scales and biases
+    norm_largest: int = 0
 
 
 @dataclass
@@ -152,6 +161,7 @@ def model_shape(config, dtype: str = "float32", lora_rank: int = 8,
 
 def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | None) -> Shape:
     from .lora import _matches, default_targets
+    from .trainable import is_norm
     from .models import MASKED_LM_TYPES
 
     model = _meta_model(config)
@@ -159,7 +169,7 @@ def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | N
     params = list(model.parameters())  # distinct: tied weights once
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     targets = list(lora_targets or default_targets(model))
-    lora, lora_largest, largest_linear = 0, 0, 0
+    lora, lora_largest, largest_linear, norm, norm_largest = 0, 0, 0, 0, 0
     head = model.get_output_embeddings()
     layers = _get(config, "num_hidden_layers", "n_layer")
     for name, mod in model.named_modules():
@@ -169,6 +179,10 @@ def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | N
             n = lora_rank * (mod.in_features + mod.out_features)
             lora += n
             lora_largest = max(lora_largest, lora_rank * max(mod.in_features, mod.out_features))
+        if is_norm(mod):
+            for p in mod.parameters(recurse=False):
+                norm += p.numel()
+                norm_largest = max(norm_largest, p.numel())
     mt = config.model_type
     return Shape(
         family=FAMILY.get(mt, "gated"), masked=mt in MASKED_LM_TYPES, layers=layers,
@@ -179,7 +193,8 @@ def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | N
         params=sum(p.numel() for p in params),
         param_bytes=sum(p.numel() for p in params) * bpe + buffers,
         largest=max(p.numel() for p in params), largest_linear=largest_linear,
-        lora_params=lora, lora_largest=lora_largest)
+        lora_params=lora, lora_largest=lora_largest, norm_params=norm,
+        norm_largest=norm_largest)
 
 
 def _get(config, *names, default=0):
@@ -289,11 +304,13 @@ class Profile:
     """One kind of peak: what a run of this kind holds at its highest point, beyond the
     framework and the weights. A method's `memory_profile` returns one."""
 
-    adapter: bool = True  # LoRA A/B are part of the run with --trainable lora (False: frozen)
+    adapter: bool = True  # the trainable set (--trainable lora, norm, prefix) is part of the
+    #                       run (False: frozen)
     warmup: int = 0       # steps a measurement runs first, unmeasured
 
     def fill(self, est: Estimate, s: Shape, run: Sizes, lora: bool) -> None:
-        """Add this kind's components (MiB) and notes to `est`; `lora`: LoRA A/B train."""
+        """Add this kind's components (MiB) and notes to `est`; `lora`: a small float32 set
+        trains, of `s.lora_params` numbers (LoRA A/B, or a `ROUGH_SETS` set sized as one)."""
         raise NotImplementedError
 
 
@@ -343,7 +360,8 @@ class Backprop(Profile):
         f = forward(s, run.batch_size, run.max_seq_length, bpe, autograd=True)
         c = est.components
         # every layer's saved tensors, the loss's, and the backward's temporaries
-        ch, cf, ca = SAVED_PER_LAYER[(s.family, run.trainable, run.dtype)]
+        saved_as = ROUGH_SETS.get(run.trainable, run.trainable)
+        ch, cf, ca = SAVED_PER_LAYER[(s.family, saved_as, run.dtype)]
         saved = s.layers * f.tokens * (ch * s.hidden + cf * s.ffn + ca * s.heads)
         # the chunked loss saves, per chunk, its float32 logits (for gather) and their exp(),
         # and the scored hidden states it multiplied (a copy per chunk)
@@ -445,16 +463,33 @@ def estimate(config, method, trainable: str, batch: int, seq: int,
     s = shape or model_shape(config, dtype, lora_rank, lora_targets)
     run = Sizes(trainable, batch, seq, dtype, lora_rank, tuple(lora_targets or ()))
     profile = method if isinstance(method, Profile) else _profile(method, name, run, s, settings)
-    lora = trainable == "lora" and profile.adapter
+    lora = trainable != "full" and profile.adapter  # a small float32 set trains
+    if lora and trainable in ROUGH_SETS:
+        s = _sized_as_adapter(s, trainable)
+        est_note = (f"--trainable {trainable}: a rough estimate, as an adapter of "
+                    f"{s.lora_params} numbers (not measured)")
+    else:
+        est_note = None
     est = Estimate(name, trainable, warmup=profile.warmup)
     c = est.components
     c["framework (python, torch, transformers)"] = (framework if framework is not None
                                                     else framework_mb()) + RUNTIME_SLACK_MB
     c["weights"] = s.param_bytes / MB
     if lora:
-        c["LoRA weights (float32)"] = s.lora_params * 4 / MB
+        c[f"{'LoRA' if trainable == 'lora' else trainable} weights (float32)"] = \
+            s.lora_params * 4 / MB
     profile.fill(est, s, run, lora)
+    if est_note:
+        est.notes.append(est_note)
     return est
+
+
+def _sized_as_adapter(s: Shape, trainable: str) -> Shape:
+    """`s` with its adapter figures those of the `ROUGH_SETS` set `trainable`."""
+    if trainable == "norm":
+        return dataclasses.replace(s, lora_params=s.norm_params, lora_largest=s.norm_largest)
+    n = VIRTUAL_TOKENS * s.hidden
+    return dataclasses.replace(s, lora_params=n, lora_largest=n)
 
 
 def _profile(method, name: str, run: Sizes, s: Shape, settings: dict) -> Profile:

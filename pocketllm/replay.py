@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import read_run_config
-from .lora import save_adapter
 from .models import load_model
 from .trainable import setup_trainable
 from .zo.log import NAME, ZOLog, replay_log
@@ -32,7 +31,7 @@ def replay(run_dir: str | Path, save_path: str | Path, model: str | None = None)
     out = Path(save_path)
     out.mkdir(parents=True, exist_ok=True)
     if spec is not None:
-        save_adapter(base, out, spec, base_model=args.model)
+        spec.save(base, out, base_model=args.model)
     else:
         base.save_pretrained(out)
     return base, len(steps)

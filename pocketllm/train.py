@@ -22,7 +22,7 @@ from .config import TrainArgs, save_yaml
 from .data import Batcher
 from .data.source import load_run_data
 from .evaluate import EvalResult, evaluate
-from .lora import ADAPTER_WEIGHTS, save_adapter
+from .adapter import ADAPTER_WEIGHTS
 from .loss import is_masked_lm
 from .methods import Method, StepResult, get_method
 from .models import load_model
@@ -214,8 +214,8 @@ class Run:
         self.best = {"step": step, "score": score, "valid_loss": r.loss,
                      "valid_accuracy": r.accuracy}
         best_dir = self.out / BEST_DIR
-        save_adapter(self.model, best_dir, self.spec, base_model=self.args.model,
-                     metadata={"pocketllm_best": json.dumps(self.best)})
+        self.spec.save(self.model, best_dir, base_model=self.args.model,
+                       metadata={"pocketllm_best": json.dumps(self.best)})
         self.report.say(f"step {step} | best on valid so far: adapter kept in {best_dir}")
 
     def save(self, step: int, final: bool = False) -> None:
@@ -223,7 +223,7 @@ class Run:
         rebuilds it, `pocketllm replay`) and what the method needs to resume."""
         self.method.sync()
         if self.spec is not None:
-            save_adapter(self.model, self.out, self.spec, base_model=self.args.model)
+            self.spec.save(self.model, self.out, base_model=self.args.model)
         elif final and self.method.trains_model:
             self.model.save_pretrained(self.out / "model")
         self.method.save_state(self.out, step, final=final)

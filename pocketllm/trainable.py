@@ -1,11 +1,32 @@
-"""Which weights a run trains (`--trainable`), by name: a LoRA adapter injected into the model,
-or every weight of it. A new trainable set is one function and one line in `TRAINABLE`."""
+"""Which weights a run trains (`--trainable`), by name.
+
+    lora    a LoRA adapter injected into the model (--lora-rank, --lora-targets, --lora-fa)
+    full    every weight of the model
+    norm    the normalisation layers' scales and biases only (tens of thousands of numbers)
+    prefix  prompt tuning: --num-virtual-tokens learned embeddings before every input
+
+A zeroth-order estimate's variance grows with the number of coordinates it perturbs, so the
+small sets (norm, prefix, LoRA at rank 1-2 or LoRA-FA on few layers) are the ones it trains
+best. A set is one function in `TRAINABLE`: (model, run settings) -> (spec or None,
+[(name, parameter)]). A spec (None: `full`, saved as a whole model) saves its set beside the
+run and rebuilds it on a fresh model: `spec.save(model, dir, base_model, metadata)`,
+`Spec.load(model, dir) -> spec`, `spec.merge(model)` (fuse); `SAVED` lists them by kind, and
+`load_saved(model, dir)` loads whichever kind a directory holds (pocketllm.adapter: the format).
+"""
 
 from __future__ import annotations
 
-import torch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
+import torch
+import torch.nn as nn
+
+from . import adapter
 from .lora import LoraSpec, apply_lora, default_targets, lora_parameters
+from .prompt import PromptSpec, add_virtual_tokens
 
 
 def lora(model, args):
@@ -25,11 +46,98 @@ def full(model, args):
     return None, list(model.named_parameters())
 
 
-TRAINABLE = {"lora": lora, "full": full}
+# ---- norm: the normalisation layers ------------------------------------------------------
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's LayerNorm / RMSNorm / GroupNorm, or a model's own
+    (LlamaRMSNorm, GemmaRMSNorm, ...: by the name transformers gives them)."""
+    return (isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm))
+            or type(module).__name__.endswith("Norm"))
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every normalisation layer with weights, in model order."""
+    return [(n, m) for n, m in model.named_modules()
+            if is_norm(m) and next(m.parameters(recurse=False), None) is not None]
+
+
+def norm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every normalisation layer's own scale and bias, in model order."""
+    return [(f"{m_name}.{a}" if m_name else a, p) for m_name, m in norm_layers(model)
+            for a, p in m.named_parameters(recurse=False)]
+
+
+@dataclass
+class NormSpec:
+    """The normalisation layers' scales and biases; saved under the model's own names."""
+
+    kind: ClassVar[str] = "norm"
+    peft_type: ClassVar[str | None] = None  # PEFT's LN tuning stores copies, not this
+
+    def save(self, model: nn.Module, path: str | os.PathLike, base_model: str,
+             metadata: dict[str, str] | None = None) -> Path:
+        weights = {n: p.detach().contiguous().clone() for n, p in norm_parameters(model)}
+        config = {adapter.KIND_KEY: self.kind, "base_model_name_or_path": base_model,
+                  "tensors": len(weights)}
+        return adapter.write(path, weights, config, metadata)
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | os.PathLike) -> "NormSpec":
+        adapter.load_into(path, dict(norm_parameters(model)))
+        return cls()
+
+    def merge(self, model: nn.Module) -> int:
+        """Nothing to fold: the loaded scales are the model's own. The layers they are."""
+        return len(norm_layers(model))
+
+
+def norm(model, args):
+    """The normalisation layers' scales (and biases, where they have them)."""
+    params = norm_parameters(model)
+    if not params:
+        raise SystemExit(f"--trainable norm: {args.model} has no normalisation layer with "
+                         "weights")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return NormSpec(), params
+
+
+# ---- prefix: prompt tuning ---------------------------------------------------------------
+def prefix(model, args):
+    """--num-virtual-tokens learned input embeddings (prompt tuning, pocketllm/prompt.py)."""
+    vt = add_virtual_tokens(model, args.num_virtual_tokens, seed=args.seed)
+    name = next(n for n, p in model.named_parameters() if p is vt.embeddings)
+    return PromptSpec(num_virtual_tokens=vt.n), [(name, vt.embeddings)]
+
+
+TRAINABLE = {"lora": lora, "full": full, "norm": norm, "prefix": prefix}
+# the saved form of each set but `full`: its spec class, by kind
+SAVED = {cls.kind: cls for cls in (LoraSpec, NormSpec, PromptSpec)}
 
 
 def setup_trainable(model, args):
-    """The trainable set `args.trainable` on `model`: (LoRA spec or None, [(name, parameter)])."""
+    """The trainable set `args.trainable` on `model`: (spec or None, [(name, parameter)])."""
     if args.trainable not in TRAINABLE:
         raise SystemExit(f"--trainable {args.trainable!r}: choose one of {', '.join(TRAINABLE)}")
     return TRAINABLE[args.trainable](model, args)
+
+
+def saved_kind(path: str | os.PathLike) -> str:
+    """The kind of trainable set saved in directory `path` (its config names it)."""
+    cfg = adapter.read_config(path)
+    kind = cfg.get(adapter.KIND_KEY)
+    if kind is None:  # PEFT's own config (no peft_type: an old LoRA config)
+        by_peft = {cls.peft_type: k for k, cls in SAVED.items() if cls.peft_type}
+        kind = by_peft.get(cfg.get("peft_type", "LORA"))
+        if kind is None:
+            raise ValueError(f"{Path(path) / adapter.ADAPTER_CONFIG}: peft_type "
+                             f"{cfg.get('peft_type')!r} is none of "
+                             f"{', '.join(sorted(by_peft))}")
+    if kind not in SAVED:
+        raise ValueError(f"{Path(path) / adapter.ADAPTER_CONFIG}: {adapter.KIND_KEY} {kind!r} "
+                         f"is none of {', '.join(SAVED)}")
+    return kind
+
+
+def load_saved(model: nn.Module, path: str | os.PathLike):
+    """Rebuild on `model` the trainable set saved in `path`, whichever kind; its spec."""
+    return SAVED[saved_kind(path)].load(model, path)

@@ -75,8 +75,9 @@ class Method(ABC):
     @classmethod
     def check(cls, run) -> None:
         """Refuse a run this method cannot train (called first by `resolve`)."""
-        if run.keep_best and run.trainable != "lora":
-            raise SystemExit("--keep-best keeps a LoRA adapter (--trainable lora); a full-"
+        if run.keep_best and run.trainable == "full":
+            raise SystemExit("--keep-best keeps a LoRA adapter or another small trainable set "
+                             "(--trainable lora, norm, prefix), not --trainable full: a full-"
                              "parameter copy per improvement would double the disk a run takes")
         if run.trainable not in cls.trainable_kinds:
             raise SystemExit(f"--method {cls.name} trains {'/'.join(cls.trainable_kinds)}"
@@ -92,7 +93,8 @@ class Method(ABC):
 
     @classmethod
     def trainable(cls, model: nn.Module, run) -> tuple:
-        """(LoRA spec or None, [(name, parameter)] this method trains) on `model`."""
+        """(spec or None, [(name, parameter)] this method trains) on `model`
+        (`pocketllm.trainable`)."""
         return setup_trainable(model, run)
 
     @classmethod

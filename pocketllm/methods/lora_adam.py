@@ -14,5 +14,8 @@ from .first_order import FirstOrderAdamW
 class LoRAAdam(FirstOrderAdamW):
     # the usual LoRA fine-tuning rate (PEFT / LoRA paper range 1e-4..5e-4), measured on SST-2
     # (benchmarks/results/sst2.md)
-    defaults = {"lora": {"learning_rate": 1e-4}}
-    trainable_kinds = ("lora",)
+    # norm, prefix (not yet measured on a task): AdamW rates of LN tuning (1e-3) and of
+    # prompt tuning (PEFT's examples: 3e-2; Lester et al. use 0.3 with Adafactor)
+    defaults = {"lora": {"learning_rate": 1e-4}, "norm": {"learning_rate": 1e-3},
+                "prefix": {"learning_rate": 3e-2}}
+    trainable_kinds = ("lora", "norm", "prefix")

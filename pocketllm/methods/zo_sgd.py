@@ -56,9 +56,17 @@ class ZOSGD(ZOMethod):
     # Perturbation: rademacher (+-1, the classic SPSA choice; E[z z^T] = I as for gaussian z)
     # over the full model, where z is generated for every weight twice a step and gaussian z
     # costs the kernel 2.5x more (zo_step.md); gaussian for LoRA, where z costs nothing.
+    # norm, prefix: not yet measured on a task. A ZO step's noise grows with the coordinates
+    # perturbed, so a set 4000x smaller than the model (norm: 35k numbers) takes a larger rate
+    # than full's; eps as full's, the scales sitting near 1. Prefix: MeZO's prefix tuning
+    # (OPT-13B) used lr 1e-3..1e-2 with eps 1e-1 on key/value prefixes; input embeddings are
+    # about 10x smaller, so eps 1e-2.
     defaults = {"full": {"learning_rate": 1e-5, "eps": 1e-3, "perturbation": "rademacher"},
                 "lora": {"learning_rate": 3e-4, "eps": 1e-2, "perturbation": "gaussian"},
-                "lora:task": {"learning_rate": 3e-3, "lr_schedule": "linear"}}
+                "lora:task": {"learning_rate": 3e-3, "lr_schedule": "linear"},
+                "norm": {"learning_rate": 1e-3, "eps": 1e-3, "perturbation": "gaussian"},
+                "prefix": {"learning_rate": 1e-3, "eps": 1e-2, "perturbation": "gaussian"}}
+    trainable_kinds = ("full", "lora", "norm", "prefix")
 
     @classmethod
     def memory_profile(cls, cfg, run, shape):

@@ -35,8 +35,14 @@ from tests.helpers import TEXTS, score, tiny_batch
 SHORT = {
     ("zo-sgd", "lora"): (2e-2, 60, {"eps": 1e-2}),
     ("zo-sgd", "full"): (1e-3, 40, {"eps": 1e-3}),
+    # the small sets: the norms' scales of a random model barely move its loss (a large rate),
+    # and 8 virtual tokens change it by about 0.1 at most (backprop's floor): more steps
+    ("zo-sgd", "norm"): (2.0, 40, {"eps": 1e-2}),
+    ("zo-sgd", "prefix"): (3e-2, 150, {"eps": 1e-2}),
     ("prge", "lora"): (2e-2, 30, {"queries": 4}),
     ("lora-adam", "lora"): (1e-2, 20, {}),
+    ("lora-adam", "norm"): (3e-2, 20, {}),
+    ("lora-adam", "prefix"): (1e-2, 20, {}),
     ("adam", "full"): (1e-3, 10, {}),
     ("side", "full"): (1e-2, 20, {"side_width": 16}),
 }

@@ -76,3 +76,24 @@ def test_method_settings_are_checked_against_the_method():
         main(["memory", "--model", "tiny-llama", "--method", "adam", "--zo-passes", "pair"])
     with pytest.raises(SystemExit, match="--method inference has no settings: --queries"):
         main(["memory", "--model", "tiny-llama", "--method", "inference", "--queries", "2"])
+
+
+@pytest.mark.parametrize("name,trainable", [(n, k) for n, c in sorted(REGISTRY.items())
+                                            for k in c.trainable_kinds])
+def test_memory_cli_estimates_every_trainable_set_a_method_takes(name, trainable, capsys):
+    assert main(["memory", "--model", "tiny-llama", "--method", name, "--trainable", trainable,
+                 "--batch-size", "2", "--max-seq-length", "16"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^estimated peak RSS +\d+$", out, re.M), out
+    if trainable in ME.ROUGH_SETS and get_method(name).trains_model:
+        assert f"--trainable {trainable}: a rough estimate" in out
+
+
+@pytest.mark.parametrize("trainable", sorted(ME.ROUGH_SETS))
+def test_a_small_set_estimates_below_full_parameters(trainable):
+    """Backprop through a small set keeps no full-size gradients or moments."""
+    config = load_config("random:smollm2-135m")
+    small = ME.estimate(config, get_method("lora-adam"), trainable, 8, 64, framework=FRAMEWORK)
+    full = ME.estimate(config, get_method("adam"), "full", 8, 64, framework=FRAMEWORK)
+    assert small.total < full.total
+    assert small.components["optimizer state (AdamW: 2 moments)"] < 1
