@@ -14,12 +14,16 @@ gradient estimate by design (`normalised = True`: tests/zo/test_estimators.py ch
 direction and its invariance to the loss's scale and offset instead of its length).
 
 The paper draws u as Rademacher (+-1: `--perturbation rademacher`); any `zo.noise` distribution
-works. Its step is theta <- theta - eta g_t / sigma_t with g_t = (1/(eps N)) sum (l_i - l_0)
-u_i as one summary writes it (https://junaidaliop.github.io/zij/math/fzoo/, the sample
-variance with N - 1 as here); if so its eta is this lr times eps. sigma needs two perturbed
-losses (`min_queries = 2`). When the N losses agree to float32 rounding (sigma at most
-float32's epsilon times max(1, |l_0|)) the step has no direction to normalise: the projected
-gradients are 0 (no step), not a division by ~0.
+works. The paper's step is theta <- theta - eta g_t / sigma_t with g_t = (1/(eps N)) sum_i
+(l_i - l_0) u_i as one summary writes it (https://junaidaliop.github.io/zij/math/fzoo/, with
+the sample variance, N - 1, as here); if so, its eta is this lr times eps.
+
+sigma needs two perturbed losses (`min_queries = 2`), but use N >= 4: (N - 1) sigma^2 / var is
+about chi-square with N - 1 degrees of freedom, so 1/sigma has an infinite mean at N = 2 and an
+infinite variance at N = 3 (rare huge steps; on the conformance quadratic the largest |g_j| in
+6000 draws is 60-120 at N = 3, 17 at N = 4). When the N losses agree to float32 rounding (sigma
+at most float32's epsilon times max(1, |l_0|)) the step has no direction to normalise: the
+projected gradients are 0 (no step), not a division by ~0.
 
 The log stores the N projected gradients as for every estimator, so `--resume` and `pocketllm
 replay` rebuild the weights exactly without re-evaluating sigma.
