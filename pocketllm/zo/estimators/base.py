@@ -29,10 +29,18 @@ class Estimator(ABC):
     """Plans the replicas of q queries and combines their losses."""
 
     name = "?"
+    # The fewest queries the estimate is defined for (fzoo's loss spread needs two).
+    min_queries = 1
+    # False: g_hat estimates the gradient itself (its mean on a quadratic is the gradient).
+    # True: g_hat estimates the gradient's direction at a fixed scale (normalised SGD: the
+    # step is lr whatever the loss's scale), and the projected gradients do not change when
+    # the losses are scaled or shifted. tests/zo/test_estimators.py checks what each promises.
+    normalised = False
 
     def __init__(self, queries: int = 1):
-        if queries < 1:
-            raise ValueError(f"--queries must be at least 1, got {queries}")
+        if queries < self.min_queries:
+            raise ValueError(f"--estimator {self.name} needs at least {self.min_queries} "
+                             f"queries a step (--queries, a prge setting), got {queries}")
         self.queries = queries
 
     @abstractmethod
