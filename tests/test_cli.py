@@ -195,3 +195,15 @@ def test_time_budget_stops_training_and_saves_what_was_trained(tmp_path, capsys)
     assert (out / "adapter_model.safetensors").exists()
     log = (out / "zo_log.jsonl").read_text().splitlines()
     assert len(log) == 2  # the header and the one step: replay rebuilds the saved adapter
+
+
+@pytest.mark.parametrize("flags,why", [
+    (["--estimator", "fzoo"], "fzoo needs at least 2 queries"),
+    (["--method", "prge", "--queries", "0"], "at least 1 queries"),
+    (["--max-replicas", "-1"], "--max-replicas must be 0"),
+])
+def test_bad_zo_settings_are_refused_before_the_model_loads(tmp_path, flags, why):
+    # the model name is never resolved: the settings fail first, with the reason
+    with pytest.raises(SystemExit, match=why):
+        main(["train", "--model", "no-such-model", "--data", DATA, *flags,
+              "--adapter-path", str(tmp_path)])

@@ -61,6 +61,15 @@ class ZOMethod(Method):
 
     Config = ZOConfig
 
+    @classmethod
+    def prepare(cls, run, cfg) -> None:
+        # an estimator / query count / grouping that cannot work fails before the model loads
+        try:
+            est = estimators.REGISTRY.lookup(cfg.estimator)(getattr(cfg, "queries", 1))
+            group_passes(est.replicas(), getattr(cfg, "parallel", "both"), cfg.max_replicas)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
     def __init__(self, model, params, cfg, run, objective):
         super().__init__(model, params, cfg, run, objective)
         for _, p in params:
