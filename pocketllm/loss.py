@@ -210,12 +210,14 @@ def stream_head(h: torch.Tensor, targets: torch.Tensor, chunks: Iterable[HeadChu
 
 @contextmanager
 def recomputed_head() -> Iterator[None]:
-    """Within the block, a `stream_head` under autograd (one group, no `mean_row`) saves only
-    its inputs and each row's log-sum-exp, and the backward recomputes each chunk's logits, one
-    chunk alive at a time. The plain autograd path keeps every chunk's float32 exp() for the
-    backward: 4 bytes per scored position per vocabulary row (SmolLM2 at 8 x 64: 95 MB), more
-    than the whole model's checkpointed activations. The forward's figures are the no-grad
-    pass's (the same as the autograd path's, bit for bit); the cost is one more head matmul."""
+    """Within the block, a `stream_head` under autograd (one group, no `mean_row`) keeps no
+    chunk's logits for the backward: only its inputs and, per scored row, the log-sum-exp (the
+    backward recomputes each chunk's logits, one chunk alive at a time: one more head matmul)
+    or, when only the hidden states need a gradient and the logits are uncapped (LoRA), the
+    softmax-weighted mean of the head's rows (no more matmuls than the plain path). The plain
+    autograd path keeps every chunk's float32 exp(): 4 bytes per scored position per vocabulary
+    row (SmolLM2 at 8 x 64: 95 MB), more than the whole model's checkpointed activations. The
+    forward's figures are the no-grad pass's (the autograd path's, bit for bit)."""
     token = _RECOMPUTE.set(True)
     try:
         yield
@@ -234,31 +236,45 @@ def _recomputed(h: torch.Tensor, targets: torch.Tensor, chunks: list[HeadChunk],
 
 class _RecomputedHead(torch.autograd.Function):
     """(lse, target logit, top logit) of `stream_head` with the chunks' weights `wb` (weights,
-    then biases, None where there are none); backward recomputes each chunk's logits."""
+    then biases, None where there are none). When only the hidden states need a gradient and
+    the logits are uncapped (LoRA), the forward also accumulates the softmax-weighted mean of
+    the head's rows (`mean_row`), from which the backward has the gradient at once; else the
+    backward recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, h, targets, spans, softcap, *wb):
         n = len(spans)
         ws, bs = wb[:n], wb[n:]
+        rows_only = not softcap and not any(ctx.needs_input_grad[4:])
         # autograd is off in here: the in-place, buffer-reusing pass
         p = stream_head(h, targets, ((v0, v1, [w], [b]) for (v0, v1), w, b in zip(spans, ws, bs)),
-                        softcap=softcap)
+                        softcap=softcap, mean_row=rows_only)
         ctx.spans, ctx.softcap, ctx.bias = spans, softcap, [b is not None for b in bs]
-        ctx.save_for_backward(h, targets, p.lse, *ws, *(b for b in bs if b is not None))
+        ctx.rows_only = rows_only
+        ctx.save_for_backward(h, targets, p.mean_row if rows_only else p.lse, *ws,
+                              *(b for b in bs if b is not None))
         ctx.mark_non_differentiable(p.top)
         return p.lse, p.target, p.top
 
     @staticmethod
     def backward(ctx, g_lse, g_tgt, _g_top):
-        h, targets, lse, *saved = ctx.saved_tensors
+        h, targets, lse_or_mean, *saved = ctx.saved_tensors
         n = len(ctx.spans)
         ws, it = saved[:n], iter(saved[n:])
         bs = [next(it) if has else None for has in ctx.bias]
         need = ctx.needs_input_grad
         need_h, need_w, need_b = need[0], need[4:4 + n], need[4 + n:]
-        zeros = lse.new_zeros(lse.shape)
+        zeros = h.new_zeros(h.shape[:1], dtype=torch.float32)
         g_lse = zeros if g_lse is None else g_lse
         g_tgt = zeros if g_tgt is None else g_tgt
+        if ctx.rows_only:
+            # d lse / d h = sum_v softmax_v W_v (the forward's mean_row); d target / d h = W_t
+            dh = g_lse[:, None] * lse_or_mean
+            for (v0, v1), w in zip(ctx.spans, ws):
+                rows = torch.nonzero((targets >= v0) & (targets < v1)).squeeze(1)
+                dh[rows] += g_tgt[rows, None] * w[targets[rows] - v0].float()
+            return (dh.to(h.dtype), None, None, None, *[None] * len(need[4:]))
+        lse = lse_or_mean
         dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         dws, dbs = [None] * n, [None] * n
         for i, ((v0, v1), w0, b) in enumerate(zip(ctx.spans, ws, bs)):

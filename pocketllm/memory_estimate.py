@@ -358,9 +358,10 @@ class Backprop(Profile):
         layer = f.tokens * (ch * s.hidden + cf * s.ffn + ca * s.heads)
         if self.checkpointed:
             # every layer's input, and the one layer rebuilt at a time in the backward; the
-            # head loss keeps only its input, the scored hidden states
+            # head loss keeps its input, the scored hidden states, and (LoRA) their gradient's
+            # float32 softmax-weighted mean of the head's rows
             saved = s.layers * f.tokens * s.hidden * bpe + layer
-            loss_saved = f.scored * s.hidden * bpe
+            loss_saved = f.scored * s.hidden * (bpe + 4)
         else:
             # every layer's saved tensors; the chunked loss saves, per chunk, its float32 logits
             # (for gather) and their exp(), and the scored hidden states it multiplied (a copy

@@ -65,10 +65,12 @@ def test_stream_head_equals_full_logits_per_group(grad, monkeypatch):
         stream_head(h, t, PlainHead.of(ws[0]).chunks(1), softcap=30.0, mean_row=True)
 
 
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_recomputed_head_equals_the_autograd_path(softcap, monkeypatch):
-    """`recomputed_head`: the same figures (bit for bit) and gradients for the hidden states,
-    the head's weight and bias, with a short last chunk; its backward keeps no chunk's logits."""
+@pytest.mark.parametrize("softcap,train_head", [(None, True), (5.0, True), (None, False),
+                                                (5.0, False)])
+def test_recomputed_head_equals_the_autograd_path(softcap, train_head, monkeypatch):
+    """`recomputed_head`: the same figures (bit for bit) and gradients for the hidden states
+    and (`train_head`) the head's weight and bias, with a short last chunk; it keeps no chunk's
+    logits for the backward (recomputed, or only the hidden states' mean row kept)."""
     import pocketllm.loss as L
     monkeypatch.setattr(L, "VOCAB_CHUNK", 300)  # 1000 = 3 x 300 + 100
     torch.manual_seed(0)
@@ -77,7 +79,7 @@ def test_recomputed_head_equals_the_autograd_path(softcap, monkeypatch):
     t[0] = 999  # a target in the last, short chunk
     out = []
     for recompute in (False, True):
-        w, b, h = (x.clone().requires_grad_() for x in (w0, b0, h0))
+        w, b, h = (x.clone().requires_grad_(x is h0 or train_head) for x in (w0, b0, h0))
         saved, head = [0], {w.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
 
         def pack(x):  # the largest saved tensor besides the head's own weights
@@ -93,8 +95,10 @@ def test_recomputed_head_equals_the_autograd_path(softcap, monkeypatch):
     (p, *grads, most), (q, *grads_r, most_r) = out
     for a, r in ((p.lse, q.lse), (p.target, q.target), (p.top, q.top)):
         assert torch.equal(a.detach(), r.detach())
+    assert [g is None for g in grads] == [g is None for g in grads_r] == [
+        False, not train_head, not train_head]
     for g, gr in zip(grads, grads_r):
-        assert torch.allclose(g, gr, rtol=1e-5, atol=1e-6)
+        assert g is None or torch.allclose(g, gr, rtol=1e-5, atol=1e-6)
     assert most >= 6 * 300 and most_r <= 6 * 8  # chunks' logits vs the hidden states
 
 
