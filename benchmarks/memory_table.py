@@ -218,6 +218,34 @@ def _measure(peak: Peak, a) -> dict:
                 os.environ[k] = v
 
 
+ESTIMATE_NOTE = """
+"estimate": `pocketllm memory --method M --trainable T` with the run's settings (the framework's
+footprint measured once in a fresh process); "-" for a run that is not a method, or one in an
+environment the estimate does not model.
+"""
+MMAP_NOTE = """
+"glibc mmap threshold 1 MB": the run with POCKETLLM_MALLOC_TUNE=0 and
+GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=1073741824 in its
+environment: every block of 1 MB or more is mapped on its own and given back when freed (the
+package's own setting, `memory.tune_allocator`, serves blocks up to 32 MB from the heap, which
+keeps what it frees). The difference is what the heap's fragmentation costs that run; the price
+is a page fault per page of every such block.
+"""
+
+
+def _estimate(peak: Peak, a) -> float | None:
+    """`pocketllm memory`'s estimate of a run (None: not a method, or run in an environment
+    the estimate does not model)."""
+    from pocketllm.memory_estimate import Inference, estimate, framework_mb
+    from pocketllm.methods import REGISTRY
+    from pocketllm.models import load_config
+    entry = {Inference.name: Inference, **REGISTRY}.get(peak.method)
+    if entry is None or peak.env:
+        return None
+    return estimate(load_config(a.model), entry, peak.trainable, a.batch_size, a.seq, a.dtype,
+                    framework=framework_mb(), **peak.settings).total
+
+
 def peaks_table(a) -> None:
     """Peak RSS and step time of each run (`--rows`), `--repeats` times each, round robin."""
     by_key = {p.key: p for p in PEAKS + OPTIONAL}
@@ -242,7 +270,8 @@ def peaks_table(a) -> None:
     rows = []
     for p in peaks:
         r = res[p.key]
-        row = [p.label, f"{peak(p.key):.0f}"]
+        est = _estimate(p, a)
+        row = [p.label, f"{peak(p.key):.0f}", f"{est:.0f}" if est else "-"]
         if a.repeats > 1:
             row.append(" / ".join(f"{x['peak_run_mb']:.0f}" for x in r))
         row += [f"{peak(p.key) / inf:.3f}",
@@ -251,10 +280,13 @@ def peaks_table(a) -> None:
         if a.repeats > 1:
             row.append(f"{step(p.key, best=True):.2f}")
         rows.append(row)
-    header = ["run", "peak RSS (run) MB"] + (["each run MB"] if a.repeats > 1 else []) + [
+    header = ["run", "peak RSS (run) MB", "estimate MB"] + (
+        ["each run MB"] if a.repeats > 1 else []) + [
         "vs inference", "peak RSS (process) MB", "step s"] + (
         ["fastest step s"] if a.repeats > 1 else [])
-    notes = __doc__.split("\n\n", 2)[2]
+    notes = __doc__.split("\n\n", 2)[2] + ESTIMATE_NOTE
+    if any(p.env for p in peaks):
+        notes += MMAP_NOTE
     if a.repeats > 1:
         notes += (f"\nEach run {a.repeats} times, round robin, each in a fresh process; "
                   "figures are medians over the runs (\"step s\": the median of each run's "

@@ -381,17 +381,24 @@ class Backprop(Profile):
         # tiny) while every activation is still kept; the last moment is all gradients and no
         # activations.
         first_grad = grads if lora else s.vocab * s.hidden * bpe
+        # Checkpointed, the gradients stay allocated from step to step (FirstOrderAdamW.step):
+        # every one is there through the backward, the head's next one arriving on top.
+        held = grads if self.checkpointed and not lora else 0
         heap = CHECKPOINT_HEAP_OVERHEAD if self.checkpointed else AUTOGRAD_HEAP_OVERHEAD
-        start = (1 + heap) * kept + f.working + f.loss + first_grad
+        start = (1 + heap) * kept + f.working + f.loss + first_grad + held
         step = grads + temp
         if start >= step:
             c["activations kept for backward" + (" (layer inputs, one layer rebuilt)"
                                                  if self.checkpointed else "")] = kept / MB
             c["heap fragmentation (autograd)"] = heap * kept / MB
             c["backward temporaries (one layer)"] = (f.working + f.loss) / MB
+            if held:
+                c["gradients (kept from step to step)"] = held / MB
             c["gradients (the head's, first)" if not lora else "gradients"] = first_grad / MB
-            est.notes.append(f"peak at the start of backward (activations {kept / MB:.0f} MB > "
-                             f"gradients {grads / MB:.0f} MB)")
+            est.notes.append(
+                "peak in the backward (every gradient held, one layer rebuilt at a time)"
+                if held else f"peak at the start of backward (activations {kept / MB:.0f} MB"
+                f" > gradients {grads / MB:.0f} MB)")
         else:
             c["gradients"] = grads / MB
             c["AdamW step temporary"] = temp / MB
