@@ -1,6 +1,8 @@
 """Peak RSS of inference and of each training method at the same batch, each in a fresh process.
 
     python benchmarks/memory_table.py [--model smollm2-135m] [--batch-size 8] [--seq 64] [--dtype float32]
+    python benchmarks/memory_table.py --rows inference zo-lora lora-adam lora-adam-ckpt \
+        --repeats 3 --out memory_mebp.md
     python benchmarks/memory_table.py --models smollm2-135m:16x128 random:opt-1.3b:2x64 ... \
         [--estimate-only random:opt-1.3b:16x128] --out memory_models.md
 
@@ -12,20 +14,46 @@ counter is reset once the model is in memory), which is what tells the methods a
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from _run import run_mode, write_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pocketllm.bench.machine import describe  # noqa: E402
 
-# the peak table's runs, (workload --method, --trainable, label); the first is the yardstick
-PEAKS = [("inference", "full", "inference (forward + loss, no grad)"),
-         ("zo-sgd", "full", "zo-sgd, full parameters"),
-         ("zo-sgd", "lora", "zo-sgd, LoRA r=8 q/v"),
-         ("naive-zo", "full", "naive MeZO reference, full parameters"),
-         ("lora-adam", "lora", "lora-adam (backprop), LoRA r=8 q/v")]
+class Peak(NamedTuple):
+    """A run of the peak table: `python -m pocketllm.workload --method M --trainable T` with the
+    method's `settings` (flags), in an environment with `env` added."""
+
+    key: str
+    method: str
+    trainable: str
+    label: str
+    settings: dict = {}
+    env: dict = {}
+
+
+# glibc serving every block of 1 MB or more by mmap (returned to the system when freed) instead
+# of `memory.tune_allocator`'s 32 MB: what the heap's fragmentation costs a run
+MMAP_1MB = {"POCKETLLM_MALLOC_TUNE": "0", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold="
+            "1048576:glibc.malloc.trim_threshold=1073741824"}
+CKPT = {"activation_checkpointing": True}
+# the peak table's runs; the first is the yardstick
+PEAKS = [Peak("inference", "inference", "full", "inference (forward + loss, no grad)"),
+         Peak("zo-full", "zo-sgd", "full", "zo-sgd, full parameters"),
+         Peak("zo-lora", "zo-sgd", "lora", "zo-sgd, LoRA r=8 q/v"),
+         Peak("naive-zo", "naive-zo", "full", "naive MeZO reference, full parameters"),
+         Peak("lora-adam", "lora-adam", "lora", "lora-adam (backprop), LoRA r=8 q/v"),
+         Peak("lora-adam-ckpt", "lora-adam", "lora",
+              "lora-adam --activation-checkpointing (MeBP), LoRA r=8 q/v", CKPT)]
+# runs only where --rows names them
+OPTIONAL = [Peak("lora-adam-ckpt-mmap1", "lora-adam", "lora",
+                 "lora-adam --activation-checkpointing, glibc mmap threshold 1 MB", CKPT,
+                 MMAP_1MB)]
 
 
 # (method, trainable, label) of the estimate-vs-measurement table
@@ -162,27 +190,116 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rows", nargs="+", default=[p.key for p in PEAKS],
+                    help="the peak table's runs, by key (the first is the yardstick): "
+                    + " ".join(p.key for p in PEAKS + OPTIONAL))
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure each run this many times (peak RSS under autograd varies "
+                    "~100 MB run to run: glibc's heap); the table gives medians")
     ap.add_argument("--out", default="memory.md")
     a = ap.parse_args()
     if a.models:
         return models_table(a)
-    res = {}
-    for method, trainable, label in PEAKS:
-        res[label] = run_mode(method, trainable=trainable, model=a.model,
-                              batch_size=a.batch_size, seq=a.seq, dtype=a.dtype, steps=a.steps)
-        print(label, res[label], flush=True)
-    inf = res[PEAKS[0][2]]["peak_run_mb"]
-    rows = []
-    for _, _, label in PEAKS:
-        r = res[label]
-        rows.append([label, f"{r['peak_run_mb']:.0f}", f"{r['peak_run_mb'] / inf:.3f}",
-                     f"{max(r['peak_run_mb'], r['peak_load_mb']):.0f}", f"{r['step_s_median']:.2f}"])
-    cmd = "python benchmarks/memory_table.py " + " ".join(sys.argv[1:])
-    write_table(a.out, f"Peak memory by method ({a.model}, {a.dtype}, batch {a.batch_size} x {a.seq})",
-                cmd.strip(), describe(),
-                ["run", "peak RSS (run) MB", "vs inference", "peak RSS (process) MB", "step s"],
-                rows, __doc__.split("\n\n", 2)[2])
+    peaks_table(a)
 
+
+def _measure(peak: Peak, a) -> dict:
+    saved = {k: os.environ.get(k) for k in peak.env}
+    os.environ.update(peak.env)  # the fresh process inherits it
+    try:
+        return run_mode(peak.method, trainable=peak.trainable, model=a.model,
+                        batch_size=a.batch_size, seq=a.seq, dtype=a.dtype, steps=a.steps,
+                        **peak.settings)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+ESTIMATE_NOTE = """
+"estimate": `pocketllm memory --method M --trainable T` with the run's settings (the framework's
+footprint measured once in a fresh process); "-" for a run that is not a method, or one in an
+environment the estimate does not model.
+"""
+MMAP_NOTE = """
+"glibc mmap threshold 1 MB": the run with POCKETLLM_MALLOC_TUNE=0 and
+GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=1073741824 in its
+environment: every block of 1 MB or more is mapped on its own and given back when freed (the
+package's own setting, `memory.tune_allocator`, serves blocks up to 32 MB from the heap, which
+keeps what it frees). The difference is what the heap's fragmentation costs that run; the price
+is a page fault per page of every such block.
+"""
+
+
+def _estimate(peak: Peak, a) -> float | None:
+    """`pocketllm memory`'s estimate of a run (None: not a method, or run in an environment
+    the estimate does not model)."""
+    from pocketllm.memory_estimate import Inference, estimate, framework_mb
+    from pocketllm.methods import REGISTRY
+    from pocketllm.models import load_config
+    entry = {Inference.name: Inference, **REGISTRY}.get(peak.method)
+    if entry is None or peak.env:
+        return None
+    return estimate(load_config(a.model), entry, peak.trainable, a.batch_size, a.seq, a.dtype,
+                    framework=framework_mb(), **peak.settings).total
+
+
+def peaks_table(a) -> None:
+    """Peak RSS and step time of each run (`--rows`), `--repeats` times each, round robin."""
+    by_key = {p.key: p for p in PEAKS + OPTIONAL}
+    unknown = [k for k in a.rows if k not in by_key]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {sorted(by_key)}")
+    peaks = [by_key[k] for k in a.rows]
+    load_start = os.getloadavg()
+    res: dict[str, list[dict]] = {p.key: [] for p in peaks}
+    for _ in range(a.repeats):  # round robin: a busy spell on the machine hits every run alike
+        for p in peaks:
+            res[p.key].append(_measure(p, a))
+            print(p.label, res[p.key][-1], flush=True)
+
+    def peak(key):
+        return statistics.median(r["peak_run_mb"] for r in res[key])
+
+    def step(key, best=False):
+        times = [r["step_s_median"] for r in res[key]]
+        return min(times) if best else statistics.median(times)
+    inf = peak(peaks[0].key)
+    rows = []
+    for p in peaks:
+        r = res[p.key]
+        est = _estimate(p, a)
+        row = [p.label, f"{peak(p.key):.0f}", f"{est:.0f}" if est else "-"]
+        if a.repeats > 1:
+            row.append(" / ".join(f"{x['peak_run_mb']:.0f}" for x in r))
+        row += [f"{peak(p.key) / inf:.3f}",
+                f"{statistics.median(max(x['peak_run_mb'], x['peak_load_mb']) for x in r):.0f}",
+                f"{step(p.key):.2f}"]
+        if a.repeats > 1:
+            row.append(f"{step(p.key, best=True):.2f}")
+        rows.append(row)
+    header = ["run", "peak RSS (run) MB", "estimate MB"] + (
+        ["each run MB"] if a.repeats > 1 else []) + [
+        "vs inference", "peak RSS (process) MB", "step s"] + (
+        ["fastest step s"] if a.repeats > 1 else [])
+    notes = __doc__.split("\n\n", 2)[2] + ESTIMATE_NOTE
+    if any(p.env for p in peaks):
+        notes += MMAP_NOTE
+    if a.repeats > 1:
+        notes += (f"\nEach run {a.repeats} times, round robin, each in a fresh process; "
+                  "figures are medians over the runs (\"step s\": the median of each run's "
+                  f"median step of {a.steps}, after one untimed step; \"fastest\": the "
+                  "smallest of those). Load average (1/5/15 min) at start: "
+                  f"{_load(load_start)}; at end: {_load(os.getloadavg())}.\n")
+    if "lora-adam" in res and "lora-adam-ckpt" in res:
+        notes += ("\nStep time, checkpointed / plain lora-adam: "
+                  f"{step('lora-adam-ckpt') / step('lora-adam'):.2f} (medians), "
+                  f"{step('lora-adam-ckpt', True) / step('lora-adam', True):.2f} (fastest).\n")
+    cmd = "python benchmarks/memory_table.py " + " ".join(sys.argv[1:])
+    write_table(a.out, f"Peak memory by method ({a.model}, {a.dtype}, batch {a.batch_size} x "
+                f"{a.seq})", cmd.strip(), describe(), header, rows, notes)
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,8 @@ mode's head gradient (`split.side.head_loss_grad`). What is scored, and how, is 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -22,6 +24,8 @@ import torch.nn as nn
 VOCAB_CHUNK = 2048  # vocab rows per chunk: small enough for the logits to stay in cache
 # (first vocab row, end row, weight per group, bias per group or None)
 HeadChunk = tuple[int, int, Sequence[torch.Tensor], Sequence[torch.Tensor | None]]
+# set within `recomputed_head()`: the autograd path saves no chunk's logits (see there)
+_RECOMPUTE: ContextVar[bool] = ContextVar("recompute_head", default=False)
 
 
 @dataclass
@@ -140,6 +144,8 @@ def stream_head(h: torch.Tensor, targets: torch.Tensor, chunks: Iterable[HeadChu
     minus W[target]); needs the logits to be h @ W.T + b, so no `softcap`."""
     if mean_row and softcap:
         raise ValueError("stream_head: mean_row is the gradient of uncapped logits only")
+    if _RECOMPUTE.get() and torch.is_grad_enabled() and groups == 1 and not mean_row:
+        return _recomputed(h, targets, list(chunks), softcap)
     N = h.shape[0]
     if group_of is None:
         group_of = torch.zeros(N, dtype=torch.long, device=h.device)
@@ -200,6 +206,100 @@ def stream_head(h: torch.Tensor, targets: torch.Tensor, chunks: Iterable[HeadChu
             run_sum = run_sum.index_put((idx[g],), s)
     return HeadPass(lse=run_max + torch.log(run_sum), target=tgt_logit, top=run_max,
                     mean_row=None if acc is None else acc / run_sum[:, None])
+
+
+@contextmanager
+def recomputed_head() -> Iterator[None]:
+    """Within the block, a `stream_head` under autograd (one group, no `mean_row`) keeps no
+    chunk's logits for the backward: only its inputs and, per scored row, the log-sum-exp (the
+    backward recomputes each chunk's logits, one chunk alive at a time: one more head matmul)
+    or, when only the hidden states need a gradient and the logits are uncapped (LoRA), the
+    softmax-weighted mean of the head's rows (no more matmuls than the plain path). The plain
+    autograd path keeps every chunk's float32 exp(): 4 bytes per scored position per vocabulary
+    row (SmolLM2 at 8 x 64: 95 MB), more than the whole model's checkpointed activations. The
+    forward's figures are the no-grad pass's (the autograd path's, bit for bit)."""
+    token = _RECOMPUTE.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTE.reset(token)
+
+
+def _recomputed(h: torch.Tensor, targets: torch.Tensor, chunks: list[HeadChunk],
+                softcap: float | None) -> HeadPass:
+    ws = [w[0] for _, _, w, _ in chunks]
+    bs = [b[0] for _, _, _, b in chunks]
+    spans = [(v0, v1) for v0, v1, _, _ in chunks]
+    lse, target, top = _RecomputedHead.apply(h, targets, spans, softcap, *ws, *bs)
+    return HeadPass(lse=lse, target=target, top=top)
+
+
+class _RecomputedHead(torch.autograd.Function):
+    """(lse, target logit, top logit) of `stream_head` with the chunks' weights `wb` (weights,
+    then biases, None where there are none). When only the hidden states need a gradient and
+    the logits are uncapped (LoRA), the forward also accumulates the softmax-weighted mean of
+    the head's rows (`mean_row`), from which the backward has the gradient at once; else the
+    backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h, targets, spans, softcap, *wb):
+        n = len(spans)
+        ws, bs = wb[:n], wb[n:]
+        rows_only = not softcap and not any(ctx.needs_input_grad[4:])
+        # autograd is off in here: the in-place, buffer-reusing pass
+        p = stream_head(h, targets, ((v0, v1, [w], [b]) for (v0, v1), w, b in zip(spans, ws, bs)),
+                        softcap=softcap, mean_row=rows_only)
+        ctx.spans, ctx.softcap, ctx.bias = spans, softcap, [b is not None for b in bs]
+        ctx.rows_only = rows_only
+        ctx.save_for_backward(h, targets, p.mean_row if rows_only else p.lse, *ws,
+                              *(b for b in bs if b is not None))
+        ctx.mark_non_differentiable(p.top)
+        return p.lse, p.target, p.top
+
+    @staticmethod
+    def backward(ctx, g_lse, g_tgt, _g_top):
+        h, targets, lse_or_mean, *saved = ctx.saved_tensors
+        n = len(ctx.spans)
+        ws, it = saved[:n], iter(saved[n:])
+        bs = [next(it) if has else None for has in ctx.bias]
+        need = ctx.needs_input_grad
+        need_h, need_w, need_b = need[0], need[4:4 + n], need[4 + n:]
+        zeros = h.new_zeros(h.shape[:1], dtype=torch.float32)
+        g_lse = zeros if g_lse is None else g_lse
+        g_tgt = zeros if g_tgt is None else g_tgt
+        if ctx.rows_only:
+            # d lse / d h = sum_v softmax_v W_v (the forward's mean_row); d target / d h = W_t
+            dh = g_lse[:, None] * lse_or_mean
+            for (v0, v1), w in zip(ctx.spans, ws):
+                rows = torch.nonzero((targets >= v0) & (targets < v1)).squeeze(1)
+                dh[rows] += g_tgt[rows, None] * w[targets[rows] - v0].float()
+            return (dh.to(h.dtype), None, None, None, *[None] * len(need[4:]))
+        lse = lse_or_mean
+        dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        dws, dbs = [None] * n, [None] * n
+        for i, ((v0, v1), w0, b) in enumerate(zip(ctx.spans, ws, bs)):
+            w = w0.to(h.dtype)
+            logits = h @ w.T  # as the forward computed them
+            if b is not None:
+                logits = logits + b
+            logits = logits.float()
+            if ctx.softcap:
+                capped = torch.tanh(logits / ctx.softcap)
+                logits = capped * ctx.softcap
+            # d lse / d logit = softmax; d target / d logit = 1 at the target's column
+            dl = torch.exp(logits - lse[:, None]).mul_(g_lse[:, None])
+            rows = torch.nonzero((targets >= v0) & (targets < v1)).squeeze(1)
+            dl[rows, targets[rows] - v0] += g_tgt[rows]
+            if ctx.softcap:  # through c * tanh(x / c)
+                dl.mul_(1 - capped * capped)
+            dl = dl.to(h.dtype)
+            if need_h:
+                dh += (dl @ w).float()
+            if need_w[i]:
+                dws[i] = (dl.T @ h).to(w0.dtype)
+            if b is not None and need_b[i]:
+                dbs[i] = dl.sum(0).to(b.dtype)
+        return (None if dh is None else dh.to(h.dtype), None, None, None, *dws, *dbs)
 
 
 def group_losses(stats: TokenStats, groups: int) -> torch.Tensor:

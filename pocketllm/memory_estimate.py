@@ -23,7 +23,9 @@ arithmetic on the config:
     of each architecture family with `saved_activation_bytes` (tests/test_memory_estimate.py
     re-derives them), plus the chunked loss's saved tensors (its float32 exp() per chunk:
     4 bytes per scored position per vocabulary row, and one copy of the scored hidden states per
-    chunk), plus one layer's working set for the backward's own temporaries;
+    chunk), plus one layer's working set for the backward's own temporaries. Checkpointed
+    (--activation-checkpointing): each layer's input (hidden x bytes per token per layer) and
+    one layer's saved tensors, rebuilt in the backward, and the loss's input alone;
 * gradients: one per trainable weight, in its dtype (adam: the whole model; lora-adam: A, B);
 * optimizer state: AdamW's two moments per trainable weight, plus its per-tensor temporary;
 * framework: the Python + torch + transformers process before any weights (measured in this
@@ -59,6 +61,11 @@ RUNTIME_SLACK_MB = 20.0
 # heap cannot return, so RSS exceeds the live bytes. Measured: RSS / live = 1.30-1.33 for
 # lora-adam and adam on smollm2-135m (bfloat16, 16 x 128), 1.42 traced on the same forward.
 AUTOGRAD_HEAP_OVERHEAD = 0.30
+# The same with activation checkpointing, relative to its much smaller kept activations (layer
+# inputs): each layer rebuilt and differentiated in the backward leaves a few MB of the heap
+# split (measured: RSS beyond the live bytes = 1.7-2.4 x the kept activations for lora-adam
+# on smollm2-135m, float32, 4 x 64 to 16 x 128; glibc's heap, mmap threshold 32 MB).
+CHECKPOINT_HEAP_OVERHEAD = 2.2
 
 # Bytes saved for backward per token per layer: c_h * hidden + c_f * ffn + c_a * heads, by
 # (family, trainable, dtype). Derived by `saved_activation_bytes` (least squares over tiny
@@ -351,22 +358,35 @@ class NoGradForward(Profile):
 @dataclass(frozen=True)
 class Backprop(Profile):
     """Autograd through the whole forward and a backward pass, AdamW on the trainable weights:
-    every layer's saved tensors, then gradients and two moments per trainable weight."""
+    every layer's saved tensors, then gradients and two moments per trainable weight.
+    `checkpointed` (--activation-checkpointing): only each layer's input is kept, the layer's
+    saved tensors rebuilt one layer at a time in the backward, and the head loss saves no
+    chunk's logits (`loss.recomputed_head`)."""
 
+    checkpointed: bool = False
     warmup: ClassVar[int] = 1  # AdamW's state exists from the second step on
 
     def fill(self, est: Estimate, s: Shape, run: Sizes, lora: bool) -> None:
         bpe = _bytes_per(run.dtype)
         f = forward(s, run.batch_size, run.max_seq_length, bpe, autograd=True)
         c = est.components
-        # every layer's saved tensors, the loss's, and the backward's temporaries
+        # one layer's saved tensors (SAVED_PER_LAYER; a small trainable set as its rough kin)
         saved_as = ROUGH_SETS.get(run.trainable, run.trainable)
         ch, cf, ca = SAVED_PER_LAYER[(s.family, saved_as, run.dtype)]
-        saved = s.layers * f.tokens * (ch * s.hidden + cf * s.ffn + ca * s.heads)
-        # the chunked loss saves, per chunk, its float32 logits (for gather) and their exp(),
-        # and the scored hidden states it multiplied (a copy per chunk)
-        loss_saved = (2 * f.scored * s.vocab * 4
-                      + math.ceil(s.vocab / 2048) * f.scored * s.hidden * bpe)
+        layer = f.tokens * (ch * s.hidden + cf * s.ffn + ca * s.heads)
+        if self.checkpointed:
+            # every layer's input, and the one layer rebuilt at a time in the backward; the
+            # head loss keeps its input, the scored hidden states, and (LoRA) their gradient's
+            # float32 softmax-weighted mean of the head's rows
+            saved = s.layers * f.tokens * s.hidden * bpe + layer
+            loss_saved = f.scored * s.hidden * (bpe + 4)
+        else:
+            # every layer's saved tensors; the chunked loss saves, per chunk, its float32 logits
+            # (for gather) and their exp(), and the scored hidden states it multiplied (a copy
+            # per chunk)
+            saved = s.layers * layer
+            loss_saved = (2 * f.scored * s.vocab * 4
+                          + math.ceil(s.vocab / 2048) * f.scored * s.hidden * bpe)
         if s.masked:
             loss_saved += 4 * f.scored * s.hidden * bpe
         kept = saved + loss_saved + f.tokens * s.hidden * bpe
@@ -379,15 +399,24 @@ class Backprop(Profile):
         # tiny) while every activation is still kept; the last moment is all gradients and no
         # activations.
         first_grad = grads if lora else s.vocab * s.hidden * bpe
-        start = (1 + AUTOGRAD_HEAP_OVERHEAD) * kept + f.working + f.loss + first_grad
+        # Checkpointed, the gradients stay allocated from step to step (FirstOrderAdamW.step):
+        # every one is there through the backward, the head's next one arriving on top.
+        held = grads if self.checkpointed and not lora else 0
+        heap = CHECKPOINT_HEAP_OVERHEAD if self.checkpointed else AUTOGRAD_HEAP_OVERHEAD
+        start = (1 + heap) * kept + f.working + f.loss + first_grad + held
         step = grads + temp
         if start >= step:
-            c["activations kept for backward"] = kept / MB
-            c["heap fragmentation (autograd)"] = AUTOGRAD_HEAP_OVERHEAD * kept / MB
+            c["activations kept for backward" + (" (layer inputs, one layer rebuilt)"
+                                                 if self.checkpointed else "")] = kept / MB
+            c["heap fragmentation (autograd)"] = heap * kept / MB
             c["backward temporaries (one layer)"] = (f.working + f.loss) / MB
+            if held:
+                c["gradients (kept from step to step)"] = held / MB
             c["gradients (the head's, first)" if not lora else "gradients"] = first_grad / MB
-            est.notes.append(f"peak at the start of backward (activations {kept / MB:.0f} MB > "
-                             f"gradients {grads / MB:.0f} MB)")
+            est.notes.append(
+                "peak in the backward (every gradient held, one layer rebuilt at a time)"
+                if held else f"peak at the start of backward (activations {kept / MB:.0f} MB"
+                f" > gradients {grads / MB:.0f} MB)")
         else:
             c["gradients"] = grads / MB
             c["AdamW step temporary"] = temp / MB
@@ -506,9 +535,10 @@ def _profile(method, name: str, run: Sizes, s: Shape, settings: dict) -> Profile
     return profile
 
 
-def saved_activation_bytes(model, batch: dict[str, torch.Tensor]) -> int:
+def saved_activation_bytes(model, batch: dict[str, torch.Tensor], forward=None) -> int:
     """Bytes of the tensors autograd saves for backward in one forward of `model.base_model`
-    (distinct storages, parameters excluded): how `SAVED_PER_LAYER` was measured."""
+    (distinct storages, parameters excluded): how `SAVED_PER_LAYER` was measured. `forward`:
+    another forward to trace instead (a callable; e.g. the objective's loss, head included)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -519,5 +549,9 @@ def saved_activation_bytes(model, batch: dict[str, torch.Tensor]) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if forward is not None:
+            forward()
+        else:
+            model.base_model(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"])
     return sum(seen.values())

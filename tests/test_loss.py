@@ -63,3 +63,54 @@ def test_stream_head_equals_full_logits_per_group(grad, monkeypatch):
     assert torch.allclose(p.mean_row, mean, atol=1e-6)
     with pytest.raises(ValueError, match="uncapped"):
         stream_head(h, t, PlainHead.of(ws[0]).chunks(1), softcap=30.0, mean_row=True)
+
+
+@pytest.mark.parametrize("softcap,train_head", [(None, True), (5.0, True), (None, False),
+                                                (5.0, False)])
+def test_recomputed_head_equals_the_autograd_path(softcap, train_head, monkeypatch):
+    """`recomputed_head`: the same figures (bit for bit) and gradients for the hidden states
+    and (`train_head`) the head's weight and bias, with a short last chunk; it keeps no chunk's
+    logits for the backward (recomputed, or only the hidden states' mean row kept)."""
+    import pocketllm.loss as L
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 300)  # 1000 = 3 x 300 + 100
+    torch.manual_seed(0)
+    w0, b0 = torch.randn(1000, 8), torch.randn(1000)
+    h0, t = torch.randn(6, 8), torch.randint(0, 1000, (6,))
+    t[0] = 999  # a target in the last, short chunk
+    out = []
+    for recompute in (False, True):
+        w, b, h = (x.clone().requires_grad_(x is h0 or train_head) for x in (w0, b0, h0))
+        saved, head = [0], {w.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
+
+        def pack(x):  # the largest saved tensor besides the head's own weights
+            if x.untyped_storage().data_ptr() not in head:
+                saved.append(x.numel())
+            return x
+        with L.recomputed_head() if recompute else torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                p = stream_head(h, t, PlainHead.of(w, b).chunks(1), softcap=softcap)
+        # a loss that reads the target logit and the log-sum-exp with different weights
+        (p.nll.sum() + 0.5 * p.lse.square().sum()).backward()
+        out.append((p, h.grad, w.grad, b.grad, max(saved)))
+    (p, *grads, most), (q, *grads_r, most_r) = out
+    for a, r in ((p.lse, q.lse), (p.target, q.target), (p.top, q.top)):
+        assert torch.equal(a.detach(), r.detach())
+    assert [g is None for g in grads] == [g is None for g in grads_r] == [
+        False, not train_head, not train_head]
+    for g, gr in zip(grads, grads_r):
+        assert g is None or torch.allclose(g, gr, rtol=1e-5, atol=1e-6)
+    assert most >= 6 * 300 and most_r <= 6 * 8  # chunks' logits vs the hidden states
+
+
+def test_recomputed_head_leaves_the_no_grad_and_grouped_paths_alone():
+    import pocketllm.loss as L
+    model, tok = load_model("tiny-llama")
+    b = tiny_batch(tok, TEXTS[:2] * 2)
+    with torch.no_grad():
+        want = LanguageModeling().stats(model, b, groups=2)
+    with L.recomputed_head(), torch.no_grad():
+        got = LanguageModeling().stats(model, b, groups=2)
+    assert torch.equal(got.nll, want.nll) and torch.equal(got.correct, want.correct)
+    with L.recomputed_head():  # two groups under autograd: the plain path (one group only)
+        nll = LanguageModeling().stats(model, b, groups=2).nll
+    assert nll.grad_fn is not None and torch.equal(nll.detach(), want.nll)

@@ -189,3 +189,40 @@ def test_a_config_the_estimator_cannot_read_is_named_and_auto_passes_fall_back(m
     monkeypatch.setattr(ME, "estimate", lambda *a, **k: (_ for _ in ()).throw(TypeError("bug")))
     with pytest.raises(TypeError, match="bug"):
         build("zo-sgd", model, params, args)
+
+
+def test_checkpointed_backprop_is_about_inference():
+    # smollm2-135m at 8 x 64: plain lora-adam ~1.9x inference, checkpointed within 1.25x
+    e = {k: _est(m, tr, 8, 64, name="random:smollm2-135m", **kw).total
+         for k, m, tr, kw in [("inference", "inference", "full", {}),
+                              ("plain", "lora-adam", "lora", {}),
+                              ("ckpt", "lora-adam", "lora", {"activation_checkpointing": True})]}
+    assert e["inference"] < e["ckpt"] <= 1.25 * e["inference"] < e["plain"]
+    full = _est("adam", "full", 8, 64, name="random:smollm2-135m").total
+    assert _est("adam", "full", 8, 64, name="random:smollm2-135m",
+                activation_checkpointing=True).total < full
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_checkpointed_kept_activations_match_a_trace(name):
+    """What a checkpointed forward keeps (traced) is the estimate's kept activations less the
+    one layer the backward rebuilds at a time."""
+    from pocketllm.methods.first_order import checkpointed
+    from pocketllm.models import load_model
+    from pocketllm.objectives import LanguageModeling
+    from pocketllm.workload import fixed_batch
+    model, _ = load_model(name)
+    _, params = setup_trainable(model, TrainArgs(trainable="lora"))
+    for _, p in params:
+        p.requires_grad_(True)
+    B, T = 4, 32
+    batch = fixed_batch(model.config.vocab_size, B, T)
+    with checkpointed(model):
+        traced = ME.saved_activation_bytes(model, batch, lambda: LanguageModeling().stats(
+            model, batch))
+    est = _est("lora-adam", "lora", B, T, name=name, activation_checkpointing=True)
+    kept = next(v for k, v in est.components.items() if k.startswith("activations kept"))
+    s = ME.model_shape(load_config(name))
+    ch, cf, ca = ME.SAVED_PER_LAYER[(s.family, "lora", "float32")]
+    layer = B * T * (ch * s.hidden + cf * s.ffn + ca * s.heads)
+    assert traced == pytest.approx(kept * 2**20 - layer, rel=0.1)
