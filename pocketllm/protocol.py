@@ -175,9 +175,9 @@ def write_outputs(results: list[dict], runs: dict, seeds: list[int], args, out: 
              " | train min | flags |", "|---|---|---|" + "---|" * len(seeds) + "---|---|"]
     for label, flags in runs.items():
         accs = [100 * by[label, s]["accuracy"] for s in seeds]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        std = f"{statistics.stdev(accs):.1f}" if len(accs) > 1 else "-"  # one seed: no spread
         mins = statistics.mean(by[label, s]["train_minutes"] for s in seeds)
-        lines.append(f"| {label} | {statistics.mean(accs):.1f} | {std:.1f} | " +
+        lines.append(f"| {label} | {statistics.mean(accs):.1f} | {std} | " +
                      " | ".join(f"{a:.1f}" for a in accs) +
                      f" | {mins:.1f} | `{shlex.join(flags)}` |")
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
