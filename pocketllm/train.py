@@ -28,7 +28,6 @@ from .methods import Method, StepResult, get_method
 from .models import load_model
 from .report import Reporter
 from .schedules import eps_at, lr_at
-from .trainable import setup_trainable  # noqa: F401  (re-exported: the loop's trainable set)
 
 BEST_DIR = "best"
 
@@ -70,7 +69,7 @@ class Run:
         self.args, self.method, self.model, self.data, self.enc = args, method, model, data, enc
         self.spec, self.out, self.pad_id = spec, out, tok.pad_token_id
         self.objective = method.objective
-        self.choices = data.label_choices(tok)
+        self.choices = getattr(self.objective, "choices", None)  # a records run's label set
         self.clock = 0.0  # training seconds so far (steps only, not evaluation)
         self.best: dict | None = None
         # a task is judged on its dev/test set; records on valid

@@ -10,7 +10,7 @@ from pocketllm.cli import main
 from pocketllm.config import TrainArgs
 from pocketllm.methods import get_method
 from pocketllm.models import auto_class, load_config
-from pocketllm.train import setup_trainable
+from pocketllm.trainable import setup_trainable
 
 FRAMEWORK = 340.0  # given, so that no test starts the framework probe process
 

@@ -6,7 +6,7 @@ import torch
 from pocketllm.workload import Scored, fixed_batch, make_step, masked_lm_stats, train_args
 from pocketllm.methods import build
 from pocketllm.models import load_model
-from pocketllm.train import setup_trainable
+from pocketllm.trainable import setup_trainable
 
 
 def test_masked_lm_loss_is_the_cross_entropy_of_the_mlm_head_at_the_mask():

@@ -29,19 +29,21 @@ class ZOSGDConfig(ZOConfig):
         """One query; its +eps/-eps passes as one forward over the batch twice (`pair`: z
         generated once instead of twice, and the 2x-batch forward costs no more than two
         forwards once freed activations stay in the heap, memory.tune_allocator; zo_step.md)
-        or as two forwards (`sequential`: activations of one batch). `auto` pairs unless that
-        would cost more than 5% of memory (memory_estimate.pair_passes_fit, at --batch-size x
-        --max-seq-length)."""
-        pair = self.zo_passes == "pair"
-        if self.zo_passes == "auto":
-            run = method.run
-            try:
-                pair = pair_passes_fit(method.model.config, run.trainable, run.batch_size,
-                                       run.max_seq_length, run.dtype, run.lora_rank,
-                                       list(run.lora_targets) or None)
-            except UnknownShape:
-                pair = run.trainable == "lora"  # a config the estimator cannot read
-        return 1, "both" if pair else "none"
+        or as two forwards (`sequential`: activations of one batch)."""
+        return 1, "both" if self.pair(method.run, method.model.config) else "none"
+
+    def pair(self, run, config=None, shape=None) -> bool:
+        """Whether the +/- passes run as one forward: `auto` pairs unless that would cost
+        more than 5% of memory (memory_estimate.pair_passes_fit, at --batch-size x
+        --max-seq-length, from the model's `config` or its already built `shape`)."""
+        if self.zo_passes != "auto":
+            return self.zo_passes == "pair"
+        try:
+            return pair_passes_fit(config, run.trainable, run.batch_size, run.max_seq_length,
+                                   run.dtype, run.lora_rank, list(run.lora_targets) or None,
+                                   shape=shape)
+        except UnknownShape:
+            return run.trainable == "lora"  # a config the estimator cannot read
 
 
 @register("zo-sgd")
@@ -73,9 +75,6 @@ class ZOSGD(ZOMethod):
         """No autograd over the batch twice (pair passes) or once (sequential), as --zo-passes
         picks them (auto: `pair_passes_fit` at this run's sizes), each replica with its own
         perturbed copies."""
-        pair = cfg.zo_passes == "pair" or cfg.zo_passes == "auto" and pair_passes_fit(
-            None, run.trainable, run.batch_size, run.max_seq_length, run.dtype, run.lora_rank,
-            list(run.lora_targets) or None, shape=shape)
-        _, widest = cls.widest_pass(cfg, 1, "both" if pair else "none")
+        _, widest = cls.widest_pass(cfg, 1, "both" if cfg.pair(run, shape=shape) else "none")
         return NoGradForward(widest, perturbed=True,
                              what=f"zo-sgd {'pair' if widest == 2 else 'sequential'} passes")
