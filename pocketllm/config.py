@@ -13,7 +13,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -98,11 +98,19 @@ class TrainArgs(ModelArgs, DataArgs):
     time_budget: float = opt(0.0, "stop after this many minutes of training (steps only, "
                              "evaluation excluded; the whole run's, across --resume; 0: "
                              "--iters alone); the schedules still run over --iters")
+    budget_clock: str = opt("wall", "what --time-budget and the step times count: wall "
+                            "(seconds on the clock) or cpu (this process's CPU seconds: on a "
+                            "machine shared with other jobs, the time the steps would take on "
+                            "a core of their own when running on one thread)",
+                            choices=("wall", "cpu"))
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")
     save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)")
     steps_per_eval: int = opt(50, "evaluate on valid every N steps (0: only before and after)")
-    keep_best: bool = opt(False, "also keep the adapter that scored best on valid (accuracy "
-                          "for a task, else loss) at any evaluation, in ADAPTER_PATH/best/")
+    keep_best: Optional[bool] = opt(None, "also keep the adapter that scored best on valid "
+                                    "(accuracy for a task, else loss) at any evaluation, in "
+                                    "ADAPTER_PATH/best/ (default: on for a small trainable set "
+                                    "whose method trains it here, where runs that peak and fall "
+                                    "are common; off for --trainable full and split mode)")
     steps_per_report: int = opt(10, "print a report line every N steps")
     eval_before: bool = opt(True, "evaluate before training (the zero-shot figure for a task)")
     test_every: int = opt(0, "task: score the dev/test set every N steps (0: only before and "
@@ -150,6 +158,8 @@ class BenchArgs:
                      "name, or zero-shot) or 'LABEL=FLAGS' (the `pocketllm train` flags of "
                      "that run, e.g. 'prge-q4=--method prge --queries 4 --batch-size 2')")
     budget_minutes: float = opt(10.0, "training minutes per run (steps only, one thread)")
+    budget_clock: str = opt("wall", "what the budget counts (train --budget-clock): wall, or "
+                            "cpu seconds when other jobs share the machine", choices=("wall", "cpu"))
     steps_per_eval: int = opt(25, "valid evaluations (and checkpoints) every N steps: the "
                               "best on valid is the adapter scored")
     eval_examples: int = opt(1000, "dev/test examples scored (0: all)")
@@ -227,7 +237,7 @@ def add_args(parser: argparse.ArgumentParser, *classes: type,
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, kind: type,
               choices: tuple | None) -> None:
     kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-    if kind is bool:
+    if kind in (bool, Optional[bool]):  # Optional: None = the run decides (see its help)
         kw["action"] = argparse.BooleanOptionalAction
     elif kind is list:
         kw["nargs"] = "+"

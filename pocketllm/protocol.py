@@ -70,6 +70,7 @@ def common_flags(args) -> list[str]:
 def train_command(job: Job, args) -> list[str]:
     return [sys.executable, "-m", "pocketllm.cli", "train", *common_flags(args),
             "--seed", str(job.seed), "--threads", "1", "--time-budget", str(args.budget_minutes),
+            "--budget-clock", args.budget_clock,
             "--keep-best", "--steps-per-eval", str(args.steps_per_eval), "--save-every",
             str(args.steps_per_eval), "--adapter-path", str(job.out), *job.flags,
             *(["--resume"] if (job.out / "config.yaml").exists() else [])]
@@ -167,7 +168,8 @@ def write_outputs(results: list[dict], runs: dict, seeds: list[int], args, out: 
             for seed in seeds:
                 w.writerow({k: by[label, seed].get(k) for k in keys})
     lines = [f"# {args.task} k={args.k}: dev accuracy, {len(seeds)} seeds, "
-             f"{args.budget_minutes:g} training minutes per run", "",
+             f"{args.budget_minutes:g} training minutes per run"
+             + (" (CPU minutes)" if args.budget_clock == "cpu" else ""), "",
              f"Command: `{command_line(args)}`  ",
              f"Model: {args.model}; one thread per run, {args.jobs} at a time; the adapter "
              "kept on the valid split is scored once on the dev/test split.", "",

@@ -184,6 +184,31 @@ def test_keep_best_keeps_the_best_valid_adapter(tmp_path, capsys):
         main([*run, "--iters", "2", "--method", "side", "--adapter-path", str(tmp_path / "s")])
 
 
+def test_keep_best_is_on_by_default_where_it_is_a_small_copy(tmp_path, capsys):
+    """No flag: a LoRA run keeps its best valid adapter; a full-parameter run and split mode
+    run without it (no refusal); --no-keep-best turns it off."""
+    d = _sst2_dir(tmp_path)
+    run = ["train", "--model", "tiny-llama", "--task", "sst2", "--data", str(d), "--k", "4",
+           "--batch-size", "4", "--steps-per-eval", "2", "--iters", "2"]
+    assert main([*run, "--adapter-path", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "best" / "adapter_model.safetensors").exists()
+    assert "keep_best: true" in (tmp_path / "lora" / "config.yaml").read_text()
+    assert main([*run, "--no-keep-best", "--adapter-path", str(tmp_path / "off")]) == 0
+    assert not (tmp_path / "off" / "best").exists()
+    assert main([*run, "--trainable", "full", "--adapter-path", str(tmp_path / "full")]) == 0
+    assert not (tmp_path / "full" / "best").exists()
+    assert "keep_best: false" in (tmp_path / "full" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_counts_the_chosen_clock(tmp_path, capsys, clock):
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--iters", "50", "--time-budget", "0.00002", "--budget-clock",
+                 clock, "--steps-per-eval", "0", "--adapter-path", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    assert f"budget_clock: {clock}" in (out / "config.yaml").read_text()
+
+
 def test_time_budget_stops_training_and_saves_what_was_trained(tmp_path, capsys):
     out = tmp_path / "run"
     # a budget of 1 ms: the first step spends it

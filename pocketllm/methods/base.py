@@ -65,6 +65,7 @@ class Method(ABC):
         self.objective = objective
 
     trains_model = True  # False: the model stays frozen (split mode trains a side network)
+    keeps_best = True  # --keep-best's default: keep the best adapter on valid (not full)
 
     # ---- configuration ------------------------------------------------------------------
     @classmethod
@@ -75,6 +76,8 @@ class Method(ABC):
     @classmethod
     def check(cls, run) -> None:
         """Refuse a run this method cannot train (called first by `resolve`)."""
+        if run.keep_best is None:  # the default: keep the best where it is a small copy
+            run.keep_best = cls.keeps_best and run.trainable != "full"
         if run.keep_best and run.trainable == "full":
             raise SystemExit("--keep-best keeps a LoRA adapter or another small trainable set "
                              "(--trainable lora, norm, prefix), not --trainable full: a full-"

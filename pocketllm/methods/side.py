@@ -53,6 +53,8 @@ class SideTuning(Method):
     # from scratch (not tuned here)
     defaults = {"full": {"learning_rate": 1e-3}, "lora": {"learning_rate": 1e-3}}
 
+    keeps_best = False  # its side network is trained and kept on the server
+
     @classmethod
     def check(cls, run) -> None:
         if run.keep_best:
