@@ -26,7 +26,7 @@ CKPT = "checkpoint.pt"
 
 @dataclass
 class AdamWConfig:
-    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)", ge=0)
     activation_checkpointing: bool = opt(
         False, "keep only each layer's input for the backward pass, rebuilding the layer "
         "there, and no logits of the streamed head loss (MeBP): lora-adam's peak 1.2x "

@@ -30,26 +30,27 @@ from .base import Method, StepResult
 class ZOConfig:
     """Settings every zeroth-order method has."""
 
-    eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)")
+    eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)", ge=0)
     perturbation: str = opt("auto", "ZO perturbation distribution; 'auto': the method's default "
                             "(zo-sgd: rademacher for full parameters, the cheaper of the two to "
                             "generate over every weight; gaussian for LoRA)",
                             choices=lambda: ("auto", *noise.DISTS))
     eps_schedule: str = opt("constant", "ZO eps schedule (to --eps-final)",
                             choices=lambda: tuple(SHAPES))
-    eps_final: float = opt(0.0, "final eps of a linear/cosine eps schedule (0: eps/10)")
+    eps_final: float = opt(0.0, "final eps of a linear/cosine eps schedule (0: eps/10)", ge=0)
     estimator: str = opt("spsa", "ZO gradient estimator (pocketllm/zo/estimators)",
                          choices=lambda: tuple(estimators.REGISTRY))
     engine: str = opt("torch", "what runs the ZO forward passes (pocketllm/engines)",
                       choices=lambda: tuple(engines.REGISTRY))
     max_replicas: int = opt(0, "ZO: at most R batch replicas per forward (0: no cap); less "
-                            "activation memory for more forwards")
+                            "activation memory for more forwards", ge=0)
     zo_optimizer: str = opt("sgd", "ZO update rule (zo-sgd, prge); momentum/adam keep state "
                             "the size of the trainable tensors",
                             choices=lambda: tuple(optim.REGISTRY))
-    zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1")
-    zo_beta2: float = opt(0.999, "ZO Adam beta2")
-    zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon")
+    zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1", ge=0, lt=1)
+    zo_beta2: float = opt(0.999, "ZO Adam beta2", ge=0, lt=1)
+    # > 0: Adam divides by sqrt(v) + eps, and v is 0 wherever no estimate has reached yet
+    zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon", gt=0)
 
     def queries_and_parallel(self, method: "ZOMethod") -> tuple[int, str]:
         """How many queries a step makes and how their replicas share forwards."""
