@@ -182,6 +182,17 @@ def test_to_number_refuses_what_is_not_a_number_of_the_kind():
             C.to_number(lr, float, bad)
 
 
+def test_settings_built_in_code_are_checked_before_the_model_loads(monkeypatch, tmp_path):
+    from pocketllm import train as T
+    monkeypatch.setattr(T, "load_model", _reached("load_model"))
+    monkeypatch.setattr(T, "load_run_data", _reached("load_run_data"))
+    with pytest.raises(C.SettingError, match=r"--iters must be an integer >= 1, got -1"):
+        T.train(C.TrainArgs(model="tiny-llama", iters=-1, adapter_path=str(tmp_path)))
+    with pytest.raises(C.SettingError, match=r"--eps must be a finite number >= 0, got nan"):
+        T.train(C.TrainArgs(model="tiny-llama", adapter_path=str(tmp_path)), {"eps": math.nan})
+    assert not any(tmp_path.iterdir())  # not even config.yaml
+
+
 def test_yaml_choices_are_checked_as_the_flags_are(tmp_path, capsys, nothing_runs):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("act-bits: 5\n")

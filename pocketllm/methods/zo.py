@@ -15,10 +15,14 @@ different settings (`ZOSGDConfig`, `PRGEConfig`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 from .. import engines
 from ..config import opt
+from ..finite import NonFiniteError
 from ..schedules import SHAPES
 from ..zo import estimators, noise, optim
 from ..zo import log as zolog
@@ -97,7 +101,13 @@ class ZOMethod(Method):
         grads, losses, tokens = [], [], 0
         for b in batches:  # grad accumulation: the same perturbations for every micro-batch
             L = self.engine.losses(b, plan)
+            if not torch.isfinite(L).all():  # before anything is applied or logged
+                raise NonFiniteError(step + 1, f"the loss at the perturbed weights is "
+                                     f"{L.tolist()}")
             grads.append(self.estimator.projected(L, eps))
+            if not all(map(math.isfinite, grads[-1])):  # finite losses, eps too small
+                raise NonFiniteError(step + 1, f"the projected gradient is {grads[-1]} "
+                                     f"(--eps {eps:g} too small?)")
             losses.append(L.mean().item())
             tokens += self.objective.n_scored(b)
         g = [sum(gj) / len(gj) for gj in zip(*grads)]
@@ -138,6 +148,11 @@ class ZOMethod(Method):
 
     def restore(self, out_dir) -> int:
         return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt)
+
+    def rewind(self, out_dir, step) -> None:
+        # the log runs ahead of the saves: its steps after the last save may be the ones that
+        # overflowed, and `--resume` replays every step it holds
+        (self.log or zolog.ZOLog(out_dir)).truncate(step)
 
     # the memory profile (pocketllm memory): each ZO method's `memory_profile` reads this
     @classmethod
