@@ -22,16 +22,25 @@ COMMANDS = {
     "bench": (C.BenchArgs, "bench accuracy: the few-shot protocol, every run on the same "
                            "training budget over several seeds (table, CSV, plot)"),
 }
+# commands that also take every method's own settings (resolved by the method named)
+WITH_METHOD_SETTINGS = ("train", "memory")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, its error on one line: `train`'s usage runs to dozens of lines and would bury
+    the message naming the flag."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import REGISTRY, setting_classes
-    p = argparse.ArgumentParser(prog="pocketllm", description="On-device fine-tuning in about "
-                                "the memory of inference.")
+    p = Parser(prog="pocketllm", description="On-device fine-tuning in about the memory of "
+               "inference.")
     sub = p.add_subparsers(dest="command", required=True)
     methods = tuple(sorted(REGISTRY))
-    # train and memory also take every method's own settings (resolved by the method named)
-    extra = {"train": setting_classes(), "memory": setting_classes()}
+    extra = {name: setting_classes() for name in WITH_METHOD_SETTINGS}
     choices = {"train": {"method": methods}, "memory": {"method": ("inference", *methods)}}
     for name, (cls, help) in COMMANDS.items():
         parser = sub.add_parser(name, help=help, description=help)
@@ -62,24 +71,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cls, _ = COMMANDS[ns.command]
     vars(ns).pop("what", None)  # bench's positional: "accuracy", the one protocol
-    # train's and memory's flags are their own and the methods' settings: they resolve both
-    args = ns if ns.command in ("train", "memory") else C.resolve(cls, ns)
-    from .memory import tune_allocator
-    tune_allocator()  # before any tensor exists: no page-fault churn on activations
     from .data import DataError
+    from .finite import NonFiniteError
+    from .methods import setting_classes
     from .models import ModelError
     try:
-        return globals()["cmd_" + ns.command](args) or 0
-    except (DataError, ModelError) as e:
+        # defaults < YAML < flags, every number in its range, before anything loads; train's
+        # and memory's flags are their own and the methods' settings: they resolve both
+        methods = ns.command in WITH_METHOD_SETTINGS
+        args, rest = C.resolve_with(cls, ns, *(setting_classes() if methods else ()))
+        from .memory import tune_allocator
+        tune_allocator()  # before any tensor exists: no page-fault churn on activations
+        cmd = globals()["cmd_" + ns.command]
+        return (cmd(args, rest) if methods else cmd(args)) or 0
+    except (C.SettingError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the run diverged: nothing non-finite was saved
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
-    from .methods import setting_classes, settings_for
+def cmd_train(args: C.TrainArgs, given: dict) -> int:
+    from .methods import settings_for
     from .train import train
-    args, rest = C.resolve_with(C.TrainArgs, ns, *setting_classes())
-    train(args, settings_for(args.method, rest))
+    train(args, settings_for(args.method, given))
     return 0
 
 
@@ -186,11 +202,10 @@ def cmd_replay(args: C.ReplayArgs) -> int:
     return 0
 
 
-def cmd_memory(ns: argparse.Namespace) -> int:
+def cmd_memory(args: C.MemoryArgs, given: dict) -> int:
     from .memory_estimate import Inference, estimate, framework_mb
-    from .methods import REGISTRY, setting_classes, settings_for
+    from .methods import REGISTRY, settings_for
     from .models import load_config
-    args, given = C.resolve_with(C.MemoryArgs, ns, *setting_classes())
     # inference is the memory command's yardstick, not a method; the rest are the registry's
     cls = {Inference.name: Inference, **REGISTRY}[args.method]
     settings = settings_for(args.method, given) if args.method in REGISTRY else {}

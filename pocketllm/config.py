@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -20,11 +21,109 @@ import yaml
 from .schedules import SHAPES
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
-    meta = {"help": help, "choices": choices}
+class SettingError(SystemExit):
+    """A setting refused (a flag, a YAML value): its message names the flag (and the file).
+    `pocketllm` prints it as one line and exits 2, as argparse does; anywhere else it ends the
+    program with its message like any SystemExit."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take: finite, and >= ge / > gt, <= le / < lt where
+    given, or one of `also` (a sentinel outside the range, e.g. -1 for "all")."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple = ()
+
+    def describe(self, kind: type) -> str:
+        """What the setting must be, e.g. 'a finite number > 0', 'an integer in [0, 65535]'."""
+        # (operator, interval bracket, bound) of each side that has one
+        lo = next((b for b in ((">=", "[", self.ge), (">", "(", self.gt)) if b[2] is not None),
+                  None)
+        hi = next((b for b in (("<=", "]", self.le), ("<", ")", self.lt)) if b[2] is not None),
+                  None)
+        if lo and hi:
+            where = f" in {lo[1]}{_num(lo[2])}, {_num(hi[2])}{hi[1]}"
+        elif lo or hi:
+            op, _, bound = lo or hi
+            where = f" {op} {_num(bound)}"
+        else:
+            where = ""
+        also = f" (or {', '.join(_num(a) for a in self.also)})" if self.also else ""
+        return ("an integer" if kind is int else "a finite number") + where + also
+
+    def admits(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        return (math.isfinite(value)
+                and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, *, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None,
+        also: tuple = (), **kw) -> Any:
+    """A setting: its default, help and, for a number (or a list of numbers), its range
+    (`Bounds`: ge/gt/le/lt, `also` for sentinels such as -1). Every number must be finite; the
+    range is checked on the flag, on a YAML value and by `check`, before anything loads."""
+    bounded = any(b is not None for b in (ge, gt, le, lt)) or also
+    meta = {"help": help, "choices": choices,
+            "bounds": Bounds(ge, gt, le, lt, tuple(also)) if bounded else None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+def numeric_kind(kind: Any) -> type | None:
+    """int or float for a numeric setting's type hint (or a list of numbers'), else None."""
+    if typing.get_origin(kind) is list:
+        kind = (typing.get_args(kind) or (None,))[0]
+    return kind if kind in (int, float) else None
+
+
+def to_number(f: dataclasses.Field, kind: type, value: Any) -> int | float:
+    """`value` (a flag's text, a YAML value) as setting `f` of type `kind` (int or float),
+    within its bounds; else ValueError saying what it must be."""
+    bounds = f.metadata.get("bounds") or Bounds()  # no range declared: finite still
+    must = f"must be {bounds.describe(kind)}"
+    given = value
+    try:
+        if isinstance(value, str):
+            value = kind(value.strip())
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # YAML's 1 for 1.0
+    except (ValueError, OverflowError):
+        value = None
+    if type(value) is not kind or not bounds.admits(value):  # (bool is no int here)
+        shown = given if isinstance(given, str) and given.strip() else repr(given)
+        raise ValueError(f"{must}, got {shown}")
+    return value
+
+
+def check(settings: Any) -> None:
+    """SettingError naming the flag of the first numeric field of dataclass `settings` out of
+    its range (settings built in code rather than parsed, e.g. `train(TrainArgs(...))`)."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        kind, value = numeric_kind(hints[f.name]), getattr(settings, f.name)
+        if kind is None:
+            continue
+        try:
+            for v in value if isinstance(value, list) else [value]:
+                to_number(f, kind, v)
+        except ValueError as e:
+            raise SettingError(f"{flag(f.name)} {e}") from None
+
+
+SEED_MAX = 2**32 - 1  # a 32-bit seed, what every seeded library takes
+MAX_THREADS = 1024    # more is a typo (torch crashes on 100000)
 
 
 @dataclass
@@ -34,7 +133,8 @@ class ModelArgs:
                      "random:roberta-large, random:smollm2-135m), local HF directory, .gguf "
                      "file, or hub id")
     dtype: str = opt("float32", "weights' dtype", choices=("float32", "bfloat16"))
-    seed: int = opt(0, "random seed: data order, LoRA init and perturbations")
+    seed: int = opt(0, "random seed: data order, LoRA init and perturbations", ge=0,
+                    le=SEED_MAX)
 
 
 @dataclass
@@ -42,13 +142,13 @@ class DataArgs:
     data: str = opt("", "directory with train.jsonl / valid.jsonl / test.jsonl (default: "
                     "examples/personal), or a task's folder (default with --task: "
                     "$POCKETLLM_DATA/<task> or ../shared/data/<task>)")
-    max_seq_length: int = opt(256, "truncate records to this many tokens")
+    max_seq_length: int = opt(256, "truncate records to this many tokens", ge=2)
     mask_prompt: bool = opt(True, "train on the completion only (prompt/completion, messages)")
     task: str = opt("", "prompt-based task instead of .jsonl records: sst2, rte, cb, boolq, "
                     "copa, trec, or custom (with --template and --label-words)")
     k: int = opt(16, "task: training examples per class, sampled with --seed (0: all); a "
-                 "validation split of k per class is drawn the same way")
-    eval_examples: int = opt(1000, "task: cap on the dev/test examples scored (0: all)")
+                 "validation split of k per class is drawn the same way", ge=0)
+    eval_examples: int = opt(1000, "task: cap on the dev/test examples scored (0: all)", ge=0)
     template: str = opt("", "custom task: prompt template with {field} placeholders and, for "
                         "masked LMs, {mask}, e.g. '{text} It was'")
     label_words: list = opt([], "custom task: LABEL=WORD pairs, e.g. 0=' bad' 1=' good' (the "
@@ -77,62 +177,67 @@ class TrainArgs(ModelArgs, DataArgs):
     method: str = opt("zo-sgd", "training method (see `pocketllm methods`); its own settings "
                       "are the flags its section of `pocketllm methods` lists")
     trainable: str = opt("lora", "which weights to train", choices=lambda: _trainable_sets())
-    lora_rank: int = opt(8, "LoRA rank r")
-    lora_alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = opt(0.0, "LoRA dropout (first-order methods only)")
+    lora_rank: int = opt(8, "LoRA rank r", ge=1)
+    lora_alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)", gt=0)
+    lora_dropout: float = opt(0.0, "LoRA dropout (first-order methods only)", ge=0, lt=1)
     lora_targets: list = opt([], "module names to adapt (default: the query/value projections)")
     num_virtual_tokens: int = opt(8, "--trainable prefix: learned virtual tokens before every "
-                                  "input (prompt tuning)")
-    iters: int = opt(200, "training steps")
-    batch_size: int = opt(8, "sequences per micro-batch")
-    grad_accumulation: int = opt(1, "micro-batches per step (ZO: the same perturbation for all)")
+                                  "input (prompt tuning)", ge=1)
+    iters: int = opt(200, "training steps", ge=1)
+    batch_size: int = opt(8, "sequences per micro-batch", ge=1)
+    grad_accumulation: int = opt(1, "micro-batches per step (ZO: the same perturbation for all)",
+                                 ge=1)
     learning_rate: float = opt(0.0, "learning rate (0: the method's default for --trainable, "
-                               "`pocketllm methods` lists them)")
+                               "`pocketllm methods` lists them)", ge=0)
     lora_fa: bool = opt(False, "LoRA-FA: A stays frozen at its random init, only B is trained")
     lr_schedule: str = opt("auto", "learning-rate schedule (to --lr-final); auto: the method's "
                            "default (linear for ZO LoRA on a task, constant otherwise)",
                            choices=lambda: ("auto", *SHAPES))
-    lr_final: float = opt(0.0, "final learning rate of a linear/cosine schedule")
-    lr_warmup: int = opt(0, "steps of linear learning-rate warmup from 0")
+    lr_final: float = opt(0.0, "final learning rate of a linear/cosine schedule", ge=0)
+    lr_warmup: int = opt(0, "steps of linear learning-rate warmup from 0", ge=0)
     adapter_path: str = opt("adapters", "output directory (adapter, logs, config)")
     time_budget: float = opt(0.0, "stop after this many minutes of training (steps only, "
                              "evaluation excluded; the whole run's, across --resume; 0: "
-                             "--iters alone); the schedules still run over --iters")
+                             "--iters alone); the schedules still run over --iters", ge=0)
     budget_clock: str = opt("wall", "what --time-budget and the step times count: wall "
                             "(seconds on the clock) or cpu (this process's CPU seconds: on a "
                             "machine shared with other jobs, the time the steps would take on "
                             "a core of their own when running on one thread)",
                             choices=("wall", "cpu"))
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")
-    save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)")
-    steps_per_eval: int = opt(50, "evaluate on valid every N steps (0: only before and after)")
+    save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)",
+                          ge=0)
+    steps_per_eval: int = opt(50, "evaluate on valid every N steps (0: only before and after)",
+                              ge=0)
     keep_best: Optional[bool] = opt(None, "also keep the adapter that scored best on valid "
                                     "(accuracy for a task, else loss) at any evaluation, in "
                                     "ADAPTER_PATH/best/ (default: on for a small trainable set "
                                     "whose method trains it here, where runs that peak and fall "
                                     "are common; off for --trainable full and split mode)")
-    steps_per_report: int = opt(10, "print a report line every N steps")
+    steps_per_report: int = opt(10, "print a report line every N steps", ge=1)
     eval_before: bool = opt(True, "evaluate before training (the zero-shot figure for a task)")
     test_every: int = opt(0, "task: score the dev/test set every N steps (0: only before and "
-                          "after); logged as test_accuracy with the wall-clock time")
-    val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)")
-    eval_batch_size: int = opt(16, "sequences per evaluation batch")
-    threads: int = opt(0, "torch threads (0: torch's default)")
+                          "after); logged as test_accuracy with the wall-clock time", ge=0)
+    val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)",
+                           ge=1, also=(-1,))
+    eval_batch_size: int = opt(16, "sequences per evaluation batch", ge=1)
+    threads: int = opt(0, "torch threads (0: torch's default)", ge=0, le=MAX_THREADS)
 
 
 @dataclass
 class ServeArgs:
     host: str = opt("127.0.0.1", "address to listen on")
-    port: int = opt(50051, "port (0: any free port, see --port-file)")
+    port: int = opt(50051, "port (0: any free port, see --port-file)", ge=0, le=65535)
     token_file: str = opt("", "file holding the access token clients must present")
     tls_cert: str = opt("", "PEM certificate chain for TLS (with --tls-key)")
     tls_key: str = opt("", "PEM private key for TLS")
     state_dir: str = opt("split_state", "where sessions are checkpointed (and resumed from)")
     models: list = opt([], "public models whose output heads sessions may train against "
                        "(default: the built-in aliases)")
-    max_message_mb: int = opt(64, "largest message accepted or sent, MiB")
-    workers: int = opt(16, "RPC worker threads (concurrent streams)")
-    threads: int = opt(0, "torch threads (0: torch's default)")
+    max_message_mb: int = opt(64, "largest message accepted or sent, MiB", ge=1,
+                              le=2047)  # gRPC's limit is a signed 32-bit byte count
+    workers: int = opt(16, "RPC worker threads (concurrent streams)", ge=1, le=MAX_THREADS)
+    threads: int = opt(0, "torch threads (0: torch's default)", ge=0, le=MAX_THREADS)
     port_file: str = opt("", "write the bound port here once listening")
 
 
@@ -142,8 +247,8 @@ class EvalArgs(ModelArgs, DataArgs):
     adapter_path: str = opt("", "LoRA adapter directory (empty: the base model)")
     side_network: str = opt("", "side network (.safetensors from --method side) to run with "
                             "the backbone")
-    batch_size: int = opt(16, "sequences per batch")
-    max_batches: int = opt(-1, "stop after N batches (-1: all)")
+    batch_size: int = opt(16, "sequences per batch", ge=1)
+    max_batches: int = opt(-1, "stop after N batches (-1: all)", ge=1, also=(-1,))
     json_out: str = opt("", "also write the figures to this JSON file")
 
 
@@ -151,23 +256,25 @@ class EvalArgs(ModelArgs, DataArgs):
 class BenchArgs:
     """`pocketllm bench accuracy`: the few-shot protocol (pocketllm/protocol.py)."""
     task: str = opt("sst2", "the task (sst2, rte, cb, boolq, copa, trec)")
-    k: int = opt(16, "training examples per class")
-    seeds: list = opt(["13", "21", "42", "87", "100"], "few-shot sample seeds (the MeZO / "
-                      "LM-BFF protocol's five)")
+    k: int = opt(16, "training examples per class", ge=1)
+    seeds: list[int] = opt([13, 21, 42, 87, 100], "few-shot sample seeds (the MeZO / "
+                           "LM-BFF protocol's five)", ge=0, le=SEED_MAX)
     runs: list = opt(["zero-shot", "zo-sgd", "lora-adam"], "what to compare: LABEL (a method "
                      "name, or zero-shot) or 'LABEL=FLAGS' (the `pocketllm train` flags of "
                      "that run, e.g. 'prge-q4=--method prge --queries 4 --batch-size 2')")
-    budget_minutes: float = opt(10.0, "training minutes per run (steps only, one thread)")
+    budget_minutes: float = opt(10.0, "training minutes per run (steps only, one thread)",
+                                gt=0)
     budget_clock: str = opt("wall", "what the budget counts (train --budget-clock): wall, or "
                             "cpu seconds when other jobs share the machine", choices=("wall", "cpu"))
     steps_per_eval: int = opt(25, "valid evaluations (and checkpoints) every N steps: the "
-                              "best on valid is the adapter scored")
-    eval_examples: int = opt(1000, "dev/test examples scored (0: all)")
-    max_seq_length: int = opt(256, "truncate examples to this many tokens")
+                              "best on valid is the adapter scored", ge=1)
+    eval_examples: int = opt(1000, "dev/test examples scored (0: all)", ge=0)
+    max_seq_length: int = opt(256, "truncate examples to this many tokens", ge=2)
     model: str = opt("smollm2-135m", "model (as for train)")
     data: str = opt("", "the task's folder (default: $POCKETLLM_DATA/<task> or "
                     "../shared/data/<task>)")
-    jobs: int = opt(2, "runs at a time, each pinned to its own core when there are enough")
+    jobs: int = opt(2, "runs at a time, each pinned to its own core when there are enough",
+                    ge=1)
     out: str = opt("runs/accuracy", "output folder (a finished run in it is not run again)")
 
 
@@ -177,8 +284,8 @@ class GenerateArgs(ModelArgs):
     adapter_path: str = opt("", "LoRA adapter directory (empty: the base model)")
     side_network: str = opt("", "side network (.safetensors from --method side) to run with "
                             "the backbone")
-    max_tokens: int = opt(64, "tokens to generate")
-    temp: float = opt(0.0, "sampling temperature (0: greedy)")
+    max_tokens: int = opt(64, "tokens to generate", ge=1)
+    temp: float = opt(0.0, "sampling temperature (0: greedy)", ge=0)
     chat: bool = opt(False, "wrap the prompt in the tokenizer's chat template")
 
 
@@ -200,14 +307,15 @@ class MemoryArgs(ModelArgs):
                       "settings are the flags its section of `pocketllm methods` lists)")
     trainable: str = opt("lora", "which weights train (a method that trains only one kind: "
                          "that one)", choices=lambda: _trainable_sets())
-    batch_size: int = opt(8, "sequences per micro-batch")
+    batch_size: int = opt(8, "sequences per micro-batch", ge=1)
     max_seq_length: int = opt(256, "tokens per sequence (every sequence assumed this long; a "
-                              "causal LM scores every position, a masked LM one <mask> per row)")
-    lora_rank: int = opt(8, "LoRA rank r")
+                              "causal LM scores every position, a masked LM one <mask> per row)",
+                              ge=2)
+    lora_rank: int = opt(8, "LoRA rank r", ge=1)
     lora_targets: list = opt([], "module names to adapt (default: the query/value projections)")
     measure: bool = opt(False, "also run it in a fresh process and print the measured peak RSS")
     steps: int = opt(1, "--measure: measured steps (first-order methods run one more, "
-                     "unmeasured, first: AdamW's state exists from the second step on)")
+                     "unmeasured, first: AdamW's state exists from the second step on)", ge=1)
 
 
 def _trainable_sets() -> tuple[str, ...]:
@@ -234,26 +342,38 @@ def add_args(parser: argparse.ArgumentParser, *classes: type,
                 _add_flag(parser, f, hints[f.name], (choices or {}).get(f.name))
 
 
+class _Number:
+    """A numeric flag's argparse `type`: its text as a number within the field's range, else
+    argparse's one-line refusal naming the flag ("argument --iters: must be ...")."""
+
+    def __init__(self, f: dataclasses.Field, kind: type):
+        self.field, self.kind = f, kind
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            return to_number(self.field, self.kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, kind: type,
               choices: tuple | None) -> None:
     kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+    number = numeric_kind(kind)
     if kind in (bool, Optional[bool]):  # Optional: None = the run decides (see its help)
         kw["action"] = argparse.BooleanOptionalAction
-    elif kind is list:
+    elif typing.get_origin(kind) is list or kind is list:
         kw["nargs"] = "+"
+        if number:
+            kw["type"] = _Number(f, number)
     else:
-        kw["type"] = kind
+        kw["type"] = _Number(f, number) if number else kind
         choices = choices or f.metadata.get("choices")
         if callable(choices):  # a registry's names, read when the parser is built
             choices = choices()
         if choices:
             kw["choices"] = choices
     parser.add_argument(flag(f.name), dest=f.name, **kw)
-
-
-def resolve(cls: type, ns: argparse.Namespace):
-    """Defaults < YAML config < command-line flags."""
-    return resolve_with(cls, ns)[0]
 
 
 def resolve_with(cls: type, ns: argparse.Namespace, *extra: type) -> tuple[Any, dict[str, Any]]:
@@ -285,32 +405,40 @@ def field_defaults(cls: type) -> dict[str, Any]:
 def load_yaml(path: str | os.PathLike, cls: type, *extra: type) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"config file not found: {p}")
+        raise SettingError(f"config file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise SystemExit(f"{p}: not valid YAML: {e}") from None
+        raise SettingError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise SystemExit(f"{p}: expected a mapping of setting: value")
-    hints = {}
-    for c in (cls, *extra):
+        raise SettingError(f"{p}: expected a mapping of setting: value")
+    hints, fields = {}, {}
+    for c in (cls, *extra):  # a name in several classes: the first one's (as add_args)
         hints = {**typing.get_type_hints(c), **hints}
+        fields = {**{f.name: f for f in dataclasses.fields(c)}, **fields}
     out = {}
     for k, v in raw.items():
         name = str(k).replace("-", "_")
         if name not in hints:
-            raise SystemExit(f"{p}: unknown setting {k!r}; valid: "
-                             f"{', '.join(sorted(h.replace('_', '-') for h in hints))}")
-        kind = hints[name]
-        if kind is list and isinstance(v, str):
+            raise SettingError(f"{p}: unknown setting {k!r}; valid: "
+                               f"{', '.join(sorted(h.replace('_', '-') for h in hints))}")
+        kind, number = hints[name], numeric_kind(hints[name])
+        base = typing.get_origin(kind) or kind
+        if base is list and not isinstance(v, list):
             v = [v]
-        if kind is float and isinstance(v, (int, str)) and not isinstance(v, bool):
+        if number:  # YAML reads 1e-3 as a string, .nan as a float: one check for all
             try:
-                v = float(v)  # YAML reads 1e-3 as a string
-            except ValueError:
-                raise SystemExit(f"{p}: setting {k!r}: expected a number, got {v!r}") from None
-        if not isinstance(v, kind) and not (kind is float and isinstance(v, int)):
-            raise SystemExit(f"{p}: setting {k!r}: expected {kind.__name__}, got {v!r}")
+                v = [to_number(fields[name], number, x) for x in v] if base is list else \
+                    to_number(fields[name], number, v)
+            except ValueError as e:
+                raise SettingError(f"{p}: setting {k!r} ({flag(name)}) {e}") from None
+        elif not isinstance(v, base):
+            raise SettingError(f"{p}: setting {k!r}: expected {base.__name__}, got {v!r}")
+        choices = fields[name].metadata.get("choices")
+        choices = choices() if callable(choices) else choices
+        if choices and v not in choices:  # as argparse checks a flag's
+            raise SettingError(f"{p}: setting {k!r} ({flag(name)}) must be one of "
+                               f"{', '.join(map(str, choices))}, got {v!r}")
         out[name] = v
     return out
 

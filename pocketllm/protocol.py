@@ -116,7 +116,7 @@ def run_job(job: Job, args, core: int | None) -> dict:
 def accuracy(args) -> int:
     """Run (or resume) the protocol and write its table, CSV and plot."""
     runs = parse_runs(list(args.runs))
-    seeds = [int(s) for s in args.seeds]
+    seeds = list(args.seeds)  # integers in range: the flag checked them
     out = Path(args.out)
     jobs = [Job(label, seed, flags, out / label / f"seed{seed}")
             for label, flags in runs.items() for seed in seeds]

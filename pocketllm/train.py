@@ -6,22 +6,28 @@ the callbacks (report, evaluate, keep the best, checkpoint), resumable at any st
 A synchronous method (zeroth- or first-order) makes that a plain `for` over `method.step`; split
 mode's is its asynchronous stream (the device runs ahead of the server, acknowledgements arrive
 later). Everything after a step is a callback: `callback(step, result, wall)`.
+
+Nothing non-finite is saved: a step whose loss is NaN or inf stops the run, every save first
+checks what it writes, and a stopped run goes back to its last save (`Method.rewind`), so that
+`--resume` with a smaller learning rate continues from the last finite state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from . import memory
-from .config import TrainArgs, save_yaml
+from .config import TrainArgs, check, save_yaml
 from .data import Batcher
 from .data.source import load_run_data
 from .evaluate import EvalResult, evaluate
+from .finite import NonFiniteError, first_nonfinite
 from .adapter import ADAPTER_WEIGHTS
 from .loss import is_masked_lm
 from .methods import Method, StepResult, get_method
@@ -40,8 +46,10 @@ def train(args: TrainArgs, settings: dict | None = None) -> dict:
     """Run a fine-tune as configured (`settings`: the method's own, see its `Config`);
     returns the summary figures."""
     t_start = time.time()
+    check(args)  # every number in its range (the CLI has checked them; a caller in code not)
     method_cls = get_method(args.method)
     cfg = method_cls.resolve(args, settings)  # the method's defaults, before anything is built
+    check(cfg)
     method_cls.prepare(args, cfg)             # refuses what it cannot run, before loading
     out = Path(args.adapter_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +83,7 @@ class Run:
         self.objective = method.objective
         self.choices = getattr(self.objective, "choices", None)  # a records run's label set
         self.clock = 0.0  # training seconds so far (steps only, not evaluation)
+        self.saved = 0    # the step of the last save (or of the state resumed): all finite
         self.best: dict | None = None
         # a task is judged on its dev/test set; records on valid
         self.final_split = "test" if data.task else "valid"
@@ -86,21 +95,25 @@ class Run:
         batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
                           args.grad_accumulation, self.objective.collate)
         batch_at = lambda step: [batcher(step, k) for k in range(args.grad_accumulation)]
-        callbacks = [self.record, self.evaluate_every, self.save_every]
+        callbacks = [self.check_loss, self.record, self.evaluate_every, self.save_every]
         memory.reset_peak()  # peak from here on: training, not model loading
         clock = CLOCKS[args.budget_clock]
         t0, done = clock(), start
-        for done, res in method.steps(batch_at, start, args.iters, self.hyper):
-            dt = clock() - t0  # the step alone: callbacks (evaluation) are not training
-            for callback in callbacks:
-                callback(done, res, dt)
-            if args.time_budget and self.clock >= 60 * args.time_budget:
-                self.report.say(f"step {done} | time budget of {args.time_budget:g} min spent")
-                break
-            t0 = clock()
-        method.sync()
-        peak = memory.peak_rss_mb()
-        self.save(done, final=True)
+        try:
+            for done, res in method.steps(batch_at, start, args.iters, self.hyper):
+                dt = clock() - t0  # the step alone: callbacks (evaluation) are not training
+                for callback in callbacks:
+                    callback(done, res, dt)
+                if args.time_budget and self.clock >= 60 * args.time_budget:
+                    self.report.say(f"step {done} | time budget of {args.time_budget:g} min "
+                                    "spent")
+                    break
+                t0 = clock()
+            method.sync()
+            peak = memory.peak_rss_mb()
+            self.save(done, final=True)
+        except NonFiniteError as e:
+            raise self.diverged(e) from None
         with method.evaluating():
             after = self.evaluate(done, "after", self.final_split, synced=True)
             if self.data.task:
@@ -110,7 +123,7 @@ class Run:
     def begin(self) -> tuple[int, EvalResult | None]:
         """Resume or start; the zero-shot evaluation. Returns (first step, that evaluation)."""
         args, method, out = self.args, self.method, self.out
-        start = method.restore(out) if args.resume else 0
+        start = self.saved = method.restore(out) if args.resume else 0
         if args.resume:
             print(f"resumed from {out} at step {start}", flush=True)
         method.open_log(out, fresh=not args.resume)
@@ -157,7 +170,28 @@ class Run:
         return lr_at(self.args, step), (eps_at(cfg, step, self.args.iters)
                                         if hasattr(cfg, "eps") else None)
 
+    def diverged(self, e: NonFiniteError) -> NonFiniteError:
+        """The error a run stops with on a non-finite value `e`, once its state on disk is
+        back at its last save (nothing after it was written, or it is forgotten now)."""
+        self.method.rewind(self.out, self.saved)
+        where = (f"--resume continues from step {self.saved}, the last save" if self.saved else
+                 "nothing was saved before it (--save-every saves every N steps)")
+        return NonFiniteError(e.step, f"{e.what}: training diverged; lower --learning-rate "
+                                      f"(now {self.args.learning_rate:g}). Nothing non-finite "
+                                      f"was saved: {where}")
+
+    def check_weights(self, step: int) -> None:
+        """NonFiniteError if what a save writes holds a NaN or inf (the method synced)."""
+        name = first_nonfinite(self.method.saved_tensors())
+        if name is not None:
+            raise NonFiniteError(step, f"{name} holds non-finite values")
+
     # ---- callbacks ------------------------------------------------------------------------
+    def check_loss(self, done: int, res: StepResult, dt: float) -> None:
+        """Stop at the first step whose loss is not finite (before it is logged)."""
+        if not math.isfinite(res.loss):
+            raise NonFiniteError(done, f"the training loss is {res.loss}")
+
     def record(self, done: int, res: StepResult, dt: float) -> None:
         """metrics.jsonl, the progress bar, and a report line every --steps-per-report."""
         args = self.args
@@ -213,8 +247,11 @@ class Run:
         The record (step, score) rides in the adapter's safetensors header, written atomically
         with the weights, so a kill at any moment cannot leave the two out of step."""
         score = [r.accuracy, -r.loss] if r.accuracy is not None else [-r.loss]
+        if not all(map(math.isfinite, score)):
+            return  # a NaN loss is no best (and would be saved in the record)
         if self.best is not None and score <= self.best["score"]:
             return
+        self.check_weights(step)  # (evaluated, so in sync)
         self.best = {"step": step, "score": score, "valid_loss": r.loss,
                      "valid_accuracy": r.accuracy}
         best_dir = self.out / BEST_DIR
@@ -226,11 +263,13 @@ class Run:
         """The trained weights (adapter; a full model at the end: the ZO log alone also
         rebuilds it, `pocketllm replay`) and what the method needs to resume."""
         self.method.sync()
+        self.check_weights(step)
         if self.spec is not None:
             self.spec.save(self.model, self.out, base_model=self.args.model)
         elif final and self.method.trains_model:
             self.model.save_pretrained(self.out / "model")
         self.method.save_state(self.out, step, final=final)
+        self.saved = step
 
 
 def read_best(best_dir: Path) -> dict | None:

@@ -177,6 +177,16 @@ class Method(ABC):
         """Restore from `out_dir`; return the number of completed steps."""
         return 0
 
+    def rewind(self, out_dir: Path, step: int) -> None:
+        """Forget, in what `restore` reads, the steps after `step` (the last save, whose values
+        were finite): called when a run stops on a non-finite value. Nothing to forget for a
+        method whose state is written only at saves."""
+
+    def saved_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """[(name, tensor)] a save writes (checked finite before it does): the trained weights,
+        and the method's state where it saves some."""
+        return list(self.params)
+
     def output_name(self, spec) -> str:
         """What the run's output is, under its output directory ("": the directory)."""
         return ""

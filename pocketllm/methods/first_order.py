@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import opt
+from ..finite import NonFiniteError
 from ..loss import recomputed_head
 from ..memory_estimate import Backprop
 from ..split.side import decoder_layers
@@ -26,7 +27,7 @@ CKPT = "checkpoint.pt"
 
 @dataclass
 class AdamWConfig:
-    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)", ge=0)
     activation_checkpointing: bool = opt(
         False, "keep only each layer's input for the backward pass, rebuilding the layer "
         "there, and no logits of the streamed head loss (MeBP): lora-adam's peak 1.2x "
@@ -131,8 +132,24 @@ class FirstOrderAdamW(Method):
                 loss = stats.nll.sum() / max(total, 1)
                 loss.backward()
                 loss_sum += loss.item()
-        self.opt.step()
+        try:
+            self.opt.step()
+        except RuntimeError as e:
+            # torch casts AdamW's scalars (lr / (1 - beta1^t), lr x weight decay) to the
+            # weights' dtype: a rate beyond its range fails there, before any non-finite value
+            # could be written
+            if "overflow" not in str(e):
+                raise
+            raise NonFiniteError(step + 1, f"AdamW's update at learning rate {lr:g} overflows "
+                                 f"the weights' dtype") from None
         return StepResult(loss=loss_sum, tokens=total, forward_passes=len(batches))
+
+    def saved_tensors(self):
+        # AdamW's moments too: a gradient of 1e20 squares to inf in exp_avg_sq while the
+        # update it divides stays finite
+        return super().saved_tensors() + [
+            (f"AdamW {k} of {n}", v) for n, p in self.params
+            for k, v in self.opt.state.get(p, {}).items() if torch.is_tensor(v)]
 
     def save_state(self, out_dir: Path, step: int, final: bool = False) -> None:
         # detach(), not clone(): torch.save serialises the storage as it is, so saving a

@@ -26,7 +26,7 @@ from .zo_sgd import ZOSGD
 @dataclass
 class PRGEConfig(ZOConfig):
     queries: int = opt(1, "prge: perturbation queries q per step (the estimate averages q "
-                       "two-point estimates)")
+                       "two-point estimates)", ge=1)
     parallel: str = opt("both", "prge: which loops run as one batched forward: none (2q "
                         "forwards), inner (each query's +/- pair), outer (all queries of a "
                         "sign), both (one forward over the batch 2q times)",

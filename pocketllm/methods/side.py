@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import memory
-from ..config import opt
+from ..config import SettingError, opt
 from ..memory_estimate import MB, NoGradForward
 from ..split.quant import ACT_BITS
 from .base import Method, StepResult, register
@@ -30,18 +30,19 @@ class SideArgs:
     token_file: str = opt("", "side: file holding the server's access token")
     tls_ca: str = opt("", "side: PEM certificate (or CA) to verify the server by; empty: "
                       "plaintext (loopback / trusted network only)")
-    tap_every: int = opt(1, "side: stream every k-th layer's hidden states")
+    tap_every: int = opt(1, "side: stream every k-th layer's hidden states", ge=1)
     act_bits: int = opt(8, "side: bits per streamed activation (per-token scales)",
                         choices=lambda: ACT_BITS)
-    side_width: int = opt(64, "side: side network width")
-    side_depth: int = opt(1, "side: MLP blocks per tapped layer")
+    side_width: int = opt(64, "side: side network width", ge=1)
+    side_depth: int = opt(1, "side: MLP blocks per tapped layer", ge=0)
     private_labels: str = opt("auto", "side: 'on' computes the loss on the device (the server "
                               "sends the side output, the device returns its gradient), so "
                               "target tokens never leave; 'auto': on whenever targets are text",
                               choices=("auto", "on", "off"))
-    queue_depth: int = opt(2, "side: batches the device may run ahead of the server")
-    retry_seconds: float = opt(120.0, "side: give up after this long without reaching the server")
-    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)")
+    queue_depth: int = opt(2, "side: batches the device may run ahead of the server", ge=1)
+    retry_seconds: float = opt(120.0, "side: give up after this long without reaching the "
+                               "server", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)", ge=0)
 
 
 @register("side")
@@ -69,6 +70,12 @@ class SideTuning(Method):
         if run.grad_accumulation != 1:
             raise SystemExit("--method side trains one micro-batch per step: use --batch-size, "
                              "not --grad-accumulation")
+        from ..split.side import SideConfig
+        try:  # the server's own limits on what these flags set (the backbone is not loaded yet)
+            SideConfig(model=run.model, hidden=1, taps=[0], width=cfg.side_width,
+                       depth=cfg.side_depth, act_bits=cfg.act_bits).check()
+        except ValueError as e:
+            raise SettingError(f"--side-width / --side-depth: {e}") from None
         memory.limit_arenas(1)  # forward, gRPC and head-pass threads share one heap (memory.py)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -15,10 +15,14 @@ different settings (`ZOSGDConfig`, `PRGEConfig`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 from .. import engines
 from ..config import opt
+from ..finite import NonFiniteError
 from ..schedules import SHAPES
 from ..zo import estimators, noise, optim
 from ..zo import log as zolog
@@ -30,26 +34,27 @@ from .base import Method, StepResult
 class ZOConfig:
     """Settings every zeroth-order method has."""
 
-    eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)")
+    eps: float = opt(0.0, "ZO perturbation scale (0: the method's default)", ge=0)
     perturbation: str = opt("auto", "ZO perturbation distribution; 'auto': the method's default "
                             "(zo-sgd: rademacher for full parameters, the cheaper of the two to "
                             "generate over every weight; gaussian for LoRA)",
                             choices=lambda: ("auto", *noise.DISTS))
     eps_schedule: str = opt("constant", "ZO eps schedule (to --eps-final)",
                             choices=lambda: tuple(SHAPES))
-    eps_final: float = opt(0.0, "final eps of a linear/cosine eps schedule (0: eps/10)")
+    eps_final: float = opt(0.0, "final eps of a linear/cosine eps schedule (0: eps/10)", ge=0)
     estimator: str = opt("spsa", "ZO gradient estimator (pocketllm/zo/estimators)",
                          choices=lambda: tuple(estimators.REGISTRY))
     engine: str = opt("torch", "what runs the ZO forward passes (pocketllm/engines)",
                       choices=lambda: tuple(engines.REGISTRY))
     max_replicas: int = opt(0, "ZO: at most R batch replicas per forward (0: no cap); less "
-                            "activation memory for more forwards")
+                            "activation memory for more forwards", ge=0)
     zo_optimizer: str = opt("sgd", "ZO update rule (zo-sgd, prge); momentum/adam keep state "
                             "the size of the trainable tensors",
                             choices=lambda: tuple(optim.REGISTRY))
-    zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1")
-    zo_beta2: float = opt(0.999, "ZO Adam beta2")
-    zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon")
+    zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1", ge=0, lt=1)
+    zo_beta2: float = opt(0.999, "ZO Adam beta2", ge=0, lt=1)
+    # > 0: Adam divides by sqrt(v) + eps, and v is 0 wherever no estimate has reached yet
+    zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon", gt=0)
 
     def queries_and_parallel(self, method: "ZOMethod") -> tuple[int, str]:
         """How many queries a step makes and how their replicas share forwards."""
@@ -96,7 +101,13 @@ class ZOMethod(Method):
         grads, losses, tokens = [], [], 0
         for b in batches:  # grad accumulation: the same perturbations for every micro-batch
             L = self.engine.losses(b, plan)
+            if not torch.isfinite(L).all():  # before anything is applied or logged
+                raise NonFiniteError(step + 1, f"the loss at the perturbed weights is "
+                                     f"{L.tolist()}")
             grads.append(self.estimator.projected(L, eps))
+            if not all(map(math.isfinite, grads[-1])):  # finite losses, eps too small
+                raise NonFiniteError(step + 1, f"the projected gradient is {grads[-1]} "
+                                     f"(--eps {eps:g} too small?)")
             losses.append(L.mean().item())
             tokens += self.objective.n_scored(b)
         g = [sum(gj) / len(gj) for gj in zip(*grads)]
@@ -137,6 +148,11 @@ class ZOMethod(Method):
 
     def restore(self, out_dir) -> int:
         return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt)
+
+    def rewind(self, out_dir, step) -> None:
+        # the log runs ahead of the saves: its steps after the last save may be the ones that
+        # overflowed, and `--resume` replays every step it holds
+        (self.log or zolog.ZOLog(out_dir)).truncate(step)
 
     # the memory profile (pocketllm memory): each ZO method's `memory_profile` reads this
     @classmethod

@@ -167,6 +167,16 @@ class ZOLog:
         self._file.flush()
         os.fsync(self._file.fileno())
 
+    def truncate(self, steps: int) -> None:
+        """Keep the header and the first `steps` records (closing the log if open): a run
+        stopped by a non-finite value goes back to its last finite save."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.has_header():
+            head, recs = self.read()
+            self.rewrite(head, recs[:steps])
+
     def restore(self, mine: dict, params, opt: optim.ZOOptimizer) -> int:
         """`--resume`: check that the log was written by this run (`mine`: its header), replay
         it onto `params` through `opt` and return the number of steps done."""
