@@ -176,3 +176,73 @@ def test_rank_1_lora_fa_on_one_target_trains_b_of_that_target_only(tmp_path):
         assert torch.equal(saved[f"base_model.model.{n}.weight"], p)
     assert all(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)
     assert load_saved(model, out).r == 1
+
+
+# ---- LoRA on fewer layers (--lora-layers), with LoRA-FA and rank 1 ------------------------------
+LORA_VARIANTS = [{"lora_layers": "1"}, {"lora_layers": "0:1", "lora_fa": True},
+                 {"lora_layers": "-1", "lora_rank": 1, "lora_fa": True}]
+
+
+@pytest.mark.parametrize("variant", LORA_VARIANTS, ids=lambda v: ",".join(map(str, v.values())))
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_a_lora_on_some_layers_saves_and_loads_back_to_identical_outputs(name, variant,
+                                                                        tmp_path):
+    """Only the chosen layers' targets carry an adapter (LoRA-FA: only their B trains, A kept
+    at its seeded init and saved with B), and the saved set rebuilds them on a fresh model."""
+    from pocketllm.lora import layer_of, lora_modules
+    model, tok = load_model(name)
+    args = TrainArgs(model=name, trainable="lora", lora_rank=variant.get("lora_rank", 2),
+                     seed=4, **{k: v for k, v in variant.items() if k != "lora_rank"})
+    spec, params = setup_trainable(model, args)
+    want = {"1": 1, "0:1": 0, "-1": model.config.num_hidden_layers - 1}[variant["lora_layers"]]
+    assert spec.layers == [want] and {layer_of(n) for n in lora_modules(model)} == {want}
+    assert all(".lora_B" in n for n, _ in params) == bool(variant.get("lora_fa"))
+    with torch.no_grad():  # trained: away from the initial values
+        for _, p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    b = tiny_batch(tok, TEXTS)
+    ref = _logits(model, b)
+    spec.save(model, tmp_path, base_model=name)
+    fresh, _ = load_model(name)
+    assert load_saved(fresh, tmp_path) == spec
+    assert sorted(lora_modules(fresh)) == sorted(lora_modules(model))
+    assert torch.equal(_logits(fresh, b), ref)
+
+
+def test_lora_layers_through_the_cli_train_replay_eval_generate_fuse(tmp_path, capsys):
+    """zo-sgd on the last layer's q_proj/v_proj B factors (LoRA-FA): the log perturbs those
+    only; replay rebuilds the adapter bit for bit; eval, generate and fuse load it."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--iters", "4", "--steps-per-eval", "0", "--no-eval-before",
+                 "--lora-layers", "1", "--lora-fa", "--lora-rank", "2",
+                 "--learning-rate", "1e-2", "--adapter-path", str(out)]) == 0
+    import json
+    cfg = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert cfg["layers_to_transform"] == [1]
+    header = json.loads((out / "zo_log.jsonl").read_text().splitlines()[0])
+    assert header["params"] == ["model.layers.1.self_attn.q_proj.lora_B",
+                                "model.layers.1.self_attn.v_proj.lora_B"]
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["replay", "--adapter-path", str(out), "--save-path", str(rebuilt)]) == 0
+    a, r = (load_file(str(d / ADAPTER_WEIGHTS)) for d in (out, rebuilt))
+    assert a.keys() == r.keys() and all(torch.equal(a[k], r[k]) for k in a)
+    assert len(a) == 4 and all(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny-llama", "--data", DATA, "--split", "valid",
+                 "--max-batches", "1", "--adapter-path", str(out)]) == 0
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "Note:", "--max-tokens", "3",
+                 "--adapter-path", str(out)]) == 0
+    fused = tmp_path / "fused"
+    assert main(["fuse", "--model", "tiny-llama", "--adapter-path", str(out),
+                 "--save-path", str(fused)]) == 0
+    assert "merged 2" in capsys.readouterr().out
+    model, tok = load_model("tiny-llama")
+    load_saved(model, out)
+    b = tiny_batch(tok, TEXTS)
+    assert torch.allclose(_logits(load_model(str(fused))[0], b), _logits(model, b), atol=1e-5)
+
+
+def test_lora_layers_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: --lora-layers '5,': .*layers 0\.\.1"):
+        main(["train", *FAST, "--iters", "1", "--lora-layers", "5,",
+              "--adapter-path", str(tmp_path)])
