@@ -189,9 +189,13 @@ class ZOMethod(Method):
         """(forwards a step makes, replicas of the batch in the widest of them) for `queries`
         queries grouped by `parallel` and --max-replicas, as `__init__` groups them: the widest
         forward holds the step's largest activations."""
-        replicas = estimators.build(cfg, queries).replicas()
-        passes = group_passes(replicas, parallel, cfg.max_replicas)
-        return len(passes), max(len(p) for p in passes)
+        est = estimators.build(cfg, queries)
+        passes = group_passes(est.replicas(), parallel, cfg.max_replicas)
+        widest = max(len(p) for p in passes)
+        if est.anchor_every:  # a refresh's forwards, over the whole training set
+            widest = max(widest, *map(len, group_passes(est.refresh_replicas(), parallel,
+                                                        cfg.max_replicas)))
+        return len(passes), widest
 
 
 def _mean(per_batch: list[list[float]], rows: list[int]) -> list[float]:
