@@ -181,6 +181,9 @@ class TrainArgs(ModelArgs, DataArgs):
     lora_alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)", gt=0)
     lora_dropout: float = opt(0.0, "LoRA dropout (first-order methods only)", ge=0, lt=1)
     lora_targets: list = opt([], "module names to adapt (default: the query/value projections)")
+    lora_layers: str = opt("", "LoRA on these layers only: N (the last N), or indices and "
+                           "start:stop ranges, e.g. 0,11 or 8: (empty: every layer); fewer "
+                           "perturbed coordinates for zeroth-order")
     num_virtual_tokens: int = opt(8, "--trainable prefix: learned virtual tokens before every "
                                   "input (prompt tuning)", ge=1)
     iters: int = opt(200, "training steps", ge=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -36,12 +37,14 @@ FALLBACK_TARGETS = ["q_proj", "v_proj"]
 
 @dataclass
 class LoraSpec:
-    """What to adapt and how; saved as PEFT's LoraConfig fields."""
+    """What to adapt and how; saved as PEFT's LoraConfig fields (`layers`: the decoder layers
+    adapted, PEFT's `layers_to_transform`; None: every layer)."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(FALLBACK_TARGETS))
+    layers: list[int] | None = None
 
     # the saved-trainable-set interface (`pocketllm.trainable`)
     kind: ClassVar[str] = "lora"
@@ -122,15 +125,74 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Wrap every target Linear/Conv1D in a LoRALinear; freeze everything else. Returns names."""
+# PEFT's rule for `layers_to_transform` without a `layers_pattern`: a module's layer is the
+# first number that is a whole component after at least two others ("model.layers.3.mlp")
+_LAYER = re.compile(r".*?\.[^.]*\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder (or encoder) layer a module belongs to, by PEFT's rule; None: no layer."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _targets(model: nn.Module, targets: list[str]) -> list[str]:
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, spec.targets)]
+             if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, targets)]
     if not names:
         found = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, (nn.Linear, Conv1D))})
-        raise ValueError(f"--lora-targets {spec.targets} match no linear layer; this model has: "
+        raise ValueError(f"--lora-targets {targets} match no linear layer; this model has: "
                          f"{', '.join(found)}")
+    return names
+
+
+def select_layers(model: nn.Module, targets: list[str], text: str) -> list[int] | None:
+    """The layers `--lora-layers text` names among those the targets sit in: N, the last N;
+    or a comma list of indices and start:stop ranges (Python's: -1 is the last layer, 8: from
+    8 on). Empty: None (every layer). A ValueError names what is wrong and what exists."""
+    text = str(text).strip()
+    if not text:
+        return None
+    have = sorted({i for i in map(layer_of, _targets(model, targets)) if i is not None})
+    if not have:
+        raise ValueError(f"--lora-layers {text}: the --lora-targets {targets} sit in no "
+                         "numbered layer of this model")
+    n = have[-1] + 1
+    try:
+        if text.isdigit():  # N: the last N layers
+            if not 1 <= int(text) <= len(have):
+                raise ValueError(f"asks for the last {text} of {len(have)} layers")
+            return have[-int(text):]
+        picked: set[int] = set()
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if ":" in part:
+                a, b = (int(x) if x.strip() else None for x in part.split(":", 1))
+                picked.update(range(n)[slice(a, b)])
+            else:
+                picked.add(range(n)[int(part)])
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"--lora-layers {text!r}: {e}; give N (the last N layers) or indices "
+                         f"and start:stop ranges of layers 0..{n - 1}, e.g. 0,{n - 1} or "
+                         f"{max(0, n - 2)}:") from None
+    if not picked:
+        raise ValueError(f"--lora-layers {text!r} selects no layer")
+    missing = sorted(picked - set(have))
+    if missing:
+        raise ValueError(f"--lora-layers {text!r}: layers {missing} hold no --lora-targets "
+                         f"{targets} module (they sit in layers {have})")
+    return sorted(picked)
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Wrap every target Linear/Conv1D (of `spec.layers` only, if given) in a LoRALinear;
+    freeze everything else. Returns names."""
+    names = _targets(model, spec.targets)
+    if spec.layers is not None:
+        names = [n for n in names if layer_of(n) in spec.layers]
+        if not names:
+            raise ValueError(f"LoRA layers {spec.layers}: no --lora-targets {spec.targets} "
+                             "module sits in them")
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
@@ -174,7 +236,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, spec: LoraSpec,
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": list(spec.targets), "bias": "none", "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_rslora": False, "use_dora": False, "layers_to_transform": None,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": spec.layers,
     }
     return adapter.write(path, lora_state_dict(model), cfg, metadata)
 
@@ -186,8 +248,15 @@ def read_adapter_config(path: str | os.PathLike) -> LoraSpec:
                          "is not LORA")
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else list(targets)
+    layers = cfg.get("layers_to_transform")
+    if layers is not None:
+        if cfg.get("layers_pattern"):
+            raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: layers_pattern "
+                             f"{cfg['layers_pattern']!r} is not supported (only PEFT's default)")
+        layers = sorted([int(layers)] if isinstance(layers, int) else map(int, layers))
     return LoraSpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                    dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets)
+                    dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets,
+                    layers=layers)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraSpec:

@@ -24,7 +24,7 @@ import torch
 
 from . import memory
 from .config import TrainArgs, check, save_yaml
-from .data import Batcher
+from .data import Batcher, StepBatches
 from .data.source import load_run_data
 from .evaluate import EvalResult, evaluate
 from .finite import NonFiniteError, first_nonfinite
@@ -94,7 +94,7 @@ class Run:
         start, before = self.begin()
         batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
                           args.grad_accumulation, self.objective.collate)
-        batch_at = lambda step: [batcher(step, k) for k in range(args.grad_accumulation)]
+        batch_at = StepBatches(batcher)  # a step's micro-batches; .whole(): the training set
         callbacks = [self.check_loss, self.record, self.evaluate_every, self.save_every]
         memory.reset_peak()  # peak from here on: training, not model loading
         clock = CLOCKS[args.budget_clock]

@@ -1,6 +1,7 @@
 """Which weights a run trains (`--trainable`), by name.
 
-    lora    a LoRA adapter injected into the model (--lora-rank, --lora-targets, --lora-fa)
+    lora    a LoRA adapter injected into the model (--lora-rank, --lora-targets, --lora-layers,
+            --lora-fa)
     full    every weight of the model
     norm    the normalisation layers' scales and biases only (tens of thousands of numbers)
     prefix  prompt tuning: --num-virtual-tokens learned embeddings before every input
@@ -25,17 +26,23 @@ import torch
 import torch.nn as nn
 
 from . import adapter
-from .lora import LoraSpec, apply_lora, default_targets, lora_parameters
+from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, select_layers
 from .prompt import PromptSpec, add_virtual_tokens
 
 
 def lora(model, args):
-    """A LoRA adapter (--lora-rank, --lora-targets, --lora-fa); its spec saves and loads it."""
-    # seeded: a resumed run must rebuild the same initial adapter
-    torch.manual_seed(args.seed)
-    spec = LoraSpec(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                    targets=list(args.lora_targets) or default_targets(model))
-    apply_lora(model, spec)
+    """A LoRA adapter (--lora-rank, --lora-targets, --lora-layers, --lora-fa); its spec saves
+    and loads it (LoRA-FA's frozen A is saved with B: the adapter loads as trained)."""
+    targets = list(args.lora_targets) or default_targets(model)
+    try:
+        layers = select_layers(model, targets, getattr(args, "lora_layers", ""))
+        spec = LoraSpec(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        targets=targets, layers=layers)
+        # seeded: a resumed run must rebuild the same initial adapter
+        torch.manual_seed(args.seed)
+        apply_lora(model, spec)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     return spec, lora_parameters(model, fa=args.lora_fa)
 
 

@@ -43,11 +43,23 @@ def test_norm_trains_the_normalisation_scales_and_biases_only(name):
     assert not any(p.requires_grad for n, p in model.named_parameters() if n not in names)
 
 
-@pytest.mark.parametrize("trainable", sorted(SAVED))
+# LoRA sized for zeroth-order: on fewer layers (--lora-layers), LoRA-FA, rank 1
+LORA_VARIANTS = [{"lora_layers": "1"}, {"lora_layers": "0:1", "lora_fa": True},
+                 {"lora_layers": "-1", "lora_rank": 1, "lora_fa": True}]
+SETS = [(k, {}) for k in sorted(SAVED)] + [("lora", v) for v in LORA_VARIANTS]
+
+
+def _ids(case) -> str:
+    return ",".join(map(str, case.values())) if isinstance(case, dict) else str(case)
+
+
+@pytest.mark.parametrize("trainable,variant", SETS, ids=_ids)
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_a_saved_set_loads_back_to_identical_outputs(name, trainable, tmp_path):
+def test_a_saved_set_loads_back_to_identical_outputs(name, trainable, variant, tmp_path):
+    from pocketllm.lora import lora_modules
     model, tok = load_model(name)
-    args = TrainArgs(model=name, trainable=trainable, lora_rank=2, num_virtual_tokens=3, seed=4)
+    args = TrainArgs(model=name, trainable=trainable,
+                     **{"lora_rank": 2, "num_virtual_tokens": 3, "seed": 4, **variant})
     spec, params = setup_trainable(model, args)
     with torch.no_grad():  # trained: away from the initial values
         for _, p in params:
@@ -60,6 +72,7 @@ def test_a_saved_set_loads_back_to_identical_outputs(name, trainable, tmp_path):
     fresh, _ = load_model(name)
     assert not torch.equal(_logits(fresh, b), ref)
     assert load_saved(fresh, tmp_path) == spec
+    assert sorted(lora_modules(fresh)) == sorted(lora_modules(model))  # the same layers
     assert torch.equal(_logits(fresh, b), ref)
 
 
@@ -176,3 +189,58 @@ def test_rank_1_lora_fa_on_one_target_trains_b_of_that_target_only(tmp_path):
         assert torch.equal(saved[f"base_model.model.{n}.weight"], p)
     assert all(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)
     assert load_saved(model, out).r == 1
+
+
+# ---- LoRA on fewer layers (--lora-layers), with LoRA-FA and rank 1 ------------------------------
+@pytest.mark.parametrize("variant", LORA_VARIANTS, ids=_ids)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_lora_layers_and_fa_choose_what_trains(name, variant):
+    """Only the chosen layers' targets carry an adapter; LoRA-FA trains only their B (A stays
+    at its seeded init, saved with B: the round trip above)."""
+    from pocketllm.lora import layer_of, lora_modules
+    model, _ = load_model(name)
+    args = TrainArgs(model=name, trainable="lora", seed=4, **variant)
+    spec, params = setup_trainable(model, args)
+    want = {"1": 1, "0:1": 0, "-1": model.config.num_hidden_layers - 1}[variant["lora_layers"]]
+    assert spec.layers == [want] and {layer_of(n) for n in lora_modules(model)} == {want}
+    assert {layer_of(n) for n, _ in params} == {want}
+    assert all(".lora_B" in n for n, _ in params) == bool(variant.get("lora_fa"))
+
+
+def test_lora_layers_through_the_cli_train_replay_eval_generate_fuse(tmp_path, capsys):
+    """zo-sgd on the last layer's q_proj/v_proj B factors (LoRA-FA): the log perturbs those
+    only; replay rebuilds the adapter bit for bit; eval, generate and fuse load it."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--iters", "4", "--steps-per-eval", "0", "--no-eval-before",
+                 "--lora-layers", "1", "--lora-fa", "--lora-rank", "2",
+                 "--learning-rate", "1e-2", "--adapter-path", str(out)]) == 0
+    import json
+    cfg = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert cfg["layers_to_transform"] == [1]
+    header = json.loads((out / "zo_log.jsonl").read_text().splitlines()[0])
+    assert header["params"] == ["model.layers.1.self_attn.q_proj.lora_B",
+                                "model.layers.1.self_attn.v_proj.lora_B"]
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["replay", "--adapter-path", str(out), "--save-path", str(rebuilt)]) == 0
+    a, r = (load_file(str(d / ADAPTER_WEIGHTS)) for d in (out, rebuilt))
+    assert a.keys() == r.keys() and all(torch.equal(a[k], r[k]) for k in a)
+    assert len(a) == 4 and all(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny-llama", "--data", DATA, "--split", "valid",
+                 "--max-batches", "1", "--adapter-path", str(out)]) == 0
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "Note:", "--max-tokens", "3",
+                 "--adapter-path", str(out)]) == 0
+    fused = tmp_path / "fused"
+    assert main(["fuse", "--model", "tiny-llama", "--adapter-path", str(out),
+                 "--save-path", str(fused)]) == 0
+    assert "merged 2" in capsys.readouterr().out
+    model, tok = load_model("tiny-llama")
+    load_saved(model, out)
+    b = tiny_batch(tok, TEXTS)
+    assert torch.allclose(_logits(load_model(str(fused))[0], b), _logits(model, b), atol=1e-5)
+
+
+def test_lora_layers_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: --lora-layers '5,': .*layers 0\.\.1"):
+        main(["train", *FAST, "--iters", "1", "--lora-layers", "5,",
+              "--adapter-path", str(tmp_path)])

@@ -1,6 +1,7 @@
 """Training data: the mlx-lm ``.jsonl`` formats, tokenization, and batching."""
 
-from .batching import IGNORE_INDEX, Batcher, collate, epoch_permutation, eval_batches
+from .batching import (IGNORE_INDEX, Batcher, StepBatches, collate, epoch_permutation,
+                       eval_batches)
 from .formats import (
     KINDS,
     ROLES,
@@ -21,6 +22,7 @@ __all__ = [
     "ROLES",
     "SPLITS",
     "Batcher",
+    "StepBatches",
     "DataError",
     "EncodedSplit",
     "collate",

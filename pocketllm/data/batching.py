@@ -14,7 +14,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "Batcher", "collate", "epoch_permutation", "eval_batches"]
+__all__ = ["IGNORE_INDEX", "Batcher", "StepBatches", "collate", "epoch_permutation",
+           "eval_batches"]
 
 IGNORE_INDEX = -100  # label value ignored by the loss (Hugging Face convention)
 
@@ -144,6 +145,25 @@ class Batcher:
 
     def __call__(self, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         return self.collate([self.encoded[i] for i in self.indices(step, micro)], self.pad_id)
+
+    def whole(self) -> list[dict[str, torch.Tensor]]:
+        """The training set once, in order, ``batch_size`` items a batch (the last may be
+        smaller): what a full-batch estimate evaluates."""
+        return list(eval_batches(self.encoded, self.batch_size, self.pad_id, self.collate))
+
+
+class StepBatches:
+    """What the loop hands a method (`Method.steps`): called with a step, that step's
+    micro-batches; ``whole()``, the training set once (``Batcher.whole``)."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+
+    def __call__(self, step: int) -> list[dict[str, torch.Tensor]]:
+        return [self.batcher(step, k) for k in range(self.batcher.grad_accumulation)]
+
+    def whole(self) -> list[dict[str, torch.Tensor]]:
+        return self.batcher.whole()
 
 
 def eval_batches(encoded: Sequence[Item], batch_size: int, pad_id: int,

@@ -3,7 +3,9 @@
 An engine owns the trainable tensors of a run as the forward passes see them. It evaluates a
 `Plan` (replicas of the batch, each through its own perturbation, grouped into forward passes)
 and applies seeded updates (p_i += coef * z(keys[i])), possibly deferred into the next step's
-perturbation. `TorchEngine` runs eager PyTorch; an engine for another runtime (ExecuTorch, ONNX
+perturbation. For an anchored estimator (svrg) it also keeps an anchor, a copy of the trainable
+tensors taken by `keep_anchor`, and evaluates the plan's anchor replicas there (`at_anchor`).
+`TorchEngine` runs eager PyTorch; an engine for another runtime (ExecuTorch, ONNX
 Runtime) implements the same few methods, registers itself in `engines/__init__.py`, and is
 then checked by the conformance tests in tests/engines/ (losses equal the reference).
 """
@@ -11,7 +13,8 @@ then checked by the conformance tests in tests/engines/ (losses equal the refere
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -36,6 +39,7 @@ class Engine(ABC):
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], stats,
                  dist: str = "gaussian"):
         self.model, self.params, self.stats, self.dist = model, params, stats, dist
+        self.anchor: list[torch.Tensor] | None = None
 
     @abstractmethod
     def losses(self, batch: dict[str, torch.Tensor], plan: Plan) -> torch.Tensor:
@@ -52,3 +56,28 @@ class Engine(ABC):
     @abstractmethod
     def sync(self) -> None:
         """Apply every queued update now (before evaluation, saving, or the end)."""
+
+    def keep_anchor(self) -> None:
+        """Keep the trainable tensors as they are now (queued updates applied) as the anchor:
+        replicas with `anchor=True` are evaluated there until the next call. A copy of the
+        trainable tensors (a LoRA adapter: a few MB)."""
+        self.sync()
+        with torch.no_grad():
+            self.anchor = [p.detach().clone() for _, p in self.params]
+
+    @contextmanager
+    def at_anchor(self) -> Iterator[None]:
+        """Within the block the trainable tensors hold the anchor's values (the queued updates,
+        which belong to the current ones, applied first); restored after it, bit for bit."""
+        if self.anchor is None:
+            raise RuntimeError("a replica at the anchor before any anchor was kept "
+                               "(Engine.keep_anchor)")
+        self.sync()
+        current = [p.data for _, p in self.params]
+        for (_, p), a in zip(self.params, self.anchor):
+            p.data = a  # swapped, not copied: the anchor's storage serves the forward
+        try:
+            yield
+        finally:
+            for (_, p), c in zip(self.params, current):
+                p.data = c

@@ -6,6 +6,8 @@ perturbation kernel (z generated twice a step, not four times)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ..loss import group_losses
@@ -28,10 +30,14 @@ class TorchEngine(Engine):
             rep = batch if G == 1 else {k: v.repeat(G, *([1] * (v.dim() - 1)))
                                         for k, v in batch.items()}
             reps = [plan.replicas[i] for i in idx]
+            if len({r.anchor for r in reps}) > 1:
+                raise ValueError("a forward pass mixes replicas at the anchor and at the current "
+                                 "weights (plan.group_passes keeps them apart)")
             n = len(self.params)
             keys = [plan.keys[r.query] if r.query >= 0 else [0] * n for r in reps]
-            with self.pert.active(keys, plan.eps, [r.sign for r in reps],
-                                  rows=rep["input_ids"].shape[0]) as head:
+            point = self.at_anchor() if reps[0].anchor else nullcontext()
+            with point, self.pert.active(keys, plan.eps, [r.sign for r in reps],
+                                         rows=rep["input_ids"].shape[0]) as head:
                 losses = group_losses(self.stats(self.model, rep, G, head), G).tolist()
             for i, loss in zip(idx, losses):
                 out[i] = loss

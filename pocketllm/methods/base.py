@@ -145,11 +145,16 @@ class Method(ABC):
         its asynchronous stream."""
         for step in range(start, iters):
             lr, eps = hyper(step)
-            batches = batch_at(step)
+            batches = self.batches(batch_at, step)
             res = self.step(batches, step, lr, eps)
             res.lr = lr
             res.input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             yield step + 1, res
+
+    def batches(self, batch_at, step: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches step `step` trains on: its own, `batch_at(step)` (a method may
+        ask for others: `batch_at.whole()` is the training set once, in order)."""
+        return batch_at(step)
 
     @abstractmethod
     def step(self, batches: list[dict[str, torch.Tensor]], step: int, lr: float,

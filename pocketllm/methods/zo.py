@@ -7,6 +7,10 @@ optimizer, recorded in the (seed, projected gradients) log.
     opt.apply(Estimate(keys, g), lr, target)       # the update (sgd: deferred by the engine
                                                    # into the next step's perturbation kernel)
 
+An anchored estimator (svrg) also evaluates replicas at its anchor, a copy of the trainable
+tensors the engine keeps, and every `anchor_every` steps refreshes it with an estimate over the
+whole training set (`estimators/base.py`); each later step's estimate adds the anchor's.
+
 Nothing of z is stored. The step's record goes to `zo_log.jsonl`, a few dozen bytes a step:
 the base model plus that log rebuild the trained weights exactly (`pocketllm replay`), and it
 is what `--resume` replays after an interruption. `zo-sgd` and `prge` are this class with
@@ -55,6 +59,12 @@ class ZOConfig:
     zo_beta2: float = opt(0.999, "ZO Adam beta2", ge=0, lt=1)
     # > 0: Adam divides by sqrt(v) + eps, and v is 0 wherever no estimate has reached yet
     zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon", gt=0)
+    anchor_every: int = opt(5, "--estimator svrg: steps between anchor refreshes, each a "
+                            "full-batch estimate over the whole training set at the current "
+                            "weights, kept as the anchor (a copy of the trainable tensors: the "
+                            "adapter's size for LoRA; refused for --trainable full)", ge=1)
+    anchor_lr: float = opt(1.0, "--estimator svrg: a refresh step's learning rate as a "
+                           "multiple of the step's (MeZO-SVRG's lr_1 / lr_2)", gt=0)
 
     def queries_and_parallel(self, method: "ZOMethod") -> tuple[int, str]:
         """How many queries a step makes and how their replicas share forwards."""
@@ -70,10 +80,14 @@ class ZOMethod(Method):
     def prepare(cls, run, cfg) -> None:
         # an estimator / query count / grouping that cannot work fails before the model loads
         try:
-            est = estimators.REGISTRY.lookup(cfg.estimator)(getattr(cfg, "queries", 1))
+            est = estimators.build(cfg, getattr(cfg, "queries", 1))
             group_passes(est.replicas(), getattr(cfg, "parallel", "both"), cfg.max_replicas)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        if est.anchor_every and run.trainable == "full":
+            raise SystemExit(f"error: --estimator {cfg.estimator} keeps a copy of the trainable "
+                             "tensors at its anchor: with --trainable full that is a second copy "
+                             "of the model. Use --trainable lora, norm or prefix")
 
     def __init__(self, model, params, cfg, run, objective):
         super().__init__(model, params, cfg, run, objective)
@@ -82,9 +96,15 @@ class ZOMethod(Method):
         self.engine = engines.REGISTRY.lookup(cfg.engine)(model, params, objective.stats,
                                                           dist=cfg.perturbation)
         self.queries, parallel = cfg.queries_and_parallel(self)
-        self.estimator = estimators.REGISTRY.lookup(cfg.estimator)(self.queries)
+        self.estimator = estimators.build(cfg, self.queries)
         self.replicas = self.estimator.replicas()
         self.passes = group_passes(self.replicas, parallel, cfg.max_replicas)
+        if self.estimator.anchor_every:
+            self.refresh_replicas = self.estimator.refresh_replicas()
+            self.refresh_passes = group_passes(self.refresh_replicas, parallel,
+                                               cfg.max_replicas)
+        # the anchor's (refresh step, projected grads), set by each refresh
+        self.anchor: tuple[int, list[float]] | None = None
         self.opt = optim.build(optim.spec_from_args(cfg), [p for _, p in params])
         self.key_space = zolog.KeySpace(run.seed)  # federated runs set run/round/client
         self.log: zolog.ZOLog | None = None
@@ -95,31 +115,50 @@ class ZOMethod(Method):
     def keys(self, step: int) -> list[list[int]]:
         return self.key_space.keys(step, self.queries, len(self.params))
 
+    def batches(self, batch_at, step):
+        # an anchored estimator's refresh estimates over the whole training set
+        return batch_at.whole() if self.estimator.refreshes(step) else batch_at(step)
+
     def step(self, batches, step, lr, eps=None):
         eps = self.cfg.eps if eps is None else eps
-        plan = Plan(self.keys(step), eps, self.replicas, self.passes)
-        grads, losses, tokens = [], [], 0
+        rec: dict = {"step": step}
+        if self.estimator.refreshes(step):  # the current weights become the anchor
+            self.engine.keep_anchor()
+            replicas, passes = self.refresh_replicas, self.refresh_passes
+            projected = self.estimator.refresh_projected
+            lr *= self.estimator.anchor_lr
+            rec["refresh"] = True
+        else:
+            replicas, passes, projected = self.replicas, self.passes, self.estimator.projected
+        plan = Plan(self.keys(step), eps, replicas, passes)
+        here = torch.tensor([not r.anchor for r in replicas])  # the loss reported: at w
+        grads, losses, rows, tokens = [], [], [], 0
         for b in batches:  # grad accumulation: the same perturbations for every micro-batch
             L = self.engine.losses(b, plan)
             if not torch.isfinite(L).all():  # before anything is applied or logged
                 raise NonFiniteError(step + 1, f"the loss at the perturbed weights is "
                                      f"{L.tolist()}")
-            grads.append(self.estimator.projected(L, eps))
+            grads.append(projected(L, eps))
             if not all(map(math.isfinite, grads[-1])):  # finite losses, eps too small
                 raise NonFiniteError(step + 1, f"the projected gradient is {grads[-1]} "
                                      f"(--eps {eps:g} too small?)")
-            losses.append(L.mean().item())
+            losses.append(L[here].mean().item())
+            rows.append(b["input_ids"].shape[0])
             tokens += self.objective.n_scored(b)
-        g = [sum(gj) / len(gj) for gj in zip(*grads)]
+        g = _mean(grads, rows)
+        if rec.get("refresh"):
+            self.anchor = (step, g)
+        elif self.anchor is not None:  # each step adds the anchor's estimate (svrg)
+            rec.update(anchor=self.anchor[0], anchor_grads=self.anchor[1])
+        rec.update(projected_grads=g, lr=lr, eps=eps, loss=_mean([[x] for x in losses], rows)[0])
         self._extra_fwd = 0
         target = optim.Target([p for _, p in self.params], self.engine.apply,
                               lambda: self._plain_loss(batches))
-        extra = self.opt.apply(optim.Estimate(plan.keys, g, self.cfg.perturbation), lr, target)
-        loss = sum(losses) / len(losses)
-        self._log({"step": step, "projected_grads": g, "lr": lr, "eps": eps, "loss": loss,
-                   **extra})
-        return StepResult(loss=loss, tokens=tokens,
-                          forward_passes=len(self.replicas) * len(batches) + self._extra_fwd,
+        est = zolog.estimate_of(rec, self.key_space, len(self.params), self.cfg.perturbation)
+        extra = self.opt.apply(est, lr, target)
+        self._log({**rec, **extra})
+        return StepResult(loss=rec["loss"], tokens=tokens,
+                          forward_passes=len(replicas) * len(batches) + self._extra_fwd,
                           extra={"projected_grad": sum(g) / len(g), **extra})
 
     def _plain_loss(self, batches) -> float:
@@ -136,7 +175,8 @@ class ZOMethod(Method):
         return zolog.header(self.key_space, dist=self.cfg.perturbation,
                             trainable=self.run.trainable, dtype=self.run.dtype,
                             params=[n for n, _ in self.params], queries=self.queries,
-                            optimizer=self.opt.spec(), estimator=self.estimator.name)
+                            optimizer=self.opt.spec(), estimator=self.estimator.name,
+                            estimator_settings=self.estimator.settings())
 
     def open_log(self, out_dir, fresh):
         self.log = zolog.ZOLog(out_dir)
@@ -147,7 +187,10 @@ class ZOMethod(Method):
             self.log.append(rec)
 
     def restore(self, out_dir) -> int:
-        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt)
+        def anchor(rec):  # the weights before a refresh step are the anchor it kept
+            self.engine.keep_anchor()
+            self.anchor = (rec["step"], rec["projected_grads"])
+        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt, anchor)
 
     def rewind(self, out_dir, step) -> None:
         # the log runs ahead of the saves: its steps after the last save may be the ones that
@@ -160,6 +203,19 @@ class ZOMethod(Method):
         """(forwards a step makes, replicas of the batch in the widest of them) for `queries`
         queries grouped by `parallel` and --max-replicas, as `__init__` groups them: the widest
         forward holds the step's largest activations."""
-        replicas = estimators.REGISTRY.lookup(cfg.estimator)(queries).replicas()
-        passes = group_passes(replicas, parallel, cfg.max_replicas)
-        return len(passes), max(len(p) for p in passes)
+        est = estimators.build(cfg, queries)
+        passes = group_passes(est.replicas(), parallel, cfg.max_replicas)
+        widest = max(len(p) for p in passes)
+        if est.anchor_every:  # a refresh's forwards, over the whole training set
+            widest = max(widest, *map(len, group_passes(est.refresh_replicas(), parallel,
+                                                        cfg.max_replicas)))
+        return len(passes), widest
+
+
+def _mean(per_batch: list[list[float]], rows: list[int]) -> list[float]:
+    """Per entry, the mean over micro-batches weighted by their rows (the whole training set's
+    last micro-batch may be smaller); equal micro-batches: the plain mean."""
+    if len(set(rows)) == 1:
+        return [sum(v) / len(v) for v in zip(*per_batch)]
+    total = sum(rows)
+    return [sum(r * x for r, x in zip(rows, v)) / total for v in zip(*per_batch)]

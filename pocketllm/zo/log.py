@@ -9,6 +9,11 @@ weights and the ZO optimizer's state exactly (`pocketllm replay`, `--resume`).
                params (the trainable tensors' names, in order), queries, optimizer (its spec)
     line t+2   step t: {"step": t, "projected_grads": [g_j per query], "lr": ..., ...}
 
+An anchored estimator's records (svrg) say more: a refresh step has "refresh": true (the weights
+before it are the anchor until the next one; its "lr" is the one applied), and every other step
+"anchor": a and "anchor_grads": [a_j], the anchor's estimate it adds along step a's keys
+(`estimate_of`: what every record applies).
+
 Each line is flushed and fsynced as it is written, so a kill -9 loses at most the line being
 written: a torn last line is dropped on reading, a corrupt line before it is an error.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,13 +39,14 @@ FORMAT = "pocketllm-zo-log/2"
 # Formats this version reads, with the value of each header field they may lack (/1 had no
 # key space beyond the seed, and its early logs no queries or optimizer).
 READS = {"pocketllm-zo-log/1": {"queries": 1, "optimizer": {"name": "sgd"},
-                                "run": 0, "round": 0, "client": 0, "estimator": "spsa"},
-         FORMAT: {"estimator": "spsa"}}
+                                "run": 0, "round": 0, "client": 0, "estimator": "spsa",
+                                "estimator_settings": {}},
+         FORMAT: {"estimator": "spsa", "estimator_settings": {}}}
 HEADER_FIELDS = ("seed", "run", "round", "client", "dist", "trainable", "dtype", "params",
                  "queries", "optimizer")
 # what must match for `--resume` to continue a log (dtype may change: the log holds no weights)
 SAME_RUN = ("seed", "dist", "trainable", "params", "queries", "optimizer",
-            "run", "round", "client", "estimator")
+            "run", "round", "client", "estimator", "estimator_settings")
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -86,10 +93,12 @@ class KeySpace:
 
 
 def header(space: KeySpace, *, dist: str, trainable: str, dtype: str, params: list[str],
-           queries: int, optimizer: dict, estimator: str = "spsa") -> dict:
-    """The header line of a run's log (`estimator`: what made its scalars; replay does not
-    need it, `--resume` refuses to continue a log with another)."""
-    return {"format": FORMAT, **asdict(space), "estimator": estimator, "dist": dist,
+           queries: int, optimizer: dict, estimator: str = "spsa",
+           estimator_settings: dict | None = None) -> dict:
+    """The header line of a run's log (`estimator` and its own settings: what made its
+    scalars; replay does not need them, `--resume` refuses to continue a log with others)."""
+    return {"format": FORMAT, **asdict(space), "estimator": estimator,
+            "estimator_settings": dict(estimator_settings or {}), "dist": dist,
             "trainable": trainable, "dtype": dtype, "params": params, "queries": queries,
             "optimizer": optimizer}
 
@@ -177,9 +186,11 @@ class ZOLog:
             head, recs = self.read()
             self.rewrite(head, recs[:steps])
 
-    def restore(self, mine: dict, params, opt: optim.ZOOptimizer) -> int:
+    def restore(self, mine: dict, params, opt: optim.ZOOptimizer,
+                before_refresh: Callable[[dict], None] | None = None) -> int:
         """`--resume`: check that the log was written by this run (`mine`: its header), replay
-        it onto `params` through `opt` and return the number of steps done."""
+        it onto `params` through `opt` and return the number of steps done
+        (`before_refresh`: as for `replay_steps`)."""
         if not self.has_header():
             return 0  # killed before its header was complete: nothing was trained yet
         head, steps = self.read()
@@ -187,29 +198,43 @@ class ZOLog:
             if head[k] != mine[k]:
                 raise SystemExit(f"--resume: {self.path} was written by a different run "
                                  f"({k}: {head[k]!r} there, {mine[k]!r} now)")
-        replay_log(head, steps, params, opt)
+        replay_log(head, steps, params, opt, before_refresh)
         self.rewrite(head, steps)  # drops a torn last line so the appended log stays well formed
         return len(steps)
 
 
-def replay_log(head: dict, steps: list[dict], params,
-               opt: optim.ZOOptimizer | None = None) -> None:
+def replay_log(head: dict, steps: list[dict], params, opt: optim.ZOOptimizer | None = None,
+               before_refresh: Callable[[dict], None] | None = None) -> None:
     """Replay a read log onto `params` ([(name, tensor)] in the header's order) through `opt`
     (default: a fresh one of the optimizer the header names)."""
     opt = opt or optim.build(head["optimizer"], [p for _, p in params])
-    replay_steps(params, steps, KeySpace.of(head), head["dist"], opt)
+    replay_steps(params, steps, KeySpace.of(head), head["dist"], opt, before_refresh)
+
+
+def estimate_of(rec: dict, space: KeySpace, n_tensors: int, dist: str) -> optim.Estimate:
+    """The estimate step record `rec` applies: its projected grads along its step's keys and,
+    after an anchored estimator's refresh, the anchor's along the refresh step's."""
+    grads = rec.get("projected_grads") or [rec["projected_grad"]]
+    keys = space.keys(rec["step"], len(grads), n_tensors)
+    if "anchor" not in rec:
+        return optim.Estimate(keys, grads, dist)
+    anchor = rec["anchor_grads"]
+    keys += space.keys(rec["anchor"], len(anchor), n_tensors)
+    return optim.Estimate(keys, grads + anchor, dist, queries=len(grads))
 
 
 def replay_steps(params, steps: list[dict], seed: int | KeySpace, dist: str,
-                 opt: optim.ZOOptimizer | None = None) -> None:
+                 opt: optim.ZOOptimizer | None = None,
+                 before_refresh: Callable[[dict], None] | None = None) -> None:
     """Apply every logged update in order, through `opt` (default: sgd), whose state this
     rebuilds: the estimate of step t is regenerated from the key space (a bare seed: the run
-    on its own) and its projected grads."""
+    on its own) and its record (`estimate_of`). `before_refresh(rec)` is called before an
+    anchored estimator's refresh step is applied, when the weights are that refresh's anchor."""
     space = seed if isinstance(seed, KeySpace) else KeySpace(seed)
     tensors = [p for _, p in params]
     opt = opt or optim.build({"name": "sgd"}, tensors)
     target = optim.immediate(tensors, dist)
     for rec in steps:
-        grads = rec.get("projected_grads") or [rec["projected_grad"]]
-        keys = space.keys(rec["step"], len(grads), len(tensors))
-        opt.apply(optim.Estimate(keys, grads, dist), rec["lr"], target, logged=rec)
+        if rec.get("refresh") and before_refresh is not None:
+            before_refresh(rec)
+        opt.apply(estimate_of(rec, space, len(tensors), dist), rec["lr"], target, logged=rec)

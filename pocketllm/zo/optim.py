@@ -37,20 +37,24 @@ Seeded = list[tuple[list[int], float]]
 
 @dataclass
 class Estimate:
-    """A ZO gradient estimate as seeds: per query its keys (per tensor) and projected grad."""
+    """A ZO gradient estimate as seeds: per query its keys (per tensor) and projected grad,
+    g_hat = (1/q) sum_j grads[j] z(keys[j]). q is the step's number of queries (`queries`; 0:
+    one per entry); an anchored estimator (svrg) adds its anchor's q entries to the step's q,
+    each along its own keys, under the same 1/q."""
 
     keys: list[list[int]]
     grads: list[float]
     dist: str = "gaussian"
+    queries: int = 0
 
     def coefs(self, lr: float) -> list[float]:
         """Each query's coefficient in w -= lr g_hat."""
-        q = len(self.grads)
+        q = self.queries or len(self.grads)
         return [-lr * g / q for g in self.grads]
 
     def dense(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """g_hat of tensor i as a float32 tensor shaped like `like`."""
-        q = len(self.grads)
+        q = self.queries or len(self.grads)
         out = torch.zeros(like.numel(), dtype=torch.float32)
         for k, g in zip(self.keys, self.grads):
             out.add_(noise.noise(k[i], 0, like.numel(), self.dist), alpha=g / q)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pocketllm.data import IGNORE_INDEX, Batcher, collate, encode_all, epoch_permutation, eval_batches
+from pocketllm.data import (IGNORE_INDEX, Batcher, StepBatches, collate, encode_all,
+                            epoch_permutation, eval_batches)
 
 from ._tok import tiny_tokenizer
 
@@ -181,6 +182,22 @@ def test_eval_batches_cover_everything_in_order():
     assert len(list(eval_batches(items, 100, 0))) == 1
     with pytest.raises(ValueError):
         list(eval_batches(items, 0, 0))
+
+
+def test_step_batches_give_a_step_s_micro_batches_and_the_whole_set():
+    """What the loop hands a method: a step's micro-batches (the Batcher's), and the training
+    set once in order (a full-batch estimate's), whatever the step."""
+    items = make_items(10)
+    b = Batcher(items, batch_size=4, seed=3, pad_id=0, grad_accumulation=2)
+    at = StepBatches(b)
+    for step in (0, 5):
+        got = at(step)
+        assert len(got) == 2
+        for k in range(2):
+            assert_same(got[k], b(step, k))
+    whole = at.whole()
+    assert [x["input_ids"].shape[0] for x in whole] == [4, 4, 2]
+    assert [i for x in whole for i in first_ids(x)] == list(range(10))
 
 
 def test_batcher_and_eval_batches_accept_an_encoded_split():

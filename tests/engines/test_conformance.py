@@ -148,3 +148,53 @@ def test_losses_apply_sync_and_loss_equal_the_explicit_reference(engine_name, mo
 def test_the_registry_is_what_is_checked():
     """The test above is parametrized over the registry: the eager engine is in it."""
     assert "torch" in REGISTRY
+
+
+# ---- the anchor (an anchored estimator, svrg): replicas at the weights of an earlier point ---
+@pytest.mark.parametrize("model_name,trainable", CASES)
+@pytest.mark.parametrize("engine_name", sorted(REGISTRY))
+def test_replicas_at_the_anchor_see_the_kept_weights(engine_name, model_name, trainable):
+    """`keep_anchor` copies the weights with the queued updates applied; later updates move
+    the current weights only; a plan's anchor replicas (grouped apart by `group_passes`) equal
+    the reference at the kept weights, its other replicas the reference at the current ones,
+    and the current weights come back bit for bit."""
+    model, params, objective, batch = _setup(model_name, trainable, "classification")
+    dist = "gaussian"
+    ref = Reference(model, params, objective, batch, dist)
+    engine = REGISTRY[engine_name](model, params, objective.stats, dist=dist)
+    n = len(params)
+    keys = [_keys(j, n) for j in range(QUERIES)]
+    updates = [(_keys(q, n), c) for q, c in UPDATES]
+    engine.apply(updates[:1])          # queued before the anchor is kept: part of it
+    ref.update(updates[:1])
+    engine.keep_anchor()
+    at_anchor = copy.deepcopy(ref)
+    replicas = REPLICAS + [Replica(r.query, r.sign, anchor=True) for r in REPLICAS]
+    for parallel, cap in GROUPINGS:
+        engine.apply(updates[1:])      # queued after: the current weights' alone
+        ref.update(updates[1:])
+        passes = group_passes(replicas, parallel, cap)
+        assert all(len({replicas[i].anchor for i in p}) == 1 for p in passes)
+        got = engine.losses(batch, Plan(keys, EPS, replicas, passes)).tolist()
+        k = len(REPLICAS)
+        assert got[:k] == pytest.approx(ref.losses(keys), rel=REL), (parallel, cap)
+        assert got[k:] == pytest.approx(at_anchor.losses(keys), rel=REL), (parallel, cap)
+    assert max(at_anchor.losses(keys)) != pytest.approx(max(ref.losses(keys)), rel=100 * REL)
+    engine.sync()
+    for (name, p), want in zip(params, ref.params().values()):
+        assert torch.equal(p, want), name
+    for a, want in zip(engine.anchor, at_anchor.params().values()):
+        assert torch.equal(a, want)
+
+
+def test_no_anchor_no_anchor_replicas():
+    model, params, objective, batch = _setup("tiny-llama", "lora", "classification")
+    engine = REGISTRY["torch"](model, params, objective.stats)
+    keys = [_keys(0, len(params))]
+    plan = Plan(keys, EPS, [Replica(0, 1.0, anchor=True)], [[0]])
+    with pytest.raises(RuntimeError, match="keep_anchor"):
+        engine.losses(batch, plan)
+    mixed = Plan(keys, EPS, [Replica(0, 1.0), Replica(0, 1.0, anchor=True)], [[0, 1]])
+    engine.keep_anchor()
+    with pytest.raises(ValueError, match="mixes replicas at the anchor"):
+        engine.losses(batch, mixed)

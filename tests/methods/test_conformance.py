@@ -160,6 +160,8 @@ def _train(out: Path, data: Path, name: str, trainable: str, iters: int, extra: 
                "--trainable", trainable, "--iters", str(iters), "--batch-size", "2",
                "--max-seq-length", "64", "--lora-rank", "4", "--steps-per-eval", "0",
                "--no-eval-before", "--val-batches", "1", "--eval-batch-size", "2",
+               # an interrupted run evaluates (and may keep a best/ adapter) where it stopped
+               "--no-keep-best",
                "--save-every", "3", "--threads", "1", "--adapter-path", str(out), *extra])
     assert rc == 0
 

@@ -7,6 +7,11 @@ Each replica (query j, sign s) is evaluated exactly, f(w + s eps z_j) (query -1:
 the run's noise of that query's key (`zo.noise`), and the estimate is what a step applies,
 g_hat = (1/q) sum_j g_j z_j. A new estimator is checked by registering it.
 
+An anchored estimator (svrg) also evaluates replicas at its anchor w_bar (`Replica.anchor`),
+here halfway between w and w* (so that grad f(w_bar) = grad f(w) / 2: an anchor term evaluated
+at the wrong point would halve the estimate), and adds the anchor's estimate, its refresh
+replicas at w_bar along independent keys: the average of the whole must still be grad f(w).
+
 An estimator with `normalised = True` (fzoo) estimates the gradient's direction at a fixed
 scale by design (normalised SGD): its average is checked for direction and for about unit
 length instead of the gradient's length, and its projected gradients for not changing when the
@@ -37,13 +42,21 @@ def _quadratic():
     return a, w_star, w
 
 
-def _z(queries: int, dist: str) -> torch.Tensor:
+def _z(queries: int, dist: str, step: int = 0) -> torch.Tensor:
     """(DRAWS, queries, N): draw d's z of query j is z(key_j) over the coordinates
     [d N, (d + 1) N) of its counter-based stream, i.e. `noise(key_j, d N, N)`: independent
-    draws, generated in one call per query."""
-    zs = [noise.noise(noise.derive_key(11, 0, j), 0, DRAWS * N, dist).view(DRAWS, N)
+    draws, generated in one call per query (`step`: another step's keys, independent)."""
+    zs = [noise.noise(noise.derive_key(11, step, j), 0, DRAWS * N, dist).view(DRAWS, N)
           for j in range(queries)]
     return torch.stack(zs, 1).double()
+
+
+def _losses(f, reps, Z, w, anchor=None) -> torch.Tensor:
+    """(DRAWS, len(reps)): each replica's loss, at `anchor` for the anchor's replicas."""
+    ones = torch.ones(DRAWS, dtype=torch.float64)
+    at = [anchor if r.anchor else w for r in reps]
+    return torch.stack([f(x) * ones if r.query < 0 else f(x + r.sign * EPS * Z[:, r.query])
+                        for r, x in zip(reps, at)], 1)
 
 
 def _estimates(name: str, queries: int, dist: str):
@@ -53,10 +66,16 @@ def _estimates(name: str, queries: int, dist: str):
     est = REGISTRY[name](queries)
     reps = est.replicas()
     Z = _z(queries, dist)
-    L = torch.stack([f(w) * torch.ones(DRAWS, dtype=torch.float64) if r.query < 0
-                     else f(w + r.sign * EPS * Z[:, r.query]) for r in reps], 1)
+    w_bar = (w + w_star) / 2 if est.anchor_every else None
+    L = _losses(f, reps, Z, w, w_bar)
     G = torch.tensor([est.projected(L[d], EPS) for d in range(DRAWS)], dtype=torch.float64)
     g_hat = (G[:, :, None] * Z).mean(1)           # (1/q) sum_j g_j z_j, per draw
+    if est.anchor_every:  # + (1/q) sum_j a_j z_a,j: the anchor's, refreshed at w_bar
+        Za = _z(queries, dist, step=1)
+        La = _losses(f, est.refresh_replicas(), Za, w_bar)
+        A = torch.tensor([est.refresh_projected(La[d], EPS) for d in range(DRAWS)],
+                         dtype=torch.float64)
+        g_hat += (A[:, :, None] * Za).mean(1)
     return est, reps, G, g_hat, a * (w - w_star)
 
 
@@ -109,6 +128,17 @@ def test_replicas_and_one_finite_scalar_per_query(name, queries):
         assert sorted(i for p in passes for i in p) == list(range(len(reps)))
     g = est.projected(torch.linspace(1.0, 2.0, len(reps), dtype=torch.float64), EPS)
     assert len(g) == queries and all(isinstance(x, float) and math.isfinite(x) for x in g)
+    if est.anchor_every:  # a refresh: replicas at the current weights, q scalars
+        refresh = est.refresh_replicas()
+        assert refresh and not any(r.anchor for r in refresh)
+        assert {r.query for r in refresh} >= set(range(queries))
+        a = est.refresh_projected(torch.linspace(1.0, 2.0, len(refresh), dtype=torch.float64),
+                                  EPS)
+        assert len(a) == queries and all(isinstance(x, float) and math.isfinite(x) for x in a)
+        assert [est.refreshes(s) for s in range(2 * est.anchor_every + 1)] == \
+            [s % est.anchor_every == 0 for s in range(2 * est.anchor_every + 1)]
+    else:
+        assert not any(r.anchor for r in reps) and not est.refreshes(0)
     if est.normalised:  # its scale is its own: scaling or shifting the losses changes nothing
         L = torch.linspace(1.0, 2.0, len(reps), dtype=torch.float64) ** 2
         assert est.projected(3.7 * L - 1.3, EPS) == pytest.approx(est.projected(L, EPS))

@@ -15,7 +15,7 @@ from pocketllm.lora import save_adapter
 from pocketllm.models import load_model
 from pocketllm.trainable import setup_trainable
 from pocketllm.zo import noise, optim
-from pocketllm.zo.log import FORMAT, NAME, KeySpace, ZOLog, header, replay_log
+from pocketllm.zo.log import FORMAT, NAME, KeySpace, ZOLog, estimate_of, header, replay_log
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "zo_logs"
@@ -242,3 +242,19 @@ def registered_estimator(monkeypatch):
         pass
     monkeypatch.setitem(estimators.REGISTRY, "other", Other)
     Other.name = "other"
+
+
+def test_a_record_s_estimate_adds_the_anchor_s_along_the_refresh_step_s_keys():
+    """An anchored estimator's step (svrg): its q projected grads along its own keys, then the
+    anchor's q along the refresh step's, all under the step's 1/q; a plain record: its own."""
+    space = KeySpace(5)
+    plain = estimate_of({"step": 7, "projected_grads": [0.5, -1.0]}, space, 3, "gaussian")
+    assert plain.keys == space.keys(7, 2, 3) and plain.grads == [0.5, -1.0]
+    assert plain.coefs(0.1) == pytest.approx([-0.025, 0.05])
+    rec = {"step": 7, "projected_grads": [0.5, -1.0], "anchor": 3, "anchor_grads": [2.0, 4.0]}
+    est = estimate_of(rec, space, 3, "gaussian")
+    assert est.keys == space.keys(7, 2, 3) + space.keys(3, 2, 3)
+    assert est.coefs(0.1) == pytest.approx([-0.025, 0.05, -0.1, -0.2])
+    w = torch.zeros(8)
+    want = sum(c * noise.noise(k[0], 0, 8, "gaussian") for k, c in zip(est.keys, est.coefs(0.1)))
+    assert torch.allclose(est.dense(0, w) * -0.1, want, atol=1e-6)

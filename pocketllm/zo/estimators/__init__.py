@@ -1,8 +1,9 @@
 """Zeroth-order gradient estimators, by name (`--estimator`). One file per estimator; importing
 it registers it."""
 
-from .base import REGISTRY, Estimator, register
+from .base import REGISTRY, Estimator, build, register
 from . import spsa  # noqa: F401  (registration)
 from . import fzoo  # noqa: F401  (registration)
+from . import svrg  # noqa: F401  (registration)
 
-__all__ = ["REGISTRY", "Estimator", "register"]
+__all__ = ["REGISTRY", "Estimator", "build", "register"]

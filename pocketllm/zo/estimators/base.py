@@ -7,7 +7,21 @@ An estimate is held as seeds: per query j its keys and a projected gradient g_j,
 
 An estimator (1) lists the replicas it needs evaluated for q queries (`replicas`) and (2) turns
 their losses into the q projected gradients (`projected`). Which engine computes the losses and
-how the replicas are grouped into forward passes is not its concern. A new estimator is one file
+how the replicas are grouped into forward passes is not its concern.
+
+An *anchored* estimator (svrg: `anchor_every` > 0) also evaluates replicas at an anchor
+(`Replica.anchor`): the weights as they were at its last refresh. Every `anchor_every` steps
+(from step 0) a refresh step evaluates `refresh_replicas` over the whole training set at the
+current weights, which become the anchor, and its projected gradients (`refresh_projected`)
+become the anchor's estimate a_j, added to every step's until the next refresh:
+
+    g_hat = (1/q) [sum_j g_j z(keys_t[j]) + sum_j a_j z(keys_a[j])]     (a: the refresh step)
+
+The method keeps the anchor (the engine's copy of the trainable tensors) and logs a_j with each
+step, so the estimator itself stays a pure function of the losses.
+
+Settings of an estimator's own are constructor keywords, filled from the run's settings named
+in `flags` (as the ZO optimizers'; `build`). A new estimator is one file
 in this folder with a `@register("name")` class and one import line in `__init__.py`; the
 conformance tests in tests/zo/test_estimators.py then check it on a quadratic.
 """
@@ -36,6 +50,10 @@ class Estimator(ABC):
     # step is lr whatever the loss's scale), and the projected gradients do not change when
     # the losses are scaled or shifted. tests/zo/test_estimators.py checks what each promises.
     normalised = False
+    # steps between refreshes of the anchor (see above); 0: no anchor
+    anchor_every = 0
+    anchor_lr = 1.0  # a refresh step's learning rate, as a multiple of the step's
+    flags: dict[str, str] = {}  # constructor keyword -> the run setting it comes from
 
     def __init__(self, queries: int = 1):
         if queries < self.min_queries:
@@ -51,6 +69,29 @@ class Estimator(ABC):
     def projected(self, losses: torch.Tensor, eps: float) -> list[float]:
         """The q projected gradients from the replicas' losses (float64, one per replica)."""
 
+    def refreshes(self, step: int) -> bool:
+        """Whether `step` refreshes the anchor (an anchored estimator's steps 0, m, 2m, ...)."""
+        return self.anchor_every > 0 and step % self.anchor_every == 0
+
+    def refresh_replicas(self) -> list[Replica]:
+        """An anchored estimator's replicas of a refresh step (at the current weights)."""
+        raise NotImplementedError(f"--estimator {self.name} has no anchor")
+
+    def refresh_projected(self, losses: torch.Tensor, eps: float) -> list[float]:
+        """The anchor's q projected gradients from the refresh replicas' losses."""
+        raise NotImplementedError(f"--estimator {self.name} has no anchor")
+
+    def settings(self) -> dict:
+        """Its own settings (`flags`), as a log header records them."""
+        return {h: getattr(self, h) for h in self.flags}
+
     def spec(self) -> dict:
         """What a log header records to rebuild this estimator."""
-        return {"name": self.name, "queries": self.queries}
+        return {"name": self.name, "queries": self.queries, **self.settings()}
+
+
+def build(cfg, queries: int) -> Estimator:
+    """The estimator `cfg.estimator` names for `queries` queries, its own settings read from
+    `cfg` (its `flags`); a ValueError naming the flag if they cannot work."""
+    cls = REGISTRY.lookup(cfg.estimator)
+    return cls(queries, **{h: getattr(cfg, f) for h, f in cls.flags.items()})
