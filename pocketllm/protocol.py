@@ -71,7 +71,7 @@ def train_command(job: Job, args) -> list[str]:
     return [sys.executable, "-m", "pocketllm.cli", "train", *common_flags(args),
             "--seed", str(job.seed), "--threads", "1", "--time-budget", str(args.budget_minutes),
             "--budget-clock", args.budget_clock,
-            "--keep-best", "--no-eval-before", "--steps-per-eval", str(args.steps_per_eval), "--save-every",
+            "--keep-best", "--steps-per-eval", str(args.steps_per_eval), "--save-every",
             str(args.steps_per_eval), "--adapter-path", str(job.out), *job.flags,
             *(["--resume"] if (job.out / "config.yaml").exists() else [])]
 
