@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':12s}   defaults with {on}: " + ", ".join(
                     f"{k.replace('_', '-')} {v:g}" if isinstance(v, float) else
                     f"{k.replace('_', '-')} {v}" for k, v in d.items()))
+            if cls.defaults_from:
+                print(f"{'':12s}   defaults from: {cls.defaults_from}")
         return 0
     cls, _ = COMMANDS[ns.command]
     vars(ns).pop("what", None)  # bench's positional: "accuracy", the one protocol

@@ -58,6 +58,7 @@ class Method(ABC):
     # trainable set and objective ("lora:task": prompt-based classification, before "lora");
     # each method documents where its figures come from.
     defaults: dict[str, dict] = {}
+    defaults_from = ""  # where the defaults were measured (`pocketllm methods` prints it)
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], cfg, run,
                  objective):

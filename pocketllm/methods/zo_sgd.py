@@ -68,6 +68,8 @@ class ZOSGD(ZOMethod):
                 "lora:task": {"learning_rate": 3e-3, "lr_schedule": "linear"},
                 "norm": {"learning_rate": 1e-3, "eps": 1e-3, "perturbation": "gaussian"},
                 "prefix": {"learning_rate": 1e-3, "eps": 1e-2, "perturbation": "gaussian"}}
+    defaults_from = ("benchmarks/results/sst2.md and demo.md (lr, eps: LoRA), zo_step.md "
+                     "(the perturbation); norm and prefix: not measured on a task")
     trainable_kinds = ("full", "lora", "norm", "prefix")
 
     @classmethod

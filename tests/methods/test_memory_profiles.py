@@ -37,9 +37,11 @@ def test_memory_cli_prints_an_estimate_for_every_method(name, capsys):
 
 
 def _total(*flags: str) -> float:
-    """prge's estimated total on the default model's shape (meta device: no weights)."""
+    """prge's estimated total on the default model's shape (meta device: no weights), with
+    P-RGE's two-point estimate (2 replicas a query; the default fzoo has q + 1)."""
     est = ME.estimate(load_config("random:smollm2-135m"), get_method("prge"), "lora", 8, 64,
-                      framework=FRAMEWORK, **dict(zip(flags[::2], flags[1::2])))
+                      framework=FRAMEWORK, estimator="spsa",
+                      **dict(zip(flags[::2], flags[1::2])))
     return est.total
 
 
@@ -54,7 +56,7 @@ def test_prge_grows_with_queries_and_shrinks_with_smaller_forwards(capsys):
     # and the CLI passes the flags through
     argv = ["memory", "--model", "random:smollm2-135m", "--method", "prge", "--batch-size", "8",
             "--max-seq-length", "64"]
-    assert main(argv + ["--queries", "4"]) == 0
+    assert main(argv + ["--queries", "4", "--estimator", "spsa"]) == 0
     out = capsys.readouterr().out
     assert "activations of 64 rows" in out and f"{q4:10.0f}" in out
 

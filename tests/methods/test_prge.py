@@ -20,6 +20,10 @@ RUN = ("learning_rate", "lora_fa")  # the run's settings; the rest are the metho
 
 
 def _setup(method="prge", **kw):
+    if method == "prge":  # P-RGE's own settings: two-point, gaussian, as zo-sgd LoRA (the
+        #                   default prge is fzoo with rademacher u at eps 1e-3)
+        for k, v in (("estimator", "spsa"), ("perturbation", "gaussian"), ("eps", 1e-2)):
+            kw.setdefault(k, v)
     model, tok = load_model("tiny-llama")
     args = TrainArgs(model="tiny-llama", method=method, trainable="lora", seed=3, lora_rank=4,
                      **{k: kw.pop(k) for k in RUN if k in kw})

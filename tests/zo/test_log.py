@@ -25,7 +25,9 @@ COMMON = ["--model", "tiny-llama", "--data", str(ROOT / "examples" / "personal")
           "--batch-size", "2", "--max-seq-length", "128", "--steps-per-eval", "0",
           "--val-batches", "1"]
 RUNS = {"zo-sgd-lora": ["--method", "zo-sgd", "--trainable", "lora", "--learning-rate", "1e-3"],
-        "prge-q2-adam": ["--method", "prge", "--trainable", "lora", "--queries", "2",
+        # written when prge's defaults were P-RGE's two-point estimate with gaussian z
+        "prge-q2-adam": ["--method", "prge", "--estimator", "spsa", "--perturbation", "gaussian",
+                         "--eps", "1e-2", "--trainable", "lora", "--queries", "2",
                          "--zo-optimizer", "adam", "--learning-rate", "1e-3", "--seed", "3"],
         "zo-sgd-full": ["--method", "zo-sgd", "--trainable", "full", "--learning-rate", "1e-4",
                         "--seed", "11"]}
