@@ -1,7 +1,8 @@
 """The zeroth-order method: an estimator's queries, evaluated by an engine, applied by a ZO
 optimizer, recorded in the (seed, projected gradients) log.
 
-    keys   = the step's perturbation keys (regenerated from (seed, step, query, tensor))
+    keys   = the step's perturbation keys (regenerated from (seed, step, query, tensor));
+             what z each key stands for is the run's perturbation (zo/perturbations)
     losses = engine.losses(batch, plan)            # one forward per pass of the plan
     g      = estimator.projected(losses, eps)      # one scalar per query
     opt.apply(Estimate(keys, g), lr, target)       # the update (sgd: deferred by the engine
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from .. import engines
 from ..config import opt
 from ..schedules import SHAPES
-from ..zo import estimators, noise, optim
+from ..zo import estimators, noise, optim, perturbations
 from ..zo import log as zolog
 from ..zo.plan import Plan, group_passes
 from .base import Method, StepResult
@@ -50,6 +51,19 @@ class ZOConfig:
     zo_beta1: float = opt(0.9, "ZO momentum / Adam beta1")
     zo_beta2: float = opt(0.999, "ZO Adam beta2")
     zo_adam_eps: float = opt(1e-8, "ZO Adam epsilon")
+    zo_perturbation: str = opt("dense", "which coordinates a ZO step perturbs, and along what "
+                               "(pocketllm/zo/perturbations; the noise distribution is "
+                               "--perturbation): dense (all, the fused kernel), sparse "
+                               "(Sparse-MeZO: each tensor's small-magnitude coordinates, "
+                               "--sparsity), lowrank (LOZO: z = U V^T per matrix, "
+                               "--lowrank-rank, --lowrank-refresh)",
+                               choices=lambda: tuple(perturbations.REGISTRY))
+    sparsity: float = opt(0.75, "--zo-perturbation sparse: the fraction of each tensor's "
+                          "coordinates left unperturbed (its largest in magnitude when "
+                          "training starts)")
+    lowrank_rank: int = opt(2, "--zo-perturbation lowrank: the rank r of each matrix's z")
+    lowrank_refresh: int = opt(50, "--zo-perturbation lowrank: steps a subspace (V) is kept "
+                               "before it is drawn again")
 
     def queries_and_parallel(self, method: "ZOMethod") -> tuple[int, str]:
         """How many queries a step makes and how their replicas share forwards."""
@@ -67,6 +81,8 @@ class ZOMethod(Method):
         try:
             est = estimators.REGISTRY.lookup(cfg.estimator)(getattr(cfg, "queries", 1))
             group_passes(est.replicas(), getattr(cfg, "parallel", "both"), cfg.max_replicas)
+            spec = perturbations.spec_from_args(cfg)
+            perturbations.REGISTRY[spec.pop("name")].check(**spec)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
 
@@ -74,8 +90,13 @@ class ZOMethod(Method):
         super().__init__(model, params, cfg, run, objective)
         for _, p in params:
             p.requires_grad_(False)  # no autograd anywhere: inference memory
+        # built on the weights before any step (a sparse mask's thresholds come from them, as
+        # they do when the log is replayed on the base model)
+        self.perturbation = perturbations.build(perturbations.spec_from_args(cfg),
+                                                [p for _, p in params], cfg.perturbation)
         self.engine = engines.REGISTRY.lookup(cfg.engine)(model, params, objective.stats,
-                                                          dist=cfg.perturbation)
+                                                          dist=cfg.perturbation,
+                                                          perturbation=self.perturbation)
         self.queries, parallel = cfg.queries_and_parallel(self)
         self.estimator = estimators.REGISTRY.lookup(cfg.estimator)(self.queries)
         self.replicas = self.estimator.replicas()
@@ -85,10 +106,14 @@ class ZOMethod(Method):
         self.log: zolog.ZOLog | None = None
 
     def describe(self) -> str:
-        return f"{super().describe()} | eps {self.cfg.eps:.0e}"
+        spec = self.perturbation.spec()
+        name = spec.pop("name")
+        pert = "" if name == "dense" else (
+            f" | {name} z ({', '.join(f'{k} {v}' for k, v in spec.items())})")
+        return f"{super().describe()} | eps {self.cfg.eps:.0e}{pert}"
 
-    def keys(self, step: int) -> list[list[int]]:
-        return self.key_space.keys(step, self.queries, len(self.params))
+    def keys(self, step: int) -> list[list[perturbations.Key]]:
+        return self.perturbation.keys(self.key_space, step, self.queries, len(self.params))
 
     def step(self, batches, step, lr, eps=None):
         eps = self.cfg.eps if eps is None else eps
@@ -103,7 +128,8 @@ class ZOMethod(Method):
         self._extra_fwd = 0
         target = optim.Target([p for _, p in self.params], self.engine.apply,
                               lambda: self._plain_loss(batches))
-        extra = self.opt.apply(optim.Estimate(plan.keys, g, self.cfg.perturbation), lr, target)
+        extra = self.opt.apply(optim.Estimate(plan.keys, g, self.cfg.perturbation,
+                                              self.perturbation), lr, target)
         loss = sum(losses) / len(losses)
         self._log({"step": step, "projected_grads": g, "lr": lr, "eps": eps, "loss": loss,
                    **extra})
@@ -125,7 +151,8 @@ class ZOMethod(Method):
         return zolog.header(self.key_space, dist=self.cfg.perturbation,
                             trainable=self.run.trainable, dtype=self.run.dtype,
                             params=[n for n, _ in self.params], queries=self.queries,
-                            optimizer=self.opt.spec(), estimator=self.estimator.name)
+                            optimizer=self.opt.spec(), estimator=self.estimator.name,
+                            perturbation=self.perturbation.spec())
 
     def open_log(self, out_dir, fresh):
         self.log = zolog.ZOLog(out_dir)
@@ -136,7 +163,8 @@ class ZOMethod(Method):
             self.log.append(rec)
 
     def restore(self, out_dir) -> int:
-        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt)
+        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt,
+                                            self.perturbation)
 
     # the memory profile (pocketllm memory): each ZO method's `memory_profile` reads this
     @classmethod

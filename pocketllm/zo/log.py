@@ -6,7 +6,8 @@ one JSON line per step, a few dozen bytes: the base model plus that log rebuild 
 weights and the ZO optimizer's state exactly (`pocketllm replay`, `--resume`).
 
     line 1     header: format, key space (seed, run, round, client), dist, trainable, dtype,
-               params (the trainable tensors' names, in order), queries, optimizer (its spec)
+               params (the trainable tensors' names, in order), queries, optimizer (its spec),
+               perturbation (its spec: how z is drawn per tensor; logs without one: dense)
     line t+2   step t: {"step": t, "projected_grads": [g_j per query], "lr": ..., ...}
 
 Each line is flushed and fsynced as it is written, so a kill -9 loses at most the line being
@@ -26,20 +27,21 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import noise, optim
+from . import noise, optim, perturbations
 
 NAME = "zo_log.jsonl"
 FORMAT = "pocketllm-zo-log/2"
 # Formats this version reads, with the value of each header field they may lack (/1 had no
 # key space beyond the seed, and its early logs no queries or optimizer).
 READS = {"pocketllm-zo-log/1": {"queries": 1, "optimizer": {"name": "sgd"},
-                                "run": 0, "round": 0, "client": 0, "estimator": "spsa"},
-         FORMAT: {"estimator": "spsa"}}
+                                "run": 0, "round": 0, "client": 0, "estimator": "spsa",
+                                "perturbation": {"name": "dense"}},
+         FORMAT: {"estimator": "spsa", "perturbation": {"name": "dense"}}}
 HEADER_FIELDS = ("seed", "run", "round", "client", "dist", "trainable", "dtype", "params",
                  "queries", "optimizer")
 # what must match for `--resume` to continue a log (dtype may change: the log holds no weights)
 SAME_RUN = ("seed", "dist", "trainable", "params", "queries", "optimizer",
-            "run", "round", "client", "estimator")
+            "run", "round", "client", "estimator", "perturbation")
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -86,12 +88,14 @@ class KeySpace:
 
 
 def header(space: KeySpace, *, dist: str, trainable: str, dtype: str, params: list[str],
-           queries: int, optimizer: dict, estimator: str = "spsa") -> dict:
+           queries: int, optimizer: dict, estimator: str = "spsa",
+           perturbation: dict | None = None) -> dict:
     """The header line of a run's log (`estimator`: what made its scalars; replay does not
-    need it, `--resume` refuses to continue a log with another)."""
+    need it, `--resume` refuses to continue a log with another; `perturbation`: the spec of
+    how z was drawn, default dense, which replay rebuilds)."""
     return {"format": FORMAT, **asdict(space), "estimator": estimator, "dist": dist,
             "trainable": trainable, "dtype": dtype, "params": params, "queries": queries,
-            "optimizer": optimizer}
+            "optimizer": optimizer, "perturbation": perturbation or {"name": "dense"}}
 
 
 class ZOLog:
@@ -167,9 +171,12 @@ class ZOLog:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def restore(self, mine: dict, params, opt: optim.ZOOptimizer) -> int:
+    def restore(self, mine: dict, params, opt: optim.ZOOptimizer,
+                perturbation: perturbations.Perturbation | None = None) -> int:
         """`--resume`: check that the log was written by this run (`mine`: its header), replay
-        it onto `params` through `opt` and return the number of steps done."""
+        it onto `params` through `opt` with z drawn by `perturbation` (the run's, built on
+        `params` before any step; None: one built from the header) and return the number of
+        steps done."""
         if not self.has_header():
             return 0  # killed before its header was complete: nothing was trained yet
         head, steps = self.read()
@@ -177,29 +184,40 @@ class ZOLog:
             if head[k] != mine[k]:
                 raise SystemExit(f"--resume: {self.path} was written by a different run "
                                  f"({k}: {head[k]!r} there, {mine[k]!r} now)")
-        replay_log(head, steps, params, opt)
+        replay_log(head, steps, params, opt, perturbation)
         self.rewrite(head, steps)  # drops a torn last line so the appended log stays well formed
         return len(steps)
 
 
 def replay_log(head: dict, steps: list[dict], params,
-               opt: optim.ZOOptimizer | None = None) -> None:
+               opt: optim.ZOOptimizer | None = None,
+               perturbation: perturbations.Perturbation | None = None) -> None:
     """Replay a read log onto `params` ([(name, tensor)] in the header's order) through `opt`
-    (default: a fresh one of the optimizer the header names)."""
-    opt = opt or optim.build(head["optimizer"], [p for _, p in params])
-    replay_steps(params, steps, KeySpace.of(head), head["dist"], opt)
+    (default: a fresh one of the optimizer the header names), z drawn by `perturbation`
+    (default: the one the header names, built on `params` as they are now: the base
+    weights)."""
+    tensors = [p for _, p in params]
+    opt = opt or optim.build(head["optimizer"], tensors)
+    if perturbation is None:
+        try:
+            perturbation = perturbations.build(head["perturbation"], tensors, head["dist"])
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"ZO log header: perturbation {head['perturbation']!r}: {e}") from None
+    replay_steps(params, steps, KeySpace.of(head), head["dist"], opt, perturbation)
 
 
 def replay_steps(params, steps: list[dict], seed: int | KeySpace, dist: str,
-                 opt: optim.ZOOptimizer | None = None) -> None:
+                 opt: optim.ZOOptimizer | None = None,
+                 perturbation: perturbations.Perturbation | None = None) -> None:
     """Apply every logged update in order, through `opt` (default: sgd), whose state this
     rebuilds: the estimate of step t is regenerated from the key space (a bare seed: the run
-    on its own) and its projected grads."""
+    on its own) and its projected grads, z drawn by `perturbation` (default: dense)."""
     space = seed if isinstance(seed, KeySpace) else KeySpace(seed)
     tensors = [p for _, p in params]
     opt = opt or optim.build({"name": "sgd"}, tensors)
-    target = optim.immediate(tensors, dist)
+    pert = perturbation or perturbations.build({"name": "dense"}, tensors, dist)
+    target = optim.immediate(tensors, dist, pert)
     for rec in steps:
         grads = rec.get("projected_grads") or [rec["projected_grad"]]
-        keys = space.keys(rec["step"], len(grads), len(tensors))
-        opt.apply(optim.Estimate(keys, grads, dist), rec["lr"], target, logged=rec)
+        keys = pert.keys(space, rec["step"], len(grads), len(tensors))
+        opt.apply(optim.Estimate(keys, grads, dist, pert), rec["lr"], target, logged=rec)
