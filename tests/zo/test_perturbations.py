@@ -25,15 +25,14 @@ from pocketllm.engines.torch_engine import TorchEngine
 from pocketllm.loss import group_losses
 from pocketllm.methods import build as build_method
 from pocketllm.models import load_model
-from pocketllm.objectives import choose
 from pocketllm.trainable import setup_trainable
 from pocketllm.zo import optim
 from pocketllm.zo.log import KeySpace, ZOLog
 from pocketllm.zo.perturb import Perturber
 from pocketllm.zo.perturbations import REGISTRY, build
 from pocketllm.zo.plan import PARALLEL, Plan, Replica, group_passes
+from tests.engines.test_conformance import _setup
 from tests.helpers import TEXTS, tiny_batch
-from tests.objectives._samples import SAMPLES
 
 # settings that make each perturbation differ from dense on these tiny tensors
 SETTINGS = {"dense": {}, "sparse": {"sparsity": 0.5}, "lowrank": {"rank": 2, "refresh": 3}}
@@ -155,21 +154,6 @@ REPLICAS = [Replica(0, 1.0), Replica(0, -1.0), Replica(1, 1.0), Replica(-1, 0.0)
 EPS = 5e-2
 
 
-def _setup(trainable, objective_name="lm"):
-    model, tok = load_model("tiny-llama")
-    args = TrainArgs(model="tiny-llama", trainable=trainable, seed=3, lora_rank=4)
-    _, params = setup_trainable(model, args)
-    with torch.no_grad():  # B = 0 at init would hide a wrong A perturbation
-        for n, p in params:
-            if ".lora_B" in n:
-                p.add_(0.05)
-    for _, p in params:
-        p.requires_grad_(False)
-    items, _ = SAMPLES[objective_name](tok)
-    objective = choose(items)
-    return model, params, objective, objective.collate(items, tok.pad_token_id)
-
-
 def _explicit(model, params, objective, batch, pert, keys, scale):
     """The loss of a copy whose trainable tensors are w + scale z (the perturbation's z)."""
     m = copy.deepcopy(model)
@@ -186,7 +170,7 @@ def _explicit(model, params, objective, batch, pert, keys, scale):
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "dense"])  # dense: tests/engines
 def test_engine_losses_equal_the_explicitly_perturbed_model_in_any_grouping(name, trainable,
                                                                             objective_name):
-    model, params, objective, batch = _setup(trainable, objective_name)
+    model, params, objective, batch = _setup("tiny-llama", trainable, objective_name)
     ref_model = copy.deepcopy(model)
     tensors = [p for _, p in params]
     pert = _pert(name, tensors)
