@@ -56,7 +56,9 @@ class ZOConfig:
                                "--perturbation): dense (all, the fused kernel), sparse "
                                "(Sparse-MeZO: each tensor's small-magnitude coordinates, "
                                "--sparsity), lowrank (LOZO: z = U V^T per matrix, "
-                               "--lowrank-rank, --lowrank-refresh)",
+                               "--lowrank-rank, --lowrank-refresh), hizoo (HiZOO: z scaled by "
+                               "a running diagonal curvature estimate, --hessian-smooth; with "
+                               "--estimator hizoo)",
                                choices=lambda: tuple(perturbations.REGISTRY))
     sparsity: float = opt(0.75, "--zo-perturbation sparse: the fraction of each tensor's "
                           "coordinates left unperturbed (its largest in magnitude when "
@@ -64,6 +66,9 @@ class ZOConfig:
     lowrank_rank: int = opt(2, "--zo-perturbation lowrank: the rank r of each matrix's z")
     lowrank_refresh: int = opt(50, "--zo-perturbation lowrank: steps a subspace (V) is kept "
                                "before it is drawn again")
+    hessian_smooth: float = opt(1e-6, "--zo-perturbation hizoo: the weight of a step's "
+                                "curvature in the running diagonal estimate (HiZOO's code "
+                                "uses 1e-6..1e-8 on OPT-13B; not tuned here)")
 
     def queries_and_parallel(self, method: "ZOMethod") -> tuple[int, str]:
         """How many queries a step makes and how their replicas share forwards."""
@@ -82,7 +87,15 @@ class ZOMethod(Method):
             est = estimators.REGISTRY.lookup(cfg.estimator)(getattr(cfg, "queries", 1))
             group_passes(est.replicas(), getattr(cfg, "parallel", "both"), cfg.max_replicas)
             spec = perturbations.spec_from_args(cfg)
-            perturbations.REGISTRY[spec.pop("name")].check(**spec)
+            pert = perturbations.REGISTRY[spec.pop("name")]
+            pert.check(**spec)
+            missing = [f for f in pert.needs if f not in est.reports]
+            if missing:
+                with_it = [n for n, e in sorted(estimators.REGISTRY.items())
+                           if set(pert.needs) <= set(e.reports)]
+                raise ValueError(f"--zo-perturbation {pert.name} needs the "
+                                 f"{', '.join(missing)} an estimator reports: --estimator "
+                                 f"{' or '.join(with_it)} (not {cfg.estimator})")
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
 
@@ -118,21 +131,31 @@ class ZOMethod(Method):
     def step(self, batches, step, lr, eps=None):
         eps = self.cfg.eps if eps is None else eps
         plan = Plan(self.keys(step), eps, self.replicas, self.passes)
-        grads, losses, tokens = [], [], 0
+        grads, reports, losses, tokens = [], [], [], 0
         for b in batches:  # grad accumulation: the same perturbations for every micro-batch
             L = self.engine.losses(b, plan)
             grads.append(self.estimator.projected(L, eps))
+            reports.append(self.estimator.report(L, eps))
             losses.append(L.mean().item())
             tokens += self.objective.n_scored(b)
         g = [sum(gj) / len(gj) for gj in zip(*grads)]
+        # the estimator's other per-query figures (hizoo: curvature), averaged like g
+        reported = {k: [sum(v) / len(v) for v in zip(*(r[k] for r in reports))]
+                    for k in reports[0]}
         self._extra_fwd = 0
         target = optim.Target([p for _, p in self.params], self.engine.apply,
                               lambda: self._plain_loss(batches))
         extra = self.opt.apply(optim.Estimate(plan.keys, g, self.cfg.perturbation,
                                               self.perturbation), lr, target)
         loss = sum(losses) / len(losses)
-        self._log({"step": step, "projected_grads": g, "lr": lr, "eps": eps, "loss": loss,
-                   **extra})
+        rec = {"step": step, "projected_grads": g, **reported, "lr": lr, "eps": eps,
+               "loss": loss, **extra}
+        if self.perturbation.needs:
+            # its state moves after this step's update, which must be drawn with the state
+            # the step was probed with: apply it now rather than in the next forward
+            self.engine.sync()
+            self.perturbation.observe(plan.keys, rec)
+        self._log(rec)
         return StepResult(loss=loss, tokens=tokens,
                           forward_passes=len(self.replicas) * len(batches) + self._extra_fwd,
                           extra={"projected_grad": sum(g) / len(g), **extra})

@@ -221,3 +221,9 @@ def replay_steps(params, steps: list[dict], seed: int | KeySpace, dist: str,
         grads = rec.get("projected_grads") or [rec["projected_grad"]]
         keys = pert.keys(space, rec["step"], len(grads), len(tensors))
         opt.apply(optim.Estimate(keys, grads, dist, pert), rec["lr"], target, logged=rec)
+        if pert.needs:  # its state, as the run moved it after this step's update
+            missing = [f for f in pert.needs if f not in rec]
+            if missing:
+                raise SystemExit(f"ZO log: step {rec['step']} lacks {', '.join(missing)}, "
+                                 f"which perturbation {pert.name} needs to be replayed")
+            pert.observe(keys, rec)

@@ -35,15 +35,31 @@ from tests.engines.test_conformance import _setup
 from tests.helpers import TEXTS, tiny_batch
 
 # settings that make each perturbation differ from dense on these tiny tensors
-SETTINGS = {"dense": {}, "sparse": {"sparsity": 0.5}, "lowrank": {"rank": 2, "refresh": 3}}
-# and as run flags
+SETTINGS = {"dense": {}, "sparse": {"sparsity": 0.5}, "lowrank": {"rank": 2, "refresh": 3},
+            "hizoo": {"smooth": 0.1}}
+# and as run flags (the estimator a perturbation needs last: it overrides a run's own)
 FLAGS = {"dense": [], "sparse": ["--sparsity", "0.5"],
-         "lowrank": ["--lowrank-rank", "2", "--lowrank-refresh", "3"]}
+         "lowrank": ["--lowrank-rank", "2", "--lowrank-refresh", "3"],
+         "hizoo": ["--hessian-smooth", "0.1", "--estimator", "hizoo"]}
 NAMES = sorted(REGISTRY)
 
 
+def _estimator_for(name, default="spsa"):
+    """`default` if it reports what the perturbation needs, else one that does."""
+    from pocketllm.zo.estimators import REGISTRY as EST
+    needs = set(REGISTRY[name].needs)
+    return default if needs <= set(EST[default].reports) else next(
+        n for n, e in sorted(EST.items()) if needs <= set(e.reports))
+
+
 def _pert(name, params, dist="gaussian"):
-    return build({"name": name, **SETTINGS.get(name, {})}, params, dist)
+    """The perturbation, its state (if any) moved off its start by one observed step, so that
+    a z ignoring the state would show."""
+    pert = build({"name": name, **SETTINGS.get(name, {})}, params, dist)
+    if pert.needs:
+        keys = pert.keys(KeySpace(99), 0, 2, len(params))
+        pert.observe(keys, {f: [30.0, 5.0] for f in pert.needs})
+    return pert
 
 
 def _f32(c):
@@ -111,7 +127,7 @@ def test_a_two_point_step_moves_w_along_minus_g_z_exactly(name, dtype):
     model = _Holder()
     for i, p in enumerate(deferred):
         model.register_parameter(f"p{i}", torch.nn.Parameter(p, requires_grad=False))
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]
     pert2 = _pert(name, [p for _, p in named])
     perturber = Perturber(model, named, perturbation=pert2)
     perturber.schedule_updates([(keys[0], -lr * g)])
@@ -191,8 +207,9 @@ def test_engine_losses_equal_the_explicitly_perturbed_model_in_any_grouping(name
         assert torch.equal(p, ref[n]), n
 
 
-@pytest.mark.parametrize("estimator,queries", [("spsa", 2), ("fzoo", 4)])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,estimator,queries", [
+    (n, _estimator_for(n, e), q) for n in NAMES for e, q in (("spsa", 2), ("fzoo", 4))
+    if _estimator_for(n, e) == e or e == "spsa"])
 def test_batched_and_sequential_steps_agree(name, estimator, queries):
     """prge --parallel both (one forward over every replica) and none (one per replica)."""
     model0, tok = load_model("tiny-llama")
@@ -283,6 +300,9 @@ def test_resume_refuses_other_perturbation_settings(tmp_path):
     (["--zo-perturbation", "sparse", "--sparsity", "1"], "--sparsity is the fraction"),
     (["--zo-perturbation", "lowrank", "--lowrank-rank", "0"], "--lowrank-rank must be"),
     (["--zo-perturbation", "lowrank", "--lowrank-refresh", "0"], "--lowrank-refresh"),
+    (["--zo-perturbation", "hizoo", "--hessian-smooth", "1"], "--hessian-smooth"),
+    (["--zo-perturbation", "hizoo"], "needs the curvature an estimator reports: "
+                                     "--estimator hizoo"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, flags, why):
     from pocketllm.cli import main
@@ -329,20 +349,27 @@ def _logistic():
 @pytest.mark.parametrize("zo_opt,lr", [("sgd", 0.05), ("adam", 0.02)])
 @pytest.mark.parametrize("name", NAMES)
 def test_steps_along_it_lower_a_logistic_loss(name, zo_opt, lr):
+    """The step as `methods/zo.py` takes it: the estimator's replicas (spsa's, or one that
+    reports what the perturbation needs), the update, then the perturbation's state moved."""
+    from pocketllm.zo.estimators import REGISTRY as EST
     loss, best, params = _logistic()
-    pert = _pert(name, params)
+    pert = build({"name": name, **SETTINGS[name]}, params, "gaussian")
+    est = EST[_estimator_for(name)](2)
     opt = optim.build({"name": zo_opt}, params)
     target = optim.immediate(params, "gaussian", pert)
     start, eps = loss(params), 1e-3
     assert start > best + 0.3
     for step in range(300):
         keys = pert.keys(KeySpace(9), step, 2, len(params))
-        g = []
-        for k in keys:
-            z = [pert.z(i, ki, p) for i, (p, ki) in enumerate(zip(params, k))]
-            g.append((loss([p + eps * zi for p, zi in zip(params, z)])
-                      - loss([p - eps * zi for p, zi in zip(params, z)])) / (2 * eps))
+        L = []
+        for r in est.replicas():
+            z = [pert.z(i, ki, p) if r.query >= 0 else torch.zeros_like(p)
+                 for i, (p, ki) in enumerate(zip(params, keys[max(r.query, 0)]))]
+            L.append(loss([p + r.sign * eps * zi for p, zi in zip(params, z)]))
+        L = torch.tensor(L, dtype=torch.float64)
+        g = est.projected(L, eps)
         opt.apply(optim.Estimate(keys, g, "gaussian", pert), lr, target)
-    # seen (300 steps, 2 queries): the gap to the optimum closes by 81-98% (sparse sgd 81%)
+        pert.observe(keys, est.report(L, eps))
+    # seen (300 steps, 2 queries): the gap to the optimum closes by 81-99% (sparse sgd 81%)
     gap = (loss(params) - best) / (start - best)
     assert gap < 0.3, (name, zo_opt, start, loss(params), best)

@@ -4,5 +4,6 @@ it registers it."""
 from .base import REGISTRY, Estimator, register
 from . import spsa  # noqa: F401  (registration)
 from . import fzoo  # noqa: F401  (registration)
+from . import hizoo  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "Estimator", "register"]

@@ -36,6 +36,10 @@ class Estimator(ABC):
     # step is lr whatever the loss's scale), and the projected gradients do not change when
     # the losses are scaled or shifted. tests/zo/test_estimators.py checks what each promises.
     normalised = False
+    # Per-query figures besides the projected gradients that `report` returns and the step
+    # logs (hizoo: "curvature"); a perturbation that keeps state needs some of them
+    # (`Perturbation.needs`) and rebuilds its state from the log's on replay.
+    reports: tuple[str, ...] = ()
 
     def __init__(self, queries: int = 1):
         if queries < self.min_queries:
@@ -50,6 +54,10 @@ class Estimator(ABC):
     @abstractmethod
     def projected(self, losses: torch.Tensor, eps: float) -> list[float]:
         """The q projected gradients from the replicas' losses (float64, one per replica)."""
+
+    def report(self, losses: torch.Tensor, eps: float) -> dict[str, list[float]]:
+        """The figures named by `reports`, one per query, from the replicas' losses."""
+        return {}
 
     def spec(self) -> dict:
         """What a log header records to rebuild this estimator."""

@@ -5,5 +5,6 @@ from .base import REGISTRY, Key, Perturbation, build, register, spec_from_args
 from . import dense  # noqa: F401  (registration)
 from . import sparse  # noqa: F401  (registration)
 from . import lowrank  # noqa: F401  (registration)
+from . import hizoo  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "Key", "Perturbation", "build", "register", "spec_from_args"]

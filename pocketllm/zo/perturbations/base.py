@@ -11,6 +11,8 @@ the update is always the direction that was probed.
 z may depend on the keys, the perturbation's settings and the current weights (sparse: their
 magnitudes), never on anything a replay of the log cannot rebuild; the log's header records the
 perturbation's `spec`, so `pocketllm replay` and `--resume` rebuild it, and the weights, exactly.
+A perturbation with state (hizoo's diagonal estimate) updates it in `observe` from figures the
+step logs, so a replay rebuilds the state too.
 
 A new perturbation is one file in this folder with a `@register("name")` class and one import
 line in `__init__.py`; tests/zo/test_perturbations.py then checks it (its update moves the
@@ -51,6 +53,9 @@ class Perturbation(ABC):
     # True: the engine may fuse a queued update into the kernel call that builds the next
     # perturbed copies (dense); False: queued updates are applied first, then the copies built
     fused = False
+    # Figures of the step's log record (reported by the estimator, `Estimator.reports`) this
+    # perturbation's state is updated from after each step (`observe`); () for a stateless one
+    needs: tuple[str, ...] = ()
 
     def __init__(self, params: Sequence[torch.Tensor] = (), dist: str = "gaussian", **settings):
         self.check(**settings)
@@ -68,6 +73,11 @@ class Perturbation(ABC):
         """keys[j][i]: the key of tensor i in query j of step `step` (`space`: the run's
         `zo.log.KeySpace`)."""
         return space.keys(step, queries, n)
+
+    def observe(self, keys: list[list[Key]], record: dict) -> None:
+        """Update the state z depends on from a finished step (its keys and its log record,
+        which holds `needs`), after the step's update has been applied: in training and when
+        the log is replayed alike, so the state, and every later z, is rebuilt exactly."""
 
     # ---- z --------------------------------------------------------------------------------
     @abstractmethod
