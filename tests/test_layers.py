@@ -68,7 +68,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_is_read():
     # guards the test itself: a resolver that found nothing would pass the cycle check vacuously
     assert "pocketllm.methods.base" in GRAPH["pocketllm.methods.zo_sgd"]
-    assert "pocketllm.zo.noise" in GRAPH["pocketllm.zo.perturb"]
+    assert "pocketllm.zo.noise" in GRAPH["pocketllm.zo.perturbations.dense"]
     assert "pocketllm.split.split_pb2" in GRAPH["pocketllm.split.split_pb2_grpc"]
 
 

@@ -32,14 +32,17 @@ Seeded = list[tuple[Sequence[int], float]]
 class Engine(ABC):
     """Forward passes over `model` whose trainable tensors are `params`, scored by `stats`
     (an objective's `stats(model, batch, groups, head_view) -> TokenStats`), with
-    perturbations of distribution `dist` (see `pocketllm.zo.noise`)."""
+    perturbations of distribution `dist` (see `pocketllm.zo.noise`) drawn as `perturbation`
+    says (`pocketllm.zo.perturbations`; None: dense). An engine that cannot build a
+    perturbation refuses it in its constructor (a ValueError naming it)."""
 
     name = "?"
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], stats,
-                 dist: str = "gaussian"):
+                 dist: str = "gaussian", perturbation=None):
         self.model, self.params, self.stats, self.dist = model, params, stats, dist
         self.anchor: list[torch.Tensor] | None = None
+        self.perturbation = perturbation
 
     @abstractmethod
     def losses(self, batch: dict[str, torch.Tensor], plan: Plan) -> torch.Tensor:

@@ -2,7 +2,8 @@
 trainable tensor builds its perturbed copies just in time (`zo.perturb.Perturber`), one per
 replica, and a forward over the batch repeated once per replica runs all of a pass's replicas
 (LoRA layers in one batched matmul). The SGD update is deferred into the next step's
-perturbation kernel (z generated twice a step, not four times)."""
+perturbation kernel (z generated twice a step, not four times). Any `--zo-perturbation`:
+the dense one through the fused kernel, the others through their own code."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from .base import Engine, register
 
 @register("torch")
 class TorchEngine(Engine):
-    def __init__(self, model, params, stats, dist="gaussian"):
-        super().__init__(model, params, stats, dist)
-        self.pert = Perturber(model, params, dist=dist)
+    def __init__(self, model, params, stats, dist="gaussian", perturbation=None):
+        super().__init__(model, params, stats, dist, perturbation)
+        self.pert = Perturber(model, params, dist=dist, perturbation=perturbation)
 
     def losses(self, batch, plan: Plan) -> torch.Tensor:
         out = torch.empty(len(plan.replicas), dtype=torch.float64)

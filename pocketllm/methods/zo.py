@@ -1,11 +1,13 @@
 """The zeroth-order method: an estimator's queries, evaluated by an engine, applied by a ZO
 optimizer, recorded in the (seed, projected gradients) log.
 
-    keys   = the step's perturbation keys (regenerated from (seed, step, query, tensor))
+    keys   = the step's perturbation keys (regenerated from (seed, step, query, tensor));
+             what z each key stands for is the run's perturbation (zo/perturbations)
     losses = engine.losses(batch, plan)            # one forward per pass of the plan
-    g      = estimator.projected(losses, eps)      # one scalar per query
-    opt.apply(Estimate(keys, g), lr, target)       # the update (sgd: deferred by the engine
-                                                   # into the next step's perturbation kernel)
+    g      = estimator.projected(losses, eps)      # one scalar per query (and any figures
+                                                   # it reports: hizoo's curvature)
+    opt.apply(Estimate(keys, g), lr, target)       # the update, along the z probed (sgd:
+                                                   # deferred into the next step's forward)
 
 An anchored estimator (svrg) also evaluates replicas at its anchor, a copy of the trainable
 tensors the engine keeps, and every `anchor_every` steps refreshes it with an estimate over the
@@ -28,7 +30,7 @@ from .. import engines
 from ..config import opt
 from ..finite import NonFiniteError
 from ..schedules import SHAPES
-from ..zo import estimators, noise, optim
+from ..zo import estimators, noise, optim, perturbations
 from ..zo import log as zolog
 from ..zo.plan import Plan, group_passes
 from .base import Method, StepResult
@@ -65,6 +67,24 @@ class ZOConfig:
                             "adapter's size for LoRA; refused for --trainable full)", ge=1)
     anchor_lr: float = opt(1.0, "--estimator svrg: a refresh step's learning rate as a "
                            "multiple of the step's (MeZO-SVRG's lr_1 / lr_2)", gt=0)
+    zo_perturbation: str = opt("dense", "which coordinates a ZO step perturbs, and along what "
+                               "(pocketllm/zo/perturbations; the noise distribution is "
+                               "--perturbation): dense (all, the fused kernel), sparse "
+                               "(Sparse-MeZO: each tensor's small-magnitude coordinates, "
+                               "--sparsity), lowrank (LOZO: z = U V^T per matrix, "
+                               "--lowrank-rank, --lowrank-refresh), hizoo (HiZOO: z scaled by "
+                               "a running diagonal curvature estimate, --hessian-smooth; with "
+                               "--estimator hizoo)",
+                               choices=lambda: tuple(perturbations.REGISTRY))
+    sparsity: float = opt(0.75, "--zo-perturbation sparse: the fraction of each tensor's "
+                          "coordinates left unperturbed (its largest in magnitude when "
+                          "training starts)", ge=0, lt=1)
+    lowrank_rank: int = opt(2, "--zo-perturbation lowrank: the rank r of each matrix's z", ge=1)
+    lowrank_refresh: int = opt(50, "--zo-perturbation lowrank: steps a subspace (V) is kept "
+                               "before it is drawn again", ge=1)
+    hessian_smooth: float = opt(1e-6, "--zo-perturbation hizoo: the weight of a step's "
+                                "curvature in the running diagonal estimate (HiZOO's code "
+                                "uses 1e-6..1e-8 on OPT-13B; not tuned here)", ge=0, lt=1)
 
     def queries_and_parallel(self, method: "ZOMethod") -> tuple[int, str]:
         """How many queries a step makes and how their replicas share forwards."""
@@ -78,10 +98,29 @@ class ZOMethod(Method):
 
     @classmethod
     def prepare(cls, run, cfg) -> None:
-        # an estimator / query count / grouping that cannot work fails before the model loads
+        # an estimator / query count / grouping / perturbation that cannot work, alone or
+        # together, fails before the model loads
         try:
             est = estimators.build(cfg, getattr(cfg, "queries", 1))
             group_passes(est.replicas(), getattr(cfg, "parallel", "both"), cfg.max_replicas)
+            spec = perturbations.spec_from_args(cfg)
+            pert = perturbations.REGISTRY[spec.pop("name")]
+            pert.check(**spec)
+            missing = [f for f in pert.needs if f not in est.reports]
+            if missing:
+                with_it = [n for n, e in sorted(estimators.REGISTRY.items())
+                           if set(pert.needs) <= set(e.reports)]
+                raise ValueError(f"--zo-perturbation {pert.name} needs the "
+                                 f"{', '.join(missing)} an estimator reports: --estimator "
+                                 f"{' or '.join(with_it)} (not {cfg.estimator})")
+            if est.anchor_every and not pert.key_only:
+                # svrg probes a step's z at its anchor as well as at w, and applies the
+                # anchor's z steps after it was probed: only a z of the key alone is the same
+                fit = [n for n, p in sorted(perturbations.REGISTRY.items()) if p.key_only]
+                raise ValueError(f"--estimator {cfg.estimator} needs the same z at its anchor "
+                                 f"and at the current weights, and --zo-perturbation "
+                                 f"{pert.name} draws z from the weights (or from state they "
+                                 f"move): use --zo-perturbation {' or '.join(fit)}")
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         if est.anchor_every and run.trainable == "full":
@@ -93,8 +132,13 @@ class ZOMethod(Method):
         super().__init__(model, params, cfg, run, objective)
         for _, p in params:
             p.requires_grad_(False)  # no autograd anywhere: inference memory
+        # built on the weights before any step (a sparse mask's thresholds come from them, as
+        # they do when the log is replayed on the base model)
+        self.perturbation = perturbations.build(perturbations.spec_from_args(cfg),
+                                                [p for _, p in params], cfg.perturbation)
         self.engine = engines.REGISTRY.lookup(cfg.engine)(model, params, objective.stats,
-                                                          dist=cfg.perturbation)
+                                                          dist=cfg.perturbation,
+                                                          perturbation=self.perturbation)
         self.queries, parallel = cfg.queries_and_parallel(self)
         self.estimator = estimators.build(cfg, self.queries)
         self.replicas = self.estimator.replicas()
@@ -110,10 +154,14 @@ class ZOMethod(Method):
         self.log: zolog.ZOLog | None = None
 
     def describe(self) -> str:
-        return f"{super().describe()} | eps {self.cfg.eps:.0e}"
+        spec = self.perturbation.spec()
+        name = spec.pop("name")
+        pert = "" if name == "dense" else (
+            f" | {name} z ({', '.join(f'{k} {v}' for k, v in spec.items())})")
+        return f"{super().describe()} | eps {self.cfg.eps:.0e}{pert}"
 
-    def keys(self, step: int) -> list[list[int]]:
-        return self.key_space.keys(step, self.queries, len(self.params))
+    def keys(self, step: int) -> list[list[perturbations.Key]]:
+        return self.perturbation.keys(self.key_space, step, self.queries, len(self.params))
 
     def batches(self, batch_at, step):
         # an anchored estimator's refresh estimates over the whole training set
@@ -131,35 +179,52 @@ class ZOMethod(Method):
         else:
             replicas, passes, projected = self.replicas, self.passes, self.estimator.projected
         plan = Plan(self.keys(step), eps, replicas, passes)
-        here = torch.tensor([not r.anchor for r in replicas])  # the loss reported: at w
-        grads, losses, rows, tokens = [], [], [], 0
-        for b in batches:  # grad accumulation: the same perturbations for every micro-batch
-            L = self.engine.losses(b, plan)
-            if not torch.isfinite(L).all():  # before anything is applied or logged
-                raise NonFiniteError(step + 1, f"the loss at the perturbed weights is "
-                                     f"{L.tolist()}")
-            grads.append(projected(L, eps))
-            if not all(map(math.isfinite, grads[-1])):  # finite losses, eps too small
-                raise NonFiniteError(step + 1, f"the projected gradient is {grads[-1]} "
-                                     f"(--eps {eps:g} too small?)")
-            losses.append(L[here].mean().item())
-            rows.append(b["input_ids"].shape[0])
-            tokens += self.objective.n_scored(b)
-        g = _mean(grads, rows)
+        figures, loss, tokens = self._evaluate(batches, plan, projected, step)
+        g = figures["projected_grads"]
         if rec.get("refresh"):
             self.anchor = (step, g)
         elif self.anchor is not None:  # each step adds the anchor's estimate (svrg)
             rec.update(anchor=self.anchor[0], anchor_grads=self.anchor[1])
-        rec.update(projected_grads=g, lr=lr, eps=eps, loss=_mean([[x] for x in losses], rows)[0])
+        rec.update(**figures, lr=lr, eps=eps, loss=loss)
         self._extra_fwd = 0
         target = optim.Target([p for _, p in self.params], self.engine.apply,
                               lambda: self._plain_loss(batches))
-        est = zolog.estimate_of(rec, self.key_space, len(self.params), self.cfg.perturbation)
+        est = zolog.estimate_of(rec, self.key_space, len(self.params), self.perturbation)
         extra = self.opt.apply(est, lr, target)
-        self._log({**rec, **extra})
-        return StepResult(loss=rec["loss"], tokens=tokens,
+        rec.update(extra)
+        if self.perturbation.needs:
+            # its state moves after this step's update, which must be drawn with the state
+            # the step was probed with: apply it now rather than in the next forward
+            self.engine.sync()
+            self.perturbation.observe(plan.keys, rec)
+        self._log(rec)
+        return StepResult(loss=loss, tokens=tokens,
                           forward_passes=len(replicas) * len(batches) + self._extra_fwd,
                           extra={"projected_grad": sum(g) / len(g), **extra})
+
+    def _evaluate(self, batches, plan, projected, step) -> tuple[dict, float, int]:
+        """The step's per-query figures (its projected grads and what the estimator
+        `reports`), each averaged over the micro-batches, which share the step's
+        perturbations; the loss at the current weights; the tokens scored. A non-finite loss
+        or figure stops the run before anything is applied or logged."""
+        here = torch.tensor([not r.anchor for r in plan.replicas])  # the loss reported: at w
+        figures, losses, rows, tokens = [], [], [], 0
+        for b in batches:
+            L = self.engine.losses(b, plan)
+            if not torch.isfinite(L).all():
+                raise NonFiniteError(step + 1, f"the loss at the perturbed weights is "
+                                     f"{L.tolist()}")
+            got = {"projected_grads": projected(L, plan.eps),
+                   **self.estimator.report(L, plan.eps)}
+            if not all(math.isfinite(x) for v in got.values() for x in v):  # eps too small
+                raise NonFiniteError(step + 1, f"the estimate is {got} "
+                                     f"(--eps {plan.eps:g} too small?)")
+            figures.append(got)
+            losses.append([L[here].mean().item()])
+            rows.append(b["input_ids"].shape[0])
+            tokens += self.objective.n_scored(b)
+        mean = {k: _mean([f[k] for f in figures], rows) for k in figures[0]}
+        return mean, _mean(losses, rows)[0], tokens
 
     def _plain_loss(self, batches) -> float:
         """The loss at the current weights (pending updates applied), for `conservative`."""
@@ -176,7 +241,8 @@ class ZOMethod(Method):
                             trainable=self.run.trainable, dtype=self.run.dtype,
                             params=[n for n, _ in self.params], queries=self.queries,
                             optimizer=self.opt.spec(), estimator=self.estimator.name,
-                            estimator_settings=self.estimator.settings())
+                            estimator_settings=self.estimator.settings(),
+                            perturbation=self.perturbation.spec())
 
     def open_log(self, out_dir, fresh):
         self.log = zolog.ZOLog(out_dir)
@@ -190,7 +256,8 @@ class ZOMethod(Method):
         def anchor(rec):  # the weights before a refresh step are the anchor it kept
             self.engine.keep_anchor()
             self.anchor = (rec["step"], rec["projected_grads"])
-        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt, anchor)
+        return zolog.ZOLog(out_dir).restore(self.header(), self.params, self.opt,
+                                            self.perturbation, anchor)
 
     def rewind(self, out_dir, step) -> None:
         # the log runs ahead of the saves: its steps after the last save may be the ones that

@@ -6,7 +6,8 @@ one JSON line per step, a few dozen bytes: the base model plus that log rebuild 
 weights and the ZO optimizer's state exactly (`pocketllm replay`, `--resume`).
 
     line 1     header: format, key space (seed, run, round, client), dist, trainable, dtype,
-               params (the trainable tensors' names, in order), queries, optimizer (its spec)
+               params (the trainable tensors' names, in order), queries, optimizer (its spec),
+               perturbation (its spec: how z is drawn per tensor; logs without one: dense)
     line t+2   step t: {"step": t, "projected_grads": [g_j per query], "lr": ..., ...}
 
 An anchored estimator's records (svrg) say more: a refresh step has "refresh": true (the weights
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import noise, optim
+from . import noise, optim, perturbations
 
 NAME = "zo_log.jsonl"
 FORMAT = "pocketllm-zo-log/2"
@@ -40,13 +41,14 @@ FORMAT = "pocketllm-zo-log/2"
 # key space beyond the seed, and its early logs no queries or optimizer).
 READS = {"pocketllm-zo-log/1": {"queries": 1, "optimizer": {"name": "sgd"},
                                 "run": 0, "round": 0, "client": 0, "estimator": "spsa",
-                                "estimator_settings": {}},
-         FORMAT: {"estimator": "spsa", "estimator_settings": {}}}
+                                "estimator_settings": {}, "perturbation": {"name": "dense"}},
+         FORMAT: {"estimator": "spsa", "estimator_settings": {},
+                  "perturbation": {"name": "dense"}}}
 HEADER_FIELDS = ("seed", "run", "round", "client", "dist", "trainable", "dtype", "params",
                  "queries", "optimizer")
 # what must match for `--resume` to continue a log (dtype may change: the log holds no weights)
 SAME_RUN = ("seed", "dist", "trainable", "params", "queries", "optimizer",
-            "run", "round", "client", "estimator", "estimator_settings")
+            "run", "round", "client", "estimator", "estimator_settings", "perturbation")
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -94,13 +96,14 @@ class KeySpace:
 
 def header(space: KeySpace, *, dist: str, trainable: str, dtype: str, params: list[str],
            queries: int, optimizer: dict, estimator: str = "spsa",
-           estimator_settings: dict | None = None) -> dict:
+           estimator_settings: dict | None = None, perturbation: dict | None = None) -> dict:
     """The header line of a run's log (`estimator` and its own settings: what made its
-    scalars; replay does not need them, `--resume` refuses to continue a log with others)."""
+    scalars; replay does not need them, `--resume` refuses to continue a log with others;
+    `perturbation`: the spec of how z was drawn, default dense, which replay rebuilds)."""
     return {"format": FORMAT, **asdict(space), "estimator": estimator,
             "estimator_settings": dict(estimator_settings or {}), "dist": dist,
             "trainable": trainable, "dtype": dtype, "params": params, "queries": queries,
-            "optimizer": optimizer}
+            "optimizer": optimizer, "perturbation": perturbation or {"name": "dense"}}
 
 
 class ZOLog:
@@ -187,10 +190,12 @@ class ZOLog:
             self.rewrite(head, recs[:steps])
 
     def restore(self, mine: dict, params, opt: optim.ZOOptimizer,
+                perturbation: perturbations.Perturbation | None = None,
                 before_refresh: Callable[[dict], None] | None = None) -> int:
         """`--resume`: check that the log was written by this run (`mine`: its header), replay
-        it onto `params` through `opt` and return the number of steps done
-        (`before_refresh`: as for `replay_steps`)."""
+        it onto `params` through `opt` with z drawn by `perturbation` (the run's, built on
+        `params` before any step; None: one built from the header) and return the number of
+        steps done (`before_refresh`: as for `replay_steps`)."""
         if not self.has_header():
             return 0  # killed before its header was complete: nothing was trained yet
         head, steps = self.read()
@@ -198,43 +203,65 @@ class ZOLog:
             if head[k] != mine[k]:
                 raise SystemExit(f"--resume: {self.path} was written by a different run "
                                  f"({k}: {head[k]!r} there, {mine[k]!r} now)")
-        replay_log(head, steps, params, opt, before_refresh)
+        replay_log(head, steps, params, opt, perturbation, before_refresh)
         self.rewrite(head, steps)  # drops a torn last line so the appended log stays well formed
         return len(steps)
 
 
 def replay_log(head: dict, steps: list[dict], params, opt: optim.ZOOptimizer | None = None,
+               perturbation: perturbations.Perturbation | None = None,
                before_refresh: Callable[[dict], None] | None = None) -> None:
     """Replay a read log onto `params` ([(name, tensor)] in the header's order) through `opt`
-    (default: a fresh one of the optimizer the header names)."""
-    opt = opt or optim.build(head["optimizer"], [p for _, p in params])
-    replay_steps(params, steps, KeySpace.of(head), head["dist"], opt, before_refresh)
+    (default: a fresh one of the optimizer the header names), z drawn by `perturbation`
+    (default: the one the header names, built on `params` as they are now: the base
+    weights)."""
+    tensors = [p for _, p in params]
+    opt = opt or optim.build(head["optimizer"], tensors)
+    if perturbation is None:
+        try:
+            perturbation = perturbations.build(head["perturbation"], tensors, head["dist"])
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"ZO log header: perturbation {head['perturbation']!r}: {e}") from None
+    replay_steps(params, steps, KeySpace.of(head), head["dist"], opt, perturbation,
+                 before_refresh)
 
 
-def estimate_of(rec: dict, space: KeySpace, n_tensors: int, dist: str) -> optim.Estimate:
-    """The estimate step record `rec` applies: its projected grads along its step's keys and,
-    after an anchored estimator's refresh, the anchor's along the refresh step's."""
+def estimate_of(rec: dict, space: KeySpace, n_tensors: int,
+                pert: perturbations.Perturbation) -> optim.Estimate:
+    """The estimate step record `rec` applies, z drawn by `pert`: its projected grads along
+    its step's keys and, after an anchored estimator's refresh, the anchor's along the refresh
+    step's."""
     grads = rec.get("projected_grads") or [rec["projected_grad"]]
-    keys = space.keys(rec["step"], len(grads), n_tensors)
+    keys = pert.keys(space, rec["step"], len(grads), n_tensors)
     if "anchor" not in rec:
-        return optim.Estimate(keys, grads, dist)
+        return optim.Estimate(keys, grads, pert.dist, pert)
     anchor = rec["anchor_grads"]
-    keys += space.keys(rec["anchor"], len(anchor), n_tensors)
-    return optim.Estimate(keys, grads + anchor, dist, queries=len(grads))
+    keys = keys + pert.keys(space, rec["anchor"], len(anchor), n_tensors)
+    return optim.Estimate(keys, grads + anchor, pert.dist, pert, queries=len(grads))
 
 
 def replay_steps(params, steps: list[dict], seed: int | KeySpace, dist: str,
                  opt: optim.ZOOptimizer | None = None,
+                 perturbation: perturbations.Perturbation | None = None,
                  before_refresh: Callable[[dict], None] | None = None) -> None:
     """Apply every logged update in order, through `opt` (default: sgd), whose state this
     rebuilds: the estimate of step t is regenerated from the key space (a bare seed: the run
-    on its own) and its record (`estimate_of`). `before_refresh(rec)` is called before an
-    anchored estimator's refresh step is applied, when the weights are that refresh's anchor."""
+    on its own) and its record (`estimate_of`), z drawn by `perturbation` (default: dense).
+    `before_refresh(rec)` is called before an anchored estimator's refresh step is applied,
+    when the weights are that refresh's anchor."""
     space = seed if isinstance(seed, KeySpace) else KeySpace(seed)
     tensors = [p for _, p in params]
     opt = opt or optim.build({"name": "sgd"}, tensors)
-    target = optim.immediate(tensors, dist)
+    pert = perturbation or perturbations.build({"name": "dense"}, tensors, dist)
+    target = optim.immediate(tensors, dist, pert)
     for rec in steps:
         if rec.get("refresh") and before_refresh is not None:
             before_refresh(rec)
-        opt.apply(estimate_of(rec, space, len(tensors), dist), rec["lr"], target, logged=rec)
+        est = estimate_of(rec, space, len(tensors), pert)
+        opt.apply(est, rec["lr"], target, logged=rec)
+        if pert.needs:  # its state, as the run moved it after this step's update
+            missing = [f for f in pert.needs if f not in rec]
+            if missing:
+                raise SystemExit(f"ZO log: step {rec['step']} lacks {', '.join(missing)}, "
+                                 f"which perturbation {pert.name} needs to be replayed")
+            pert.observe(est.keys[:est.q], rec)  # the step's own keys

@@ -5,6 +5,9 @@ tensor, from `pocketllm.zo.log.KeySpace`) and its projected gradient g_j, so tha
 
     g_hat_i = (1/q) sum_j g_j z(keys[j][i])          (z regenerated from the key, never stored)
 
+z is the run's perturbation's (`pocketllm.zo.perturbations`; dense noise by default): the
+update moves the weights along the very z the step probed.
+
 * `sgd`: w -= lr g_hat, applied as q seeded updates (no state; the Perturber fuses them into
   the next step's perturbation, so this works on full parameters at inference memory).
 * `momentum`: heavy-ball, m = beta m + g_hat, w -= lr m.
@@ -29,36 +32,47 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import Registry
-from . import noise
+from .perturbations import Key, Perturbation
+from .perturbations.dense import Dense as DenseZ
 
 # updates as (keys of every tensor, coefficient): p_i += coef * z(keys[i])
-Seeded = list[tuple[list[int], float]]
+Seeded = list[tuple[list[Key], float]]
 
 
 @dataclass
 class Estimate:
     """A ZO gradient estimate as seeds: per query its keys (per tensor) and projected grad,
-    g_hat = (1/q) sum_j grads[j] z(keys[j]). q is the step's number of queries (`queries`; 0:
-    one per entry); an anchored estimator (svrg) adds its anchor's q entries to the step's q,
-    each along its own keys, under the same 1/q."""
+    g_hat = (1/q) sum_j grads[j] z(keys[j]), z drawn as `perturbation` says (None: dense noise
+    of distribution `dist`). q is the step's number of queries (`queries`; 0: one per entry);
+    an anchored estimator (svrg) adds its anchor's q entries to the step's q, each along its
+    own keys, under the same 1/q."""
 
-    keys: list[list[int]]
+    keys: list[list[Key]]
     grads: list[float]
     dist: str = "gaussian"
+    perturbation: Perturbation | None = None
     queries: int = 0
+
+    def __post_init__(self):
+        if self.perturbation is None:
+            self.perturbation = DenseZ((), self.dist)
+
+    @property
+    def q(self) -> int:
+        """The step's number of queries: g_hat's 1/q (the first q entries are the step's)."""
+        return self.queries or len(self.grads)
 
     def coefs(self, lr: float) -> list[float]:
         """Each query's coefficient in w -= lr g_hat."""
-        q = self.queries or len(self.grads)
-        return [-lr * g / q for g in self.grads]
+        return [-lr * g / self.q for g in self.grads]
 
-    def dense(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        """g_hat of tensor i as a float32 tensor shaped like `like`."""
-        q = self.queries or len(self.grads)
-        out = torch.zeros(like.numel(), dtype=torch.float32)
+    def dense(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        """g_hat of tensor i (`w`: its current weights, which a perturbation's z may depend
+        on) as a float32 tensor shaped like it."""
+        out = torch.zeros(w.numel(), dtype=torch.float32)
         for k, g in zip(self.keys, self.grads):
-            out.add_(noise.noise(k[i], 0, like.numel(), self.dist), alpha=g / q)
-        return out.view(like.shape)
+            out.add_(self.perturbation.z(i, k[i], w.data).reshape(-1), alpha=g / self.q)
+        return out.view(w.shape)
 
 
 @dataclass
@@ -72,15 +86,17 @@ class Target:
     loss: Callable[[], float] | None = None
 
 
-def immediate(params: Sequence[torch.Tensor], dist: str) -> Target:
-    """A target that applies seeded updates at once, in order (replay)."""
+def immediate(params: Sequence[torch.Tensor], dist: str,
+              perturbation: Perturbation | None = None) -> Target:
+    """A target that applies seeded updates at once, in order (replay); z drawn as
+    `perturbation` says (None: dense)."""
     params = list(params)
+    pert = perturbation if perturbation is not None else DenseZ(params, dist)
 
     def apply(updates: Seeded) -> None:
         with torch.no_grad():
             for i, p in enumerate(params):
-                for keys, coef in updates:
-                    noise.add_noise_(p.data, keys[i], 0, coef, dist)
+                pert.add_(i, p.data, [(keys[i], coef) for keys, coef in updates])
     return Target(params, apply)
 
 

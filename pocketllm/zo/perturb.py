@@ -14,7 +14,10 @@ before use and drops them after, so:
   zero learning rate they stay bit-for-bit identical after any number of steps, in any dtype.
 
 z is a counter-based function of (key, element index) (`pocketllm.zo.noise`), so any slice of a
-weight (an embedding row, a chunk of the output head) gets the same noise as the whole.
+weight (an embedding row, a chunk of the output head) gets the same noise as the whole. What z is
+for each tensor is the run's `Perturbation` (`pocketllm.zo.perturbations`): dense z by default,
+built by the fused kernel; a sparse or low-rank one is built by its own (pure torch) code, its
+queued update applied before the copies instead of fused into them.
 """
 
 from __future__ import annotations
@@ -29,18 +32,20 @@ import torch.nn.functional as F
 from ..lora import LoRALinear
 from .. import loss
 from ..loss import HeadChunk, output_head
-from . import noise
-
+from .perturbations import Perturbation
+from .perturbations.dense import Dense
 
 
 class Perturber:
     """Owns the trainable parameters of a ZO run and their pending update."""
 
     def __init__(self, model: nn.Module, params: Sequence[tuple[str, nn.Parameter]],
-                 dist: str = "gaussian"):
+                 dist: str = "gaussian", perturbation: Perturbation | None = None):
         self.model, self.dist = model, dist
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
+        # what z is for each tensor (default: dense noise of the key, the fused kernel)
+        self.z = perturbation if perturbation is not None else Dense(self.params, dist)
         index = {id(p): i for i, p in enumerate(self.params)}
         # module -> [(attribute, parameter index)] for the trainable parameters it owns itself
         self.owners: dict[nn.Module, list[tuple[str, int]]] = {}
@@ -81,8 +86,7 @@ class Perturber:
                 self._apply_pending(i)
 
     def _apply_pending(self, i: int) -> None:
-        for key, coef in self.pending.pop(i):
-            noise.add_noise_(self.params[i].data, key, 0, coef, self.dist)
+        self.z.add_(i, self.params[i].data, self.pending.pop(i))
 
     # ---- building perturbed copies --------------------------------------------------------
     def _buf(self, slot: str, like: torch.Tensor) -> torch.Tensor:
@@ -104,12 +108,14 @@ class Perturber:
         w = p if flat is None else flat
         upd_key, upd_coef = None, 0.0
         if i in self.pending:
-            if flat is not None:  # a slice: the whole tensor must be updated first
+            if flat is not None or not self.z.fused:
+                # a slice (the whole tensor must be updated first), or a perturbation the
+                # kernel does not build: the update first, then the copies
                 self._apply_pending(i)
             else:  # all but the last queued update now, the last fused into the first copy
                 *first, (upd_key, upd_coef) = self.pending.pop(i)
-                for k, c in first:
-                    noise.add_noise_(p, k, 0, c, self.dist)
+                if first:
+                    self.z.add_(i, p, first)
 
         def alloc(tag: str) -> torch.Tensor:
             return torch.empty_like(w) if fresh else self._buf(slot + tag, w)
@@ -122,8 +128,8 @@ class Perturber:
             pair = g + 1 < G and keys[g + 1] == keys[g] and signs[g + 1] == -signs[g]
             o1 = alloc(str(g))
             o2 = alloc(str(g + 1)) if pair else None
-            noise.perturb_pair(w, keys[g], start, signs[g] * self.eps, self.dist, o1, o2,
-                               update_key=upd_key, update_coef=upd_coef)
+            self.z.perturb_pair(i, w, keys[g], start, signs[g] * self.eps, o1, o2,
+                                update_key=upd_key, update_coef=upd_coef)
             upd_key, upd_coef = None, 0.0
             out += [o1] if o2 is None else [o1, o2]
             g += 2 if pair else 1
@@ -170,7 +176,7 @@ class Perturber:
             ws = []
             for keys, s in zip(self.group_keys, self.signs):
                 o = torch.empty(ids.numel(), w.shape[1], dtype=w.dtype)
-                noise.perturb_rows(w.data, ids, keys[idx], s * self.eps, self.dist, o, None)
+                self.z.perturb_rows(idx, w.data, ids, keys[idx], s * self.eps, o)
                 ws.append(o)
         bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
         if bias_idx is not None:
@@ -272,8 +278,7 @@ def embedding_forward(pert: Perturber, mod: nn.Embedding, orig, ids: torch.Tenso
     for g, ig in enumerate(_split_rows(pert, ids)):
         flat = ig.reshape(-1)
         o = torch.empty(flat.numel(), w.shape[1], dtype=w.dtype)
-        noise.perturb_rows(w, flat, pert.group_keys[g][i], pert.signs[g] * pert.eps, pert.dist,
-                           o, None)
+        pert.z.perturb_rows(i, w, flat, pert.group_keys[g][i], pert.signs[g] * pert.eps, o)
         outs.append(o.view(*ig.shape, w.shape[1]))
     return _cat_groups(pert, outs)
 

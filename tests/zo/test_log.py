@@ -14,7 +14,7 @@ from pocketllm.config import read_run_config
 from pocketllm.lora import save_adapter
 from pocketllm.models import load_model
 from pocketllm.trainable import setup_trainable
-from pocketllm.zo import noise, optim
+from pocketllm.zo import noise, optim, perturbations
 from pocketllm.zo.log import FORMAT, NAME, KeySpace, ZOLog, estimate_of, header, replay_log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,14 +249,29 @@ def registered_estimator(monkeypatch):
 def test_a_record_s_estimate_adds_the_anchor_s_along_the_refresh_step_s_keys():
     """An anchored estimator's step (svrg): its q projected grads along its own keys, then the
     anchor's q along the refresh step's, all under the step's 1/q; a plain record: its own."""
-    space = KeySpace(5)
-    plain = estimate_of({"step": 7, "projected_grads": [0.5, -1.0]}, space, 3, "gaussian")
+    space, dense = KeySpace(5), perturbations.build({"name": "dense"}, (), "gaussian")
+    plain = estimate_of({"step": 7, "projected_grads": [0.5, -1.0]}, space, 3, dense)
     assert plain.keys == space.keys(7, 2, 3) and plain.grads == [0.5, -1.0]
     assert plain.coefs(0.1) == pytest.approx([-0.025, 0.05])
     rec = {"step": 7, "projected_grads": [0.5, -1.0], "anchor": 3, "anchor_grads": [2.0, 4.0]}
-    est = estimate_of(rec, space, 3, "gaussian")
+    est = estimate_of(rec, space, 3, dense)
     assert est.keys == space.keys(7, 2, 3) + space.keys(3, 2, 3)
     assert est.coefs(0.1) == pytest.approx([-0.025, 0.05, -0.1, -0.2])
     w = torch.zeros(8)
     want = sum(c * noise.noise(k[0], 0, 8, "gaussian") for k, c in zip(est.keys, est.coefs(0.1)))
     assert torch.allclose(est.dense(0, w) * -0.1, want, atol=1e-6)
+
+
+def test_a_record_s_anchor_is_drawn_by_the_run_s_perturbation():
+    """With another perturbation (lowrank) the anchor's z is that perturbation's z of the
+    refresh step's keys: its U and its subspace V (a window before the step's)."""
+    space, w = KeySpace(5), torch.randn(6, 4)
+    lowrank = perturbations.build({"name": "lowrank", "rank": 2, "refresh": 2}, [w], "gaussian")
+    rec = {"step": 7, "projected_grads": [0.5], "anchor": 3, "anchor_grads": [2.0]}
+    est = estimate_of(rec, space, 1, lowrank)
+    assert est.perturbation is lowrank and est.q == 1
+    assert est.keys == lowrank.keys(space, 7, 1, 1) + lowrank.keys(space, 3, 1, 1)
+    assert est.keys[0][0][1] != est.keys[1][0][1]  # windows 3 and 1: different subspaces
+    want = 0.5 * lowrank.z(0, est.keys[0][0], w) + 2.0 * lowrank.z(0, est.keys[1][0], w)
+    assert torch.allclose(est.dense(0, w), want, atol=1e-6)
+    assert torch.linalg.matrix_rank(est.dense(0, w)) <= 4  # two rank-2 directions

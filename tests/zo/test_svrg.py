@@ -177,10 +177,12 @@ def test_lowers_the_loss_with_the_zo_optimizers(name, zo_opt, lr):
 # ---- through the CLI: resume, replay, refusals -----------------------------------------------
 @pytest.mark.parametrize("name,extra", [
     ("zo-sgd", []),
-    ("prge", ["--queries", "2", "--zo-optimizer", "adam", "--anchor-lr", "2"])])
+    ("prge", ["--queries", "2", "--zo-optimizer", "adam", "--anchor-lr", "2"]),
+    ("zo-sgd", ["--zo-perturbation", "lowrank", "--lowrank-refresh", "2"])])
 def test_resume_and_replay_rebuild_the_run(name, extra, tmp_path, data_dir, capsys):  # noqa: F811
     """8 steps, refreshes at 0, 3, 6; cut after 4 (mid-way between refreshes: the resumed run
-    must rebuild the anchor of step 3 and its estimate from the log)."""
+    must rebuild the anchor of step 3 and its estimate from the log). With lowrank z the
+    anchor's subspace is its refresh step's, not the step's (windows of 2 steps)."""
     flags = ["--estimator", "svrg", "--anchor-every", "3", "--learning-rate", "2e-2", *extra]
     ref, cut = tmp_path / "uninterrupted", tmp_path / "interrupted"
     _train(ref, data_dir, name, "lora", 8, flags)
@@ -196,6 +198,7 @@ def test_resume_and_replay_rebuild_the_run(name, extra, tmp_path, data_dir, caps
     head, recs = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
     assert head["estimator"] == "svrg"
     assert head["estimator_settings"]["anchor_every"] == 3
+    assert head["perturbation"]["name"] == ("lowrank" if "lowrank" in extra else "dense")
     assert [r["step"] for r in recs if r.get("refresh")] == [0, 3, 6]
     assert [r.get("anchor") for r in recs] == [None, 0, 0, None, 3, 3, None, 6]
 

@@ -55,6 +55,11 @@ class Estimator(ABC):
     anchor_lr = 1.0  # a refresh step's learning rate, as a multiple of the step's
     flags: dict[str, str] = {}  # constructor keyword -> the run setting it comes from
 
+    # Per-query figures besides the projected gradients that `report` returns and the step
+    # logs (hizoo: "curvature"); a perturbation that keeps state needs some of them
+    # (`Perturbation.needs`) and rebuilds its state from the log's on replay.
+    reports: tuple[str, ...] = ()
+
     def __init__(self, queries: int = 1):
         if queries < self.min_queries:
             raise ValueError(f"--estimator {self.name} needs at least {self.min_queries} "
@@ -84,6 +89,10 @@ class Estimator(ABC):
     def settings(self) -> dict:
         """Its own settings (`flags`), as a log header records them."""
         return {h: getattr(self, h) for h in self.flags}
+
+    def report(self, losses: torch.Tensor, eps: float) -> dict[str, list[float]]:
+        """The figures named by `reports`, one per query, from the replicas' losses."""
+        return {}
 
     def spec(self) -> dict:
         """What a log header records to rebuild this estimator."""
