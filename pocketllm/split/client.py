@@ -222,7 +222,7 @@ class SplitClient:
                                  f"{self.acked}")
             delay = min(MAX_BACKOFF_S, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
             if retry_after is not None:  # the server said when: no need to wait longer
-                delay = min(delay, retry_after)
+                delay = min(delay, max(retry_after, 0.05))
             attempt += 1
             log.warning("server %s: %s; retrying in %.1fs from step %d", self.address, err,
                         delay, self.acked + 1)

@@ -4,8 +4,10 @@ Every device session (keyed by a client-chosen random id) holds a side network a
 state. A step is acknowledged only once it is trained *and* checkpointed (atomically: temp file,
 fsync, rename), so what a client hears acknowledged survives a SIGKILL; a restarted server loads
 every session from the state directory and a reconnecting client resumes after the step it last
-heard acknowledged. Steps already trained are acknowledged again without training (`duplicate`),
-a step beyond the next one is refused: no batch is lost or trained twice.
+heard acknowledged. Steps already trained are acknowledged again without training (`duplicate`;
+with private labels, where the device would wait for a side output, refused with ABORTED and the
+session's step, so that it reopens), a step beyond the next one is refused: no batch is lost or
+trained twice.
 
 Every RPC but Health needs the token (constant-time compare), checked before the request's bytes
 are decoded; a session's files are named by a hash of its id, so neither logs nor the state

@@ -101,8 +101,9 @@ def test_malformed_payloads_get_an_error_and_the_server_keeps_serving(server, to
     raw = client.channel.stream_stream("/pocketllm.split.SideTuning/Train",
                                        request_serializer=lambda x: x,
                                        response_deserializer=lambda x: x)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as e:
         list(raw(iter([b"\xff\xfe\x00garbage\x07"]), metadata=client.md, timeout=180))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # over the message size limit (the test server takes 4 MiB)
     huge = variant(lambda b: setattr(b.taps[0], "data", bytes(5 * 2**20)))
     with pytest.raises(grpc.RpcError) as e:
