@@ -3,6 +3,7 @@ honestly: real `pocketllm serve` processes on loopback, tiny model (issue 14).""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -347,28 +348,38 @@ def test_refusals_are_bounded_ids_strong_health_silent(server, token_file, devic
 
 
 def test_corrupt_checkpoint_refuses_resume_and_is_kept(tmp_path, token_file, device):
-    state = tmp_path / "state"
+    """A session's checkpoint damaged while the server was down: the device's --resume fails
+    at once with DATA_LOSS (it used to restart the session at step 0 and overwrite the file),
+    the damaged file is kept aside, and so across restarts; new sessions train as ever."""
+    from pocketllm.cli import main
+    from pocketllm.split.client import SESSION_FILE
+    state, run = tmp_path / "state", tmp_path / "run"
     srv = Server(state, token_file).start(forked=True)
-    cfg = side_config(device[0])
+    train = ["train", "--method", "side", "--model", "tiny-llama", "--server", srv.address,
+             "--token-file", str(token_file), "--batch-size", "2", "--adapter-path", str(run),
+             "--val-batches", "1", "--eval-batch-size", "4", "--side-width", "8"]
     try:
-        client, sid, _ = run_session(srv.address, token_file, device, cfg, 2)
-        client.close()
+        assert main([*train, "--iters", "2"]) == 0
         srv.stop()
         (ckpt,) = state.glob("*.pt")
         damaged = ckpt.read_bytes()[:-100] + b"\0" * 50
         ckpt.write_bytes(damaged)
-        for restart in range(2):  # the refusal survives another restart
-            srv.start(forked=True)
-            assert "unreadable" in srv.log.read_text()
-            t0 = time.monotonic()
-            with pytest.raises(SplitError) as e:
-                run_session(srv.address, token_file, device, cfg, 4, sid=sid)
-            assert time.monotonic() - t0 < 10  # refused, not retried
-            assert "DATA_LOSS" in str(e.value) and "without --resume" in str(e.value)
-            assert not ckpt.exists()
-            assert (state / (ckpt.stem + ".corrupt")).read_bytes() == damaged
-            srv.stop()
         srv.start(forked=True)
+        assert "unreadable" in srv.log.read_text()
+        with pytest.raises(SystemExit) as e:  # the CLI's --resume
+            main([*train, "--iters", "4", "--resume"])
+        assert "DATA_LOSS" in str(e.value) and "without --resume" in str(e.value)
+        srv.stop()
+        sid = json.loads((run / SESSION_FILE).read_text())["session_id"]
+        cfg = side_config(device[0])
+        srv.start(forked=True)  # the refusal survives another restart
+        t0 = time.monotonic()
+        with pytest.raises(SplitError) as e:  # and holds for the client library's reconnects
+            run_session(srv.address, token_file, device, cfg, 4, sid=sid)
+        assert time.monotonic() - t0 < 10  # refused, not retried
+        assert "DATA_LOSS" in str(e.value)
+        assert not ckpt.exists()
+        assert (state / (ckpt.stem + ".corrupt")).read_bytes() == damaged
         # a new session (a run without --resume) trains as ever
         _, _, acks = run_session(srv.address, token_file, device, cfg, 1)
         assert [a[0] for a in acks] == [1]
