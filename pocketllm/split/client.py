@@ -210,8 +210,11 @@ class SplitClient:
                 if e.code() not in RETRYABLE or (
                         e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is None):
                     # e.g. a message over the size limit: refused the same way on every retry
+                    hint = ("; every retry would be refused the same: send fewer rows a step "
+                            "(--batch-size) or raise the server's --max-message-mb"
+                            if "larger than max" in (e.details() or "") else "")
                     raise SplitError(f"server {self.address}: {e.code().name}: "
-                                     f"{e.details()}") from None
+                                     f"{e.details()}{hint}") from None
                 err = f"{e.code().name}: {e.details()}"
             if self.acked > before:
                 attempt, last_ok = 0, time.time()

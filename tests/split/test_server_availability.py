@@ -10,8 +10,8 @@ import signal
 import statistics
 import threading
 import time
-from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import grpc
 import pytest
@@ -56,7 +56,7 @@ def test_idle_streams_stall_neither_health_nor_a_training_device(tmp_path, token
     streams, workers, idle_s = 4, 2, 3.0
     srv = Server(tmp_path / "state", token_file, args=(
         "--max-streams", str(streams), "--workers", str(workers),
-        "--stream-idle-s", str(idle_s))).start()
+        "--stream-idle-s", str(idle_s))).start(forked=True)
     stop_canary, stop_idle = threading.Event(), threading.Event()
     times: list[float] = []
     errors: list[BaseException] = []
@@ -412,3 +412,4 @@ def test_a_reply_over_the_message_limit_fails_at_once(server, token_file, device
     client.close()
     assert time.monotonic() - t0 < 10
     assert "RESOURCE_EXHAUSTED" in str(e.value) and "larger than" in str(e.value)
+    assert "--max-message-mb" in str(e.value)
