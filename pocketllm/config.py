@@ -239,7 +239,23 @@ class ServeArgs:
                        "(default: the built-in aliases)")
     max_message_mb: int = opt(64, "largest message accepted or sent, MiB", ge=1,
                               le=2047)  # gRPC's limit is a signed 32-bit byte count
-    workers: int = opt(16, "RPC worker threads (concurrent streams)", ge=1, le=MAX_THREADS)
+    # availability limits (server.availability_limits prints them at start-up)
+    max_streams: int = opt(16, "Train streams served at once; one more is refused with "
+                           "RESOURCE_EXHAUSTED and a retry-after (devices retry)", ge=1,
+                           le=MAX_THREADS)
+    workers: int = opt(8, "worker threads for Health, Open and Fetch, besides the "
+                       "--max-streams threads that Train streams hold", ge=1, le=MAX_THREADS)
+    stream_idle_s: float = opt(120.0, "close a Train stream that sends no message for this "
+                               "long (frees its slot for another device)", gt=0)
+    session_lease_s: float = opt(60.0, "a session whose stream sent nothing for this long (a "
+                                 "frozen device, a half-open connection) goes to the next "
+                                 "stream that asks for it: the device's reconnect or --resume",
+                                 gt=0)
+    keepalive_s: float = opt(30.0, "ping a connection quiet for this long; one that does not "
+                             "answer within as long again (a dead or frozen peer) is closed",
+                             gt=0)
+    shutdown_grace_s: float = opt(5.0, "on SIGTERM/SIGINT, streams get this long to finish "
+                                  "before they are cancelled", ge=0)
     threads: int = opt(0, "torch threads (0: torch's default)", ge=0, le=MAX_THREADS)
     port_file: str = opt("", "write the bound port here once listening")
 

@@ -153,8 +153,13 @@ class SideTuning(Method):
         return self.sid
 
     def restore(self, out_dir) -> int:
+        import grpc
         self.opened = True
-        self.start = self.acked = self.client.open(self.session(out_dir, True), self.side)
+        try:
+            self.start = self.acked = self.client.open(self.session(out_dir, True), self.side)
+        except grpc.RpcError as e:  # e.g. DATA_LOSS: the session's checkpoint is unreadable
+            raise SystemExit(f"error: --resume: server {self.cfg.server}: {e.code().name}: "
+                             f"{e.details()}") from None
         return self.start
 
     def open_log(self, out_dir, fresh):

@@ -17,7 +17,6 @@ import json
 import logging
 import queue
 import random
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,13 +31,14 @@ from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from .quant import payload_bytes, quantize
 from .side import SideConfig, SideNetwork, head_loss_grad, side_from_bytes, tapped
-from .wire import TOKEN_HEADER, config_to_spec, decode_tensor
+from .wire import RETRY_AFTER, TOKEN_HEADER, config_to_spec, decode_tensor, new_session_id
 
 log = logging.getLogger("pocketllm.split")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.CANCELLED}
 MAX_BACKOFF_S = 8.0
+KEEPALIVE_MS = 60_000  # ping a quiet connection (a dead server's half-open one is then dropped)
 
 
 class SplitError(RuntimeError):
@@ -148,7 +148,9 @@ class SplitClient:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2000)]
+                ("grpc.max_reconnect_backoff_ms", 2000),
+                ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.ping_timeout_ms", 20_000), ("grpc.http2.max_pings_without_data", 0)]
         if tls_ca:
             creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(address, creds, options=opts)
@@ -194,7 +196,7 @@ class SplitClient:
         step or None) as each step is acknowledged, in order."""
         attempt, last_ok = 0, time.time()
         while True:
-            before = self.acked
+            before, retry_after = self.acked, None
             try:
                 self.acked = self.open(sid, cfg)
                 if self.acked >= iters:
@@ -204,20 +206,29 @@ class SplitClient:
                     return
                 err = "the server closed the stream early"
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE:
+                retry_after = _retry_after(e)
+                if e.code() not in RETRYABLE or (
+                        e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is None):
+                    # e.g. a message over the size limit: refused the same way on every retry
+                    hint = ("; every retry would be refused the same: send fewer rows a step "
+                            "(--batch-size) or raise the server's --max-message-mb"
+                            if "larger than max" in (e.details() or "") else "")
                     raise SplitError(f"server {self.address}: {e.code().name}: "
-                                     f"{e.details()}") from None
+                                     f"{e.details()}{hint}") from None
                 err = f"{e.code().name}: {e.details()}"
             if self.acked > before:
                 attempt, last_ok = 0, time.time()
             if time.time() - last_ok > retry_seconds:
-                raise SplitError(f"server {self.address} out of reach for {retry_seconds:.0f}s "
+                what = "out of reach" if retry_after is None else "refused the run"
+                raise SplitError(f"server {self.address} {what} for {retry_seconds:.0f}s "
                                  f"({err}); rerun with --resume to continue after step "
                                  f"{self.acked}")
             delay = min(MAX_BACKOFF_S, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
+            if retry_after is not None:  # the server said when: no need to wait longer
+                delay = min(delay, max(retry_after, 0.05))
             attempt += 1
-            log.warning("connection to %s lost (%s); retrying in %.1fs from step %d",
-                        self.address, err, delay, self.acked + 1)
+            log.warning("server %s: %s; retrying in %.1fs from step %d", self.address, err,
+                        delay, self.acked + 1)
             time.sleep(delay)
 
     def _stream(self, sid, cfg, make_step, iters, head, queue_depth
@@ -313,6 +324,17 @@ SESSION_FILE = "session.json"
 SIDE_FILE = "side_network.safetensors"
 
 
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The server's retry-after on a refusal worth retrying (`wire.RETRY_AFTER`), else None."""
+    for key, value in getattr(e, "trailing_metadata", lambda: None)() or ():
+        if key == RETRY_AFTER:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
 def private_labels(setting: str, class_labels: bool) -> bool:
     """'auto': private unless the targets are class labels (text targets *are* the text)."""
     return setting == "on" or (setting == "auto" and not class_labels)
@@ -323,7 +345,7 @@ def session_id(out: Path, resume: bool, server: str) -> str:
     path = out / SESSION_FILE
     if resume and path.exists():
         return json.loads(path.read_text())["session_id"]
-    sid = secrets.token_hex(16)
+    sid = new_session_id()
     path.write_text(json.dumps({"session_id": sid, "server": server}))
     path.chmod(0o600)  # the id lets its holder (with the token) read the side network back
     return sid

@@ -6,6 +6,8 @@ Both sides import this module; neither imports the other."""
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +18,34 @@ from .quant import dequantize
 from .side import SideConfig
 
 TOKEN_HEADER = "authorization"
+# trailing metadata on a refusal that is worth retrying (a busy stream slot or session): seconds
+# to wait. A RESOURCE_EXHAUSTED without it (a message over the size limit) would fail the same way
+# on every retry.
+RETRY_AFTER = "pocketllm-retry-after-s"
+SESSION_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-_")
+
+
+def session_id_problem(sid: str) -> str:
+    """Why `sid` cannot name a session ('' if it can): a session id is the session's only secret
+    besides the shared token, so it must be long and look random. A 128-bit `secrets.token_hex`
+    passes with probability > 1 - 1e-6 (and `new_session_id` draws again if not)."""
+    if not 32 <= len(sid) <= 128:
+        return f"session id must be 32..128 characters, got {len(sid)}"
+    if not set(sid) <= SESSION_ID_CHARS:
+        return "session id must be letters, digits, '-' or '_'"
+    counts = [sid.count(c) for c in set(sid)]
+    periodic = any(sid[p:] == sid[:-p] for p in range(1, len(sid) // 2 + 1))
+    if len(counts) < 8 or max(counts) > len(sid) // 2 or periodic:
+        return "session id looks non-random (too few distinct characters or a repeated pattern)"
+    return ""
+
+
+def new_session_id() -> str:
+    """A random session id the server accepts."""
+    while True:
+        sid = secrets.token_hex(16)
+        if not session_id_problem(sid):
+            return sid
 
 
 def read_token(path: str | os.PathLike) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ROOT, Server
+from .harness import STEPS, Server, make_device, run_session, side_config
 
 
 @pytest.fixture(scope="package")
@@ -27,14 +27,16 @@ def server(tmp_path_factory, token_file):
 @pytest.fixture(scope="package")
 def device():
     """tiny-llama and a batch schedule over a few personal notes (labels: the completions)."""
-    from pocketllm.data import Batcher, encode_all, load_jsonl
-    from pocketllm.models import load_model
-    model, tok = load_model("tiny-llama")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    records = load_jsonl(ROOT / "examples/personal/train.jsonl")[:24]
-    enc = encode_all(records, tok, mask_prompt=True, max_seq_length=200)
-    return model, tok, records, Batcher(enc.items, 4, 0, tok.pad_token_id)
+    return make_device()
 
 
+@pytest.fixture(scope="package")
+def reference(server, token_file, device):
+    """An uninterrupted run of STEPS steps: the acks and side network every interrupted run
+    must end up equal to."""
+    cfg = side_config(device[0])
+    client, sid, acks = run_session(server.address, token_file, device, cfg, STEPS)
+    step, side = client.fetch(sid)
+    client.close()
+    assert step == STEPS and [a[0] for a in acks] == list(range(1, STEPS + 1))
+    return acks, side

@@ -14,20 +14,7 @@ from pocketllm.split import split_pb2_grpc as pb_grpc
 from pocketllm.split.client import SplitClient, device_step, qtensor
 from pocketllm.split.wire import config_to_spec
 
-from .harness import Proxy, Server, run_session, same_weights, side_config
-
-STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def reference(server, token_file, device):
-    """An uninterrupted run: the side network every interrupted run must end up equal to."""
-    cfg = side_config(device[0])
-    client, sid, acks = run_session(server.address, token_file, device, cfg, STEPS)
-    step, side = client.fetch(sid)
-    client.close()
-    assert step == STEPS and [a[0] for a in acks] == list(range(1, STEPS + 1))
-    return acks, side
+from .harness import STEPS, Proxy, Server, run_session, same_weights, side_config
 
 
 def test_health_needs_no_token(server):
@@ -114,8 +101,9 @@ def test_malformed_payloads_get_an_error_and_the_server_keeps_serving(server, to
     raw = client.channel.stream_stream("/pocketllm.split.SideTuning/Train",
                                        request_serializer=lambda x: x,
                                        response_deserializer=lambda x: x)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as e:
         list(raw(iter([b"\xff\xfe\x00garbage\x07"]), metadata=client.md, timeout=180))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # over the message size limit (the test server takes 4 MiB)
     huge = variant(lambda b: setattr(b.taps[0], "data", bytes(5 * 2**20)))
     with pytest.raises(grpc.RpcError) as e:
