@@ -8,11 +8,13 @@ OUT=${OUT:-runs/demo}
 START=$(date +%s)
 
 $PL train -c examples/personal/demo.yaml --adapter-path "$OUT"
+# the adapter that scored best on valid during training (--keep-best, on by default)
+BEST="$OUT/best"; [ -d "$BEST" ] || BEST="$OUT"
 
 echo
 echo "== test split (held out, never seen in training) =="
 $PL eval --model smollm2-135m --data examples/personal --split test
-$PL eval --model smollm2-135m --data examples/personal --split test --adapter-path "$OUT"
+$PL eval --model smollm2-135m --data examples/personal --split test --adapter-path "$BEST"
 
 PROMPT=$(.venv/bin/python -c "import json; print(json.loads(open('examples/personal/test.jsonl').readline())['prompt'])")
 echo
@@ -20,7 +22,7 @@ echo "== generation =="
 echo "prompt: $PROMPT"
 echo "-- without adapter:"
 $PL generate --prompt "$PROMPT" --max-tokens 8
-echo "-- with adapter ($OUT):"
-$PL generate --prompt "$PROMPT" --max-tokens 8 --adapter-path "$OUT"
+echo "-- with adapter ($BEST):"
+$PL generate --prompt "$PROMPT" --max-tokens 8 --adapter-path "$BEST"
 echo
 echo "demo finished in $(( $(date +%s) - START )) s"
