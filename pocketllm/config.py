@@ -19,6 +19,9 @@ import yaml
 
 from .schedules import SHAPES
 
+THREADS_HELP = ("torch threads (0: a fair share of the cores beside other CPU-bound jobs, chosen "
+                "again as the load changes; README: Running two jobs side by side)")
+
 
 def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
     meta = {"help": help, "choices": choices}
@@ -109,7 +112,7 @@ class TrainArgs(ModelArgs, DataArgs):
                           "after); logged as test_accuracy with the wall-clock time")
     val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)")
     eval_batch_size: int = opt(16, "sequences per evaluation batch")
-    threads: int = opt(0, "torch threads (0: torch's default)")
+    threads: int = opt(0, THREADS_HELP)
 
 
 @dataclass
@@ -137,6 +140,7 @@ class EvalArgs(ModelArgs, DataArgs):
     batch_size: int = opt(16, "sequences per batch")
     max_batches: int = opt(-1, "stop after N batches (-1: all)")
     json_out: str = opt("", "also write the figures to this JSON file")
+    threads: int = opt(0, THREADS_HELP)
 
 
 @dataclass

@@ -15,9 +15,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from . import memory
+from . import memory, threads
 from .config import TrainArgs, save_yaml
 from .data import Batcher
 from .data.source import load_run_data
@@ -41,9 +39,7 @@ def train(args: TrainArgs, settings: dict | None = None) -> dict:
     method_cls.prepare(args, cfg)             # refuses what it cannot run, before loading
     out = Path(args.adapter_path)
     out.mkdir(parents=True, exist_ok=True)
-    memory.tune_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    memory.tune_allocator()  # (the threads: the CLI's, threads.configure)
     save_yaml({**dataclasses.asdict(args), **dataclasses.asdict(cfg)}, out / "config.yaml")
 
     # Data first: a malformed file must fail before minutes of model loading.
@@ -82,7 +78,8 @@ class Run:
         batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
                           args.grad_accumulation, self.objective.collate)
         batch_at = lambda step: [batcher(step, k) for k in range(args.grad_accumulation)]
-        callbacks = [self.record, self.evaluate_every, self.save_every]
+        # the thread count is chosen again between steps as other jobs come and go (threads.py)
+        callbacks = [self.record, self.evaluate_every, self.save_every, lambda *_: threads.retune()]
         memory.reset_peak()  # peak from here on: training, not model loading
         t0, done = time.time(), start
         for done, res in method.steps(batch_at, start, args.iters, self.hyper):
