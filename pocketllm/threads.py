@@ -10,11 +10,12 @@ cores explains 2x; benchmarks/results/under_load.md). What the CLI does instead:
 
 - `OMP_WAIT_POLICY=PASSIVE` (`set_env_defaults`, before torch is loaded: OpenMP reads it once):
   a thread with nothing to do sleeps at once and leaves its core to whoever can use it.
-- a fair share of the cores (`choose`): the cores light background work leaves, divided among
-  the CPU-bound jobs, this run included, so that the threads of all of them add up to the cores
-  instead of twice as many. The share is chosen again every few seconds between steps and
-  batches (`retune`), so two runs started at different times settle on splitting the machine
-  (the first would otherwise keep every core it took when it was alone).
+- a fair share of the cores (`fair_share`): what light background work (a shell, an idle
+  server) leaves, divided equally among the CPU-bound jobs, this run included, so that the
+  threads of all of them add up to the cores instead of twice as many. It is chosen again
+  every few seconds between steps and batches (`retune`), so two runs started at different
+  times settle on splitting the machine (the first would otherwise keep every core it took
+  when it was alone).
 
 A user's choice wins: `--threads N` fixes the count, and so does `OMP_NUM_THREADS`; a set
 `OMP_WAIT_POLICY` is kept; `POCKETLLM_AUTO_THREADS=0` restores torch's defaults (both).
@@ -25,6 +26,7 @@ Imports nothing of pocketllm, and torch only once it is loaded: the CLI calls
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -32,7 +34,6 @@ from dataclasses import dataclass
 
 ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}  # the one place the toolkit sets them
 SWITCH = "POCKETLLM_AUTO_THREADS"               # "0": torch's defaults, as before
-JOB_CORES = 0.25   # a process using at least this much of a core counts as a CPU-bound job
 RETUNE_S = 3.0     # seconds between two choices
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -59,13 +60,23 @@ def set_env_defaults() -> dict[str, str]:
     return new
 
 
-def choose(cores: int, jobs: int = 0, light: float = 0.0, requested: int = 0) -> int:
-    """Threads for a run: `requested` if given (> 0), else the `cores` that `light` background
-    load (in cores' worth of CPU) leaves, shared equally with `jobs` other CPU-bound jobs;
-    at least 1, at most `cores`."""
+def fair_share(cores: int, others: list[float]) -> tuple[float, int]:
+    """This run's max-min fair share of `cores` beside other processes using `others` cores'
+    worth of CPU each: a process using less than an equal share keeps what it uses (an idle
+    server, a shell), the rest (the CPU-bound jobs) split what is left equally with this run.
+    Returns (the share in cores, how many other jobs share it)."""
+    rest, jobs = float(cores), sorted(u for u in others if u > 0)
+    while jobs and jobs[0] < rest / (1 + len(jobs)):  # water-filling, lightest first
+        rest -= jobs.pop(0)
+    return rest / (1 + len(jobs)), len(jobs)
+
+
+def choose(cores: int, others: list[float] = (), requested: int = 0) -> int:
+    """Threads for a run: `requested` if given (> 0), else its fair share of `cores` beside
+    processes using `others` cores each (`fair_share`), rounded; at least 1, at most `cores`."""
     if requested > 0:
         return requested
-    return max(1, min(cores, round((cores - light) / (1 + jobs))))
+    return max(1, min(cores, math.floor(fair_share(cores, list(others))[0] + 0.5)))
 
 
 # ---- what the rest of the machine is doing --------------------------------------------------
@@ -92,23 +103,14 @@ def sample(proc: str = "/proc") -> Sample:
     return Sample(time.monotonic(), cpu)
 
 
-def others(before: Sample, after: Sample, self_pid: int) -> tuple[int, float]:
-    """Between two samples: (CPU-bound jobs, cores' worth of the lighter load), not counting
-    `self_pid`. A job is a process using >= JOB_CORES of a core; processes that started or
-    ended in between are left for the next interval."""
+def others(before: Sample, after: Sample, self_pid: int) -> list[float]:
+    """Cores' worth of CPU each other process used between two samples (not `self_pid`;
+    processes that started or ended in between are left for the next interval)."""
     dt = after.t - before.t
     if dt <= 0:
-        return 0, 0.0
-    jobs, light = 0, 0.0
-    for pid, s in after.cpu.items():
-        if pid == self_pid or pid not in before.cpu:
-            continue
-        use = max(0.0, s - before.cpu[pid]) / dt
-        if use >= JOB_CORES:
-            jobs += 1
-        else:
-            light += use
-    return jobs, light
+        return []
+    return [(s - before.cpu[pid]) / dt for pid, s in after.cpu.items()
+            if pid != self_pid and pid in before.cpu and s > before.cpu[pid]]
 
 
 def cores() -> int:
@@ -135,15 +137,17 @@ class Governor:
         if not force and self.clock() - self.last.t < RETUNE_S:
             return self.threads
         cur = self.sampler()
-        jobs, light = others(self.last, cur, self.pid)
+        use = others(self.last, cur, self.pid)
         self.last = cur
-        n = choose(self.n_cores, jobs, light)
+        n = choose(self.n_cores, use)
         if n != self.threads:
             import torch
             torch.set_num_threads(n)
             if self.log:
-                self.log(f"threads: {n} of {self.n_cores} cores ({jobs} other CPU-bound "
-                         f"job{'s' * (jobs != 1)}, {light:.1f} cores of lighter load)")
+                share, jobs = fair_share(self.n_cores, use)
+                self.log(f"threads: {n} of {self.n_cores} cores (fair share {share:.1f} beside "
+                         f"{jobs} other CPU-bound job{'s' * (jobs != 1)} and "
+                         f"{sum(use):.1f} cores of load in all)")
             self.threads = n
         return n
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pocketllm import threads
-from pocketllm.threads import Governor, Sample, choose, env_defaults, others
+from pocketllm.threads import Governor, Sample, choose, env_defaults, fair_share, others
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,29 +16,34 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- the choice: a pure function of the cores, the load and the user's setting ---------------
 def test_alone_a_run_takes_every_core():
     assert choose(2) == 2
-    assert choose(16) == 16
+    assert choose(16, [0.01] * 50) == 16     # daemons: a 16-core machine stays 16 cores
 
 
-def test_beside_other_jobs_the_cores_are_shared_equally():
-    assert choose(2, jobs=1) == 1
-    assert choose(16, jobs=1) == 8
-    assert choose(16, jobs=3) == 4
+def test_beside_cpu_bound_jobs_the_cores_are_shared_equally():
+    assert choose(2, [2.0]) == 1             # the other job took every core: half each
+    assert choose(2, [1.0]) == 1
+    assert choose(16, [16.0]) == 8
+    assert choose(16, [5.0, 5.0, 6.0]) == 4
+    assert fair_share(16, [16.0]) == (8.0, 1)
 
 
-def test_light_load_takes_only_what_it_uses():
-    assert choose(2, light=0.3) == 2   # an idle server, a shell: not a reason to halve the run
-    assert choose(2, light=1.0) == 1
-    assert choose(16, jobs=1, light=2.0) == 7
+def test_light_load_keeps_only_what_it_uses():
+    assert choose(2, [0.3]) == 2             # an idle server, a shell: no reason to halve a run
+    assert fair_share(2, [0.3]) == (pytest.approx(1.7), 0)
+    # a job held to 3 threads uses 3 of 16 cores: the run takes the other 13, not 8
+    assert choose(16, [3.0]) == 13
+    # water-filling: 0.5 and 1.0 are below the equal share, 8 and 8 above it
+    assert fair_share(16, [8.0, 0.5, 1.0, 8.0]) == (pytest.approx(14.5 / 3), 2)
 
 
 def test_at_least_one_thread_at_most_the_cores():
-    assert choose(2, jobs=5) == 1
-    assert choose(2, jobs=1, light=3.0) == 1
-    assert choose(4, light=-1.0) == 4  # (a clock hiccup can make the light load negative)
+    assert choose(2, [2.0] * 5) == 1
+    assert choose(2, [0.9, 0.9, 0.9]) == 1
+    assert choose(4, []) == 4
 
 
 def test_the_users_count_wins():
-    assert choose(2, jobs=3, requested=2) == 2
+    assert choose(2, [2.0, 2.0], requested=2) == 2
     assert choose(16, requested=3) == 3
 
 
@@ -76,21 +81,22 @@ def test_sample_of_this_machine_sees_this_process():
     assert os.getpid() in s.cpu and s.cpu[os.getpid()] > 0
 
 
-def test_others_counts_jobs_and_sums_the_lighter_load():
-    before = Sample(10.0, {1: 0.0, 2: 0.0, 3: 0.0, 4: 5.0})
-    after = Sample(12.0, {1: 2.0,    # 1 core: a job
-                          2: 0.2,    # 0.1 core: light
-                          3: 4.0,    # this process: never counted
-                          4: 5.4,    # 0.2 core: light
-                          5: 9.0})   # started in between: the next interval's
-    jobs, light = others(before, after, self_pid=3)
-    assert jobs == 1 and light == pytest.approx(0.3)
-    assert others(after, after, self_pid=3) == (0, 0.0)
+def test_others_is_each_other_process_use_between_two_samples():
+    before = Sample(10.0, {1: 0.0, 2: 0.0, 3: 0.0, 4: 5.0, 6: 1.0})
+    after = Sample(12.0, {1: 2.0,    # 1 core
+                          2: 0.2,    # 0.1 core
+                          3: 4.0,    # this process: not counted
+                          4: 5.4,    # 0.2 core
+                          5: 9.0,    # started in between: the next interval's
+                          6: 1.0})   # idle
+    assert sorted(others(before, after, self_pid=3)) == pytest.approx([0.1, 0.2, 1.0])
+    assert others(after, after, self_pid=3) == []
 
 
 # ---- the process's choice, kept up to date ------------------------------------------------------
 class FakeMachine:
-    """Samples of a machine where pid 100 uses `use` cores; a clock moved by hand."""
+    """Samples of a machine where another process (pid 100) uses `use` cores; a clock moved
+    by hand."""
 
     def __init__(self):
         self.now, self.use, self.cpu = 0.0, 0.0, 0.0
@@ -115,7 +121,7 @@ def test_governor_shares_with_a_job_that_comes_and_goes(restore_threads):
     g = Governor(4, log.append, sampler=m.sample, clock=lambda: m.now)
     m.advance(0.2)
     assert g.tick(force=True) == 4 == torch.get_num_threads()   # alone
-    m.use = 1.0
+    m.use = 4.0                           # a job started on every core
     m.advance(1.0)
     assert g.tick() == 4                  # not before RETUNE_S: the load is not read again
     m.advance(threads.RETUNE_S)
