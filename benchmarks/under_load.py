@@ -72,18 +72,23 @@ def run(mode: str, steps: int, tmp: Path) -> dict:
              for line in (out / "metrics.jsonl").read_text().splitlines() if "step_time" in line]
     if len(times) < 2:
         raise SystemExit(f"{out}: fewer than 2 steps recorded")
-    # the toolkit's choices as it printed them ("threads: N of C cores ..."); none: torch's
-    chosen = [int(n) for n in re.findall(r"^threads: (\d+) of", r.stderr, re.M)]
-    return {"step_s": statistics.median(times[1:]),
-            "threads": "→".join(map(str, chosen)) if chosen else "torch's"}
+    return {"step_s": statistics.median(times[1:]), "threads": choices(r.stderr)}
 
 
-def start_other(mode: str) -> subprocess.Popen:
+def choices(stderr: str) -> str:
+    """The thread counts the toolkit chose, in order, as it printed them ("threads: N of C
+    cores ..."; repeats dropped); none printed: torch's."""
+    chosen = [int(n) for n in re.findall(r"^threads: (\d+) of", stderr, re.M)]
+    kept = [n for i, n in enumerate(chosen) if i == 0 or n != chosen[i - 1]]
+    return " -> ".join(map(str, kept)) if kept else "torch's"
+
+
+def start_other(mode: str, log: Path) -> subprocess.Popen:
     """`pocketllm eval` of the default model, over and over, in a session of its own (as a job
-    started from another terminal)."""
+    started from another terminal); its stderr (the threads it chose) to `log`."""
     one = " ".join(cli("eval", "--model", "smollm2-135m", "--data", "examples/personal",
                        "--split", "train"))
-    return subprocess.Popen(["bash", "-c", f"while true; do {one} >/dev/null 2>&1; done"],
+    return subprocess.Popen(["bash", "-c", f"while true; do {one} >/dev/null 2>>{log}; done"],
                             cwd=ROOT, env=env_of(mode), start_new_session=True)
 
 
@@ -115,16 +120,18 @@ def main() -> None:
         for rnd in range(a.rounds):
             for mode in (a.modes if rnd % 2 == 0 else a.modes[::-1]):
                 alone = run(mode, a.steps, Path(tmp))
-                other = start_other(mode)
+                log = Path(tmp) / f"other-{mode}-{rnd}.log"
+                other = start_other(mode, log)
                 try:
                     time.sleep(a.settle)
                     loaded = run(mode, a.steps, Path(tmp))
                 finally:
                     stop(other)
+                loaded["other"] = choices(log.read_text() if log.exists() else "")
                 res[mode].append({"alone": alone, "loaded": loaded})
                 print(f"round {rnd + 1} {mode}: alone {alone['step_s']:.2f} s/step "
                       f"(threads {alone['threads']}), loaded {loaded['step_s']:.2f} s/step "
-                      f"(threads {loaded['threads']}), ratio "
+                      f"(threads {loaded['threads']}; the other's {loaded['other']}), ratio "
                       f"{loaded['step_s'] / alone['step_s']:.2f} | load {loadavg()}", flush=True)
     load_after = loadavg()
     rows = []
@@ -132,12 +139,13 @@ def main() -> None:
         for i, r in enumerate(rs):
             al, lo = r["alone"], r["loaded"]
             rows.append([mode, f"round {i + 1}", f"{al['step_s']:.2f}", f"{lo['step_s']:.2f}",
-                         f"{lo['step_s'] / al['step_s']:.2f}", al["threads"], lo["threads"]])
+                         f"{lo['step_s'] / al['step_s']:.2f}", al["threads"], lo["threads"],
+                         lo["other"]])
         med = lambda k: statistics.median(r[k]["step_s"] for r in rs)  # noqa: E731
         ratio = statistics.median(r["loaded"]["step_s"] / r["alone"]["step_s"] for r in rs)
         rows.append([f"**{mode}**", "median", f"{med('alone'):.2f}", f"{med('loaded'):.2f}",
-                     f"**{ratio:.2f}**", "", ""])
-    command = "python benchmarks/under_load.py " + " ".join(sys.argv[1:])
+                     f"**{ratio:.2f}**", "", "", ""])
+    command = " ".join(["python benchmarks/under_load.py", *sys.argv[1:]])
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = re.search(r"Model name:\s*(.+)", lscpu)
     machine = (f"{describe()}; lscpu: {model.group(1) if model else '?'}; load average "
@@ -149,14 +157,15 @@ def main() -> None:
   in a loop, with default threads, in a session of its own, started {a.settle:g} s before.
 - ratio = loaded / alone; target (issue 14): at most {TARGET}. Losing half of the machine's
   {os.cpu_count()} cores to the other process explains 2.
-- threads: what the toolkit chose, in order (`threads: N of C cores` on stderr); torch's:
-  not chosen (a thread per core).
+- threads: what the toolkit chose, in order (`threads: N of C cores` on stderr; the other
+  process: over its evaluations while the run was loaded); torch's: not chosen (a thread per
+  core).
 - modes: {'; '.join(f'{m}: {" ".join(f"{k}={v}" for k, v in MODES[m].items()) or "defaults"}'
                     for m in a.modes)} (both processes).
 """
     write_table(a.out, "Under load: a ZO step beside another CPU-bound job", command, machine,
                 ["mode", "round", "alone s/step", "loaded s/step", "ratio", "threads alone",
-                 "threads loaded"], rows, notes)
+                 "threads loaded", "the other's threads"], rows, notes)
 
 
 if __name__ == "__main__":
