@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the commands whose work is torch's: their threads are the fair share (threads.py) unless set
+COMPUTES = ("train", "eval", "generate", "fuse", "replay")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # before anything loads torch: OpenMP reads its settings once, when it starts. A caller
+    # that loaded torch already (a test, a notebook) keeps its own threads.
+    from . import threads
+    ours = "torch" not in sys.modules
+    threads.set_env_defaults()
     ns = build_parser().parse_args(argv)
     if ns.command == "methods":
         from .methods import REGISTRY
@@ -84,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = C.resolve_with(cls, ns, *(setting_classes() if methods else ()))
         from .memory import tune_allocator
         tune_allocator()  # before any tensor exists: no page-fault churn on activations
+        if ns.command in COMPUTES:
+            threads.configure(getattr(args, "threads", 0), auto=ours,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
         cmd = globals()["cmd_" + ns.command]
         return (cmd(args, rest) if methods else cmd(args)) or 0
     except (C.SettingError, DataError, ModelError) as e:

@@ -20,6 +20,9 @@ import yaml
 
 from .schedules import SHAPES
 
+THREADS_HELP = ("torch threads (0: a fair share of the cores beside other CPU-bound jobs, chosen "
+                "again as the load changes; README: Running two jobs side by side)")
+
 
 class SettingError(SystemExit):
     """A setting refused (a flag, a YAML value): its message names the flag (and the file).
@@ -224,7 +227,7 @@ class TrainArgs(ModelArgs, DataArgs):
     val_batches: int = opt(-1, "validation batches per evaluation (-1: the whole split)",
                            ge=1, also=(-1,))
     eval_batch_size: int = opt(16, "sequences per evaluation batch", ge=1)
-    threads: int = opt(0, "torch threads (0: torch's default)", ge=0, le=MAX_THREADS)
+    threads: int = opt(0, THREADS_HELP, ge=0, le=MAX_THREADS)
 
 
 @dataclass
@@ -269,6 +272,7 @@ class EvalArgs(ModelArgs, DataArgs):
     batch_size: int = opt(16, "sequences per batch", ge=1)
     max_batches: int = opt(-1, "stop after N batches (-1: all)", ge=1, also=(-1,))
     json_out: str = opt("", "also write the figures to this JSON file")
+    threads: int = opt(0, THREADS_HELP, ge=0, le=MAX_THREADS)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import threads
 from .data import eval_batches
 from .objectives import Objective, choose
 
@@ -75,6 +76,7 @@ def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1,
     for i, b in enumerate(eval_batches(items, batch_size, pad_id, objective.collate)):
         if 0 <= max_batches <= i:
             break
+        threads.retune()  # other jobs come and go during a long evaluation (threads.py)
         s = objective.stats(model, b)
         gold = objective.gold(b)
         if gold is not None:

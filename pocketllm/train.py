@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import memory
+from . import memory, threads
 from .config import TrainArgs, check, save_yaml
 from .data import Batcher, StepBatches
 from .data.source import load_run_data
@@ -53,9 +53,7 @@ def train(args: TrainArgs, settings: dict | None = None) -> dict:
     method_cls.prepare(args, cfg)             # refuses what it cannot run, before loading
     out = Path(args.adapter_path)
     out.mkdir(parents=True, exist_ok=True)
-    memory.tune_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    memory.tune_allocator()  # (the threads: the CLI's, threads.configure)
     save_yaml({**dataclasses.asdict(args), **dataclasses.asdict(cfg)}, out / "config.yaml")
 
     # Data first: a malformed file must fail before minutes of model loading.
@@ -95,7 +93,9 @@ class Run:
         batcher = Batcher(self.enc["train"].items, args.batch_size, args.seed, self.pad_id,
                           args.grad_accumulation, self.objective.collate)
         batch_at = StepBatches(batcher)  # a step's micro-batches; .whole(): the training set
-        callbacks = [self.check_loss, self.record, self.evaluate_every, self.save_every]
+        # the thread count is chosen again between steps as other jobs come and go (threads.py)
+        callbacks = [self.check_loss, self.record, self.evaluate_every, self.save_every,
+                     lambda *_: threads.retune()]
         memory.reset_peak()  # peak from here on: training, not model loading
         clock = CLOCKS[args.budget_clock]
         t0, done = clock(), start
