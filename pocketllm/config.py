@@ -126,6 +126,18 @@ class ServeArgs:
     workers: int = opt(16, "RPC worker threads (concurrent streams)")
     threads: int = opt(0, "torch threads (0: torch's default)")
     port_file: str = opt("", "write the bound port here once listening")
+    # limits (README "Split server limits"; printed at start-up)
+    max_side_params: int = opt(8_000_000, "limit: side-network parameters per session (taps x "
+                               "width x depth; a larger one is refused at Open)")
+    max_step_mb: int = opt(512, "limit: server memory one training step may take, MiB, "
+                           "estimated from its rows, taps and candidates before it is read")
+    max_sessions: int = opt(256, "limit: sessions on the server, all tokens together (each "
+                            "checkpointed in --state-dir until deleted)")
+    max_sessions_per_token: int = opt(64, "limit: sessions one token may hold (--token-file "
+                                      "may list several tokens, one per line)")
+    max_resident_sessions: int = opt(32, "limit: sessions held in memory (>= --workers); the "
+                                     "least recently used idle one is evicted to its checkpoint "
+                                     "and reloaded when next used")
 
 
 @dataclass

@@ -10,6 +10,13 @@ a step beyond the next one is refused: no batch is lost or trained twice.
 Every RPC but Health needs the token (constant-time compare); a session's files are named by a
 hash of its id, so neither logs nor the state directory reveal ids. A malformed payload aborts
 only its own stream with INVALID_ARGUMENT; the server keeps serving everyone else.
+
+Bounded whatever clients send (`--max-*`, printed at start-up): a side network's parameter
+count, the memory one step may take (estimated from its declared shape before its parts are
+read), sessions per token and in all, and sessions held in memory (the least recently used idle
+one is evicted: its checkpoint already holds it, so it is reloaded on its next use). Every
+number a client sends is checked, and a step whose update would leave anything non-finite is
+refused and rolled back to its checkpoint: nothing non-finite is trained, saved or acknowledged.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -28,21 +37,36 @@ import torch
 
 from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
-from .quant import quantize
-from .side import SideConfig, SideNetwork, head_loss_grad, side_to_bytes
-from .wire import TOKEN_HEADER, decode_tensor, read_token, spec_to_config
+from ..config import ServeArgs, flag
+from .quant import payload_bytes, quantize
+from .side import (SideConfig, SideNetwork, first_non_finite, head_loss_grad, side_params,
+                   side_to_bytes, step_memory)
+from .wire import TOKEN_HEADER, decode_tensor, read_tokens, spec_to_config
 
 log = logging.getLogger("pocketllm.serve")
 LOCK_WAIT_S = 10.0  # a reconnecting client may find its old stream still holding the session
+# the limits `pocketllm serve` prints at start-up (ServeArgs fields)
+LIMITS = ["max_side_params", "max_step_mb", "max_sessions", "max_sessions_per_token",
+          "max_resident_sessions"]
+
+
+class Full(Exception):
+    """No room in memory for one more session: every resident one is in use."""
 
 
 class Session:
-    def __init__(self, sid_hash: str, cfg: SideConfig, path: Path):
-        self.sid_hash, self.cfg, self.path = sid_hash, cfg, path
-        self.net = SideNetwork(cfg)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate,
-                                     weight_decay=cfg.weight_decay)
+    """One device's side network and AdamW state, owned by the token that opened it. In memory
+    (`net`, `opt`) only while resident: every acknowledged step is checkpointed, so an idle
+    session is evicted by dropping them and reloaded from its checkpoint on its next use."""
+
+    def __init__(self, sid_hash: str, cfg: SideConfig, path: Path, owner: str):
+        self.sid_hash, self.cfg, self.path, self.owner = sid_hash, cfg, path, owner
+        self.net: SideNetwork | None = None
+        self.opt: torch.optim.AdamW | None = None
         self.step = 0
+        self.pins = 0              # RPCs using it now (the servicer's lock): never evicted then
+        self.resident = False      # counted in memory (set with the servicer's lock)
+        self.last_used = time.monotonic()
         self.lock = threading.Lock()        # held by the one stream training the session
         self.state_lock = threading.Lock()  # net, optimizer and step change together
 
@@ -50,11 +74,17 @@ class Session:
     def tag(self) -> str:
         return self.sid_hash[:8]
 
+    def build(self) -> None:
+        """A fresh side network and optimizer (a new session)."""
+        self.net = SideNetwork(self.cfg)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.learning_rate,
+                                     weight_decay=self.cfg.weight_decay)
+
     def save(self) -> None:
         """Atomic checkpoint: a crash leaves the previous one or this one, never a torn file."""
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            torch.save({"config": self.cfg.to_json(), "step": self.step,
+            torch.save({"config": self.cfg.to_json(), "step": self.step, "owner": self.owner,
                         "net": self.net.state_dict(), "opt": self.opt.state_dict()}, f)
             f.flush()
             os.fsync(f.fileno())
@@ -65,13 +95,26 @@ class Session:
         finally:
             os.close(dfd)
 
+    def reload(self) -> None:
+        """Net, optimizer and step as the checkpoint holds them (after an eviction, or to roll
+        back a refused step)."""
+        state = torch.load(self.path, weights_only=True)
+        self.build()
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.step = int(state["step"])
+
+    def unload(self) -> None:
+        self.net = self.opt = None
+
     @classmethod
-    def load(cls, path: Path) -> "Session":
-        state = torch.load(path, weights_only=True)
-        s = cls(path.stem, SideConfig.from_json(state["config"]), path)
-        s.net.load_state_dict(state["net"])
-        s.opt.load_state_dict(state["opt"])
-        s.step = int(state["step"])
+    def load(cls, path: Path, default_owner: str) -> "Session":
+        """The session checkpointed at `path`, in memory. Checkpoints written before sessions
+        had owners belong to `default_owner` (the token file's first token)."""
+        state = torch.load(path, weights_only=True, mmap=True)
+        s = cls(path.stem, SideConfig.from_json(state["config"]), path,
+                state.get("owner") or default_owner)
+        s.reload()
         return s
 
 
@@ -81,7 +124,13 @@ class Heads:
     def __init__(self, allowed: list[str]):
         self.allowed = set(allowed)
         self._heads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._layers: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    def layers(self, name: str) -> int:
+        """The model's decoder layer count (what a session may tap)."""
+        self.get(name)
+        return self._layers[name]
 
     def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if name not in self.allowed:
@@ -98,110 +147,248 @@ class Heads:
                 bias = getattr(head, "bias", None)
                 self._heads[name] = (head.weight.detach().clone(),
                                      None if bias is None else bias.detach().clone())
+                self._layers[name] = int(model.config.num_hidden_layers)
                 del model
             return self._heads[name]
 
 
 class SideTuningServicer(pb_grpc.SideTuningServicer):
-    def __init__(self, token: str, state_dir: Path, heads: Heads):
-        self._token = token.encode()
+    def __init__(self, tokens: list[str], state_dir: Path, heads: Heads,
+                 limits: ServeArgs | None = None):
+        # owner id (a hash: tokens are never written to the state directory) -> expected header
+        self._tokens = {_owner(t): ("Bearer " + t).encode() for t in tokens}
+        self.limits = limits or ServeArgs()
         self.state_dir = state_dir
         self.heads = heads
         self.sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the session table, pins and residency
+        first = _owner(tokens[0])
         for path in sorted(state_dir.glob("*.pt")):
             try:
-                s = Session.load(path)
+                s = Session.load(path, first)
             except Exception as e:  # one bad file must not keep the others down
                 log.error("session %s: checkpoint %s unreadable (%s); skipped", path.stem[:8],
                           path.name, e)
                 continue
             self.sessions[s.sid_hash] = s
+            s.resident = True
+            self._evict_for(0)  # restored sessions beyond the resident limit wait on disk
             log.info("session %s: restored at step %d", s.tag, s.step)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _auth(self, context) -> None:
-        given = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
-        expected = b"Bearer " + self._token
-        if not hmac.compare_digest(given.encode(), expected):
+    def _auth(self, context) -> str:
+        """The caller's owner id; UNAUTHENTICATED unless it presents one of the tokens."""
+        given = dict(context.invocation_metadata()).get(TOKEN_HEADER, "").encode()
+        owner = ""
+        for o, expected in self._tokens.items():  # every one compared: no timing on which
+            if hmac.compare_digest(given, expected):
+                owner = o
+        if not owner:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid token")
+        return owner
 
     @staticmethod
     def _hash(sid: str) -> str:
         return hashlib.sha256(sid.encode()).hexdigest()[:32]
 
-    def _session(self, sid: str, context) -> Session:
+    @staticmethod
+    def _check_sid(sid: str, context) -> None:
         if not 16 <= len(sid) <= 128:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session id must be 16..128 chars")
-        s = self.sessions.get(self._hash(sid))
-        if s is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "no such session; call Open first")
+
+    def _evict_for(self, n: int) -> None:
+        """Evict least recently used idle sessions until `n` more fit in memory (with the
+        servicer's lock held). `Full` when every resident one is in use (never with
+        --max-resident-sessions >= --workers, which serve checks: an RPC pins one session)."""
+        resident = [s for s in self.sessions.values() if s.resident]
+        idle = sorted((s for s in resident if s.pins == 0), key=lambda s: s.last_used)
+        while len(resident) + n > self.limits.max_resident_sessions:
+            if not idle:
+                raise Full(f"all {len(resident)} sessions in memory are in use "
+                                  f"(--max-resident-sessions "
+                                  f"{self.limits.max_resident_sessions}); retry")
+            s = idle.pop(0)
+            with s.state_lock:
+                s.unload()
+            s.resident = False
+            resident.remove(s)
+            log.info("session %s: evicted from memory at step %d (least recently used; its "
+                     "checkpoint holds it)", s.tag, s.step)
+
+    def _pin(self, sid: str, owner: str, context) -> Session:
+        """The caller's session, in memory and pinned (never evicted nor deleted) until
+        `_unpin`. NOT_FOUND when it does not exist or another token owns it."""
+        self._check_sid(sid, context)
+        with self._lock:
+            s = self.sessions.get(self._hash(sid))
+            if s is None or s.owner != owner:
+                context.abort(grpc.StatusCode.NOT_FOUND, "no such session; call Open first")
+            if not s.resident:
+                try:
+                    self._evict_for(1)
+                except Full as e:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                s.resident = True
+            s.pins += 1
+            s.last_used = time.monotonic()
+        try:
+            with s.state_lock:
+                if s.net is None:
+                    s.reload()
+                    log.info("session %s: loaded into memory at step %d", s.tag, s.step)
+        except BaseException:
+            self._unpin(s)
+            raise
         return s
+
+    def _unpin(self, s: Session) -> None:
+        with self._lock:
+            s.pins -= 1
+            s.last_used = time.monotonic()
+
+    def _admit(self, cfg: SideConfig, rows: int, n_candidates: int) -> None:
+        """ValueError unless a step of this shape fits in --max-step-mb."""
+        vocab = self.heads.get(cfg.model)[0].shape[0]
+        need, limit = step_memory(cfg, rows, n_candidates, vocab), self.limits.max_step_mb
+        if need > limit * 2**20:
+            cands = f", {n_candidates} candidates" if n_candidates else ""
+            raise ValueError(
+                f"{rows} rows x {len(cfg.taps)} taps{cands} need about {need / 2**20:.1f} MB of "
+                f"server memory, over this server's --max-step-mb {limit}; send fewer rows per "
+                "step (--batch-size, --max-seq-length) or tap fewer layers (--tap-every)")
 
     # -- RPCs -------------------------------------------------------------------------------
     def Health(self, request, context):
         return pb.HealthReply(status="SERVING", sessions=len(self.sessions))
 
     def Open(self, request, context):
-        self._auth(context)
+        owner = self._auth(context)
         sid = request.session_id
-        if not 16 <= len(sid) <= 128:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session id must be 16..128 chars")
+        self._check_sid(sid, context)
         cfg = spec_to_config(request.spec)
+        lim = self.limits
         try:
             cfg.check()
             weight, _ = self.heads.get(cfg.model)
+            cfg.check(self.heads.layers(cfg.model))
             if weight.shape[1] != cfg.hidden:
                 raise ValueError(f"model {cfg.model!r} has hidden size {weight.shape[1]}, "
                                  f"not {cfg.hidden}")
+            n = side_params(cfg)
+            if n > lim.max_side_params:
+                raise ValueError(
+                    f"side network of {n:,} parameters ({len(cfg.taps)} taps, width "
+                    f"{cfg.width}, depth {cfg.depth}) is over this server's --max-side-params "
+                    f"{lim.max_side_params:,}; choose a smaller --side-width / --side-depth or "
+                    "a larger --tap-every")
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         h = self._hash(sid)
         with self._lock:
             s = self.sessions.get(h)
             if s is not None:
+                if s.owner != owner:
+                    context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                  "session id in use by another token; use a fresh random id")
                 if s.cfg != cfg:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                   "session exists with another side network spec")
                 log.info("session %s: opened at step %d", s.tag, s.step)
                 return pb.OpenReply(step=s.step, created=False)
-            s = Session(h, cfg, self.state_dir / f"{h}.pt")
-            s.save()
+            full = ("Delete finished sessions (SplitClient.delete, `pocketllm train "
+                    "--method side --delete-session`) or ask the operator to raise ")
+            if len(self.sessions) >= lim.max_sessions:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"server full: {len(self.sessions)} sessions (--max-sessions "
+                              f"{lim.max_sessions}). " + full + "--max-sessions")
+            mine = sum(x.owner == owner for x in self.sessions.values())
+            if mine >= lim.max_sessions_per_token:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this token holds {mine} sessions (--max-sessions-per-token "
+                              f"{lim.max_sessions_per_token}). " + full +
+                              "--max-sessions-per-token")
+            try:
+                self._evict_for(1)
+            except Full as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            s = Session(h, cfg, self.state_dir / f"{h}.pt", owner)
+            s.resident, s.pins = True, 1
+            s.state_lock.acquire()  # a concurrent Open/Train of it waits for its checkpoint
             self.sessions[h] = s
-        log.info("session %s: created (%s, %d taps, width %d, depth %d, %d bits, %s labels)",
-                 s.tag, cfg.model, len(cfg.taps), cfg.width, cfg.depth, cfg.act_bits,
-                 "private" if cfg.private_labels else "sent")
+        try:
+            s.build()
+            s.save()
+        except BaseException as e:
+            with self._lock:
+                del self.sessions[h]
+            if isinstance(e, OSError):  # the state directory is full or unwritable
+                log.error("session %s: checkpoint not written: %s", s.tag, e)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the server cannot store a new session ({e.strerror})")
+            raise
+        finally:
+            s.state_lock.release()
+            with self._lock:
+                s.pins -= 1
+        log.info("session %s: created (%s, %d taps, width %d, depth %d, %d bits, %s labels, "
+                 "%d parameters)", s.tag, cfg.model, len(cfg.taps), cfg.width, cfg.depth,
+                 cfg.act_bits, "private" if cfg.private_labels else "sent", side_params(cfg))
         return pb.OpenReply(step=0, created=True)
 
     def Fetch(self, request, context):
-        self._auth(context)
-        s = self._session(request.session_id, context)
-        with s.state_lock:
-            blob, step = side_to_bytes(s.net), s.step
+        s = self._pin(request.session_id, self._auth(context), context)
+        try:
+            with s.state_lock:
+                blob, step = side_to_bytes(s.net), s.step
+        finally:
+            self._unpin(s)
         log.info("session %s: side network fetched at step %d", s.tag, step)
         return pb.FetchReply(step=step, safetensors=blob)
 
+    def Delete(self, request, context):
+        owner = self._auth(context)
+        self._check_sid(request.session_id, context)
+        with self._lock:
+            s = self.sessions.get(self._hash(request.session_id))
+            if s is None or s.owner != owner:
+                context.abort(grpc.StatusCode.NOT_FOUND, "no such session")
+            if s.pins:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              "session in use (training or being fetched); stop its device "
+                              "and retry")
+            del self.sessions[s.sid_hash]
+            with s.state_lock:
+                s.unload()
+                for p in (s.path, s.path.with_suffix(".tmp")):
+                    p.unlink(missing_ok=True)
+        log.info("session %s: deleted at step %d", s.tag, s.step)
+        return pb.DeleteReply(step=s.step)
+
     def Train(self, request_iterator, context):
-        self._auth(context)
+        owner = self._auth(context)
         s: Session | None = None
+        locked = False
         trained = 0
+
+        def refuse(step, e):
+            log.warning("session %s: step %d rejected: %s", s.tag, step, e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step}: {e}")
         try:
             for up in request_iterator:
                 if s is None:
-                    s = self._session(up.session_id, context)
+                    s = self._pin(up.session_id, owner, context)
                     if not s.lock.acquire(timeout=LOCK_WAIT_S):
-                        s = None
                         context.abort(grpc.StatusCode.ABORTED, "session busy; retry")
+                    locked = True
                     log.info("session %s: stream opened at step %d", s.tag, s.step)
                 elif self._hash(up.session_id) != s.sid_hash:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one session per stream")
                 if up.WhichOneof("kind") != "batch":
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a batch")
                 try:
-                    b = _whole(up, request_iterator, s.cfg)
+                    b = _whole(up, request_iterator, s.cfg, self._admit)
                 except ValueError as e:
-                    log.warning("session %s: step %d rejected: %s", s.tag, up.batch.step, e)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {up.batch.step}: {e}")
+                    refuse(up.batch.step, e)
                 if b is None:
                     return  # client gone mid-step: nothing was changed
                 if b.step <= s.step:
@@ -213,8 +400,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                 try:
                     taps, final, targets, cands = self._decode(s.cfg, b)
                 except ValueError as e:
-                    log.warning("session %s: step %d rejected: %s", s.tag, b.step, e)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {b.step}: {e}")
+                    refuse(b.step, e)
                 delta = s.net(taps)
                 if s.cfg.private_labels:
                     data, _ = quantize(delta, 32)
@@ -227,26 +413,56 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                         if g.WhichOneof("kind") != "grad" or g.grad.step != b.step:
                             raise ValueError("expected the gradient of this step")
                         gz = decode_tensor(g.grad.grad, *delta.shape, "grad", (32, 16))
+                        loss = float(g.grad.loss)  # a float32 on the wire: 1e39 comes as inf
+                        if not math.isfinite(loss):
+                            raise ValueError(f"the loss sent ({loss}) is not finite")
                     except ValueError as e:
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {b.step}: {e}")
-                    loss = float(g.grad.loss)
+                        refuse(b.step, e)
                 else:
                     weight, bias = self.heads.get(s.cfg.model)
                     loss, gz = head_loss_grad(final + delta.detach(), targets, weight, bias,
                                               candidates=cands)
+                    if not (math.isfinite(loss) and bool(torch.isfinite(gz).all())):
+                        refuse(b.step, f"the loss on it is not finite ({loss}): the final "
+                               "hidden state sent is out of range")
                 with s.state_lock:
-                    s.opt.zero_grad(set_to_none=True)
-                    delta.backward(gz)
-                    s.opt.step()
-                    s.step += 1
-                    s.save()
+                    bad = self._update(s, delta, gz)
+                    if bad is None:
+                        s.step += 1
+                        s.save()
+                if bad:
+                    refuse(b.step, f"not trained: {bad}; the session stays at step {s.step}")
                 trained += 1
                 yield pb.Reply(ack=pb.Ack(step=s.step, loss=loss))
         finally:
             if s is not None:
-                log.info("session %s: stream closed at step %d (%d steps trained)",
-                         s.tag, s.step, trained)
-                s.lock.release()
+                if locked:
+                    log.info("session %s: stream closed at step %d (%d steps trained)",
+                             s.tag, s.step, trained)
+                    s.lock.release()
+                self._unpin(s)
+
+    @staticmethod
+    def _update(s: Session, delta: torch.Tensor, gz: torch.Tensor) -> str | None:
+        """One AdamW step from the gradient `gz` of the side output `delta`: None once taken,
+        else why it was not. A non-finite parameter gradient changes nothing; a step that leaves
+        a parameter or AdamW moment non-finite is rolled back to the checkpoint (which holds
+        the state before it: every step is saved before it is acknowledged)."""
+        s.opt.zero_grad(set_to_none=True)
+        delta.backward(gz)
+        bad = first_non_finite((n, p.grad) for n, p in s.net.named_parameters())
+        if bad:
+            s.opt.zero_grad(set_to_none=True)
+            return f"the gradient of {bad} is not finite (the gradient is too large)"
+        s.opt.step()
+        s.opt.zero_grad(set_to_none=True)  # gradients are not kept between steps
+        bad = first_non_finite(s.net.named_parameters()) or first_non_finite(
+            (f"AdamW {k} of {n}", v) for n, p in s.net.named_parameters()
+            for k, v in s.opt.state[p].items())
+        if bad:
+            s.reload()
+            return f"it leaves {bad} not finite (the gradient is too large)"
+        return None
 
     def _decode(self, cfg: SideConfig, b: pb.Batch):
         if len(b.taps) != len(cfg.taps):
@@ -272,16 +488,22 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
         return taps, final, targets, cands
 
 
-def _whole(up: pb.Upload, rest: Iterator[pb.Upload], cfg: SideConfig) -> pb.Batch | None:
+def _whole(up: pb.Upload, rest: Iterator[pb.Upload], cfg: SideConfig,
+           admit: Callable[[SideConfig, int, int], None]) -> pb.Batch | None:
     """The step whose batch `up` begins, reading its other parts (`Batch.parts` > 1) from
-    `rest`; None if the stream ends before the last part, ValueError on a part out of place."""
+    `rest`; None if the stream ends before the last part, ValueError on a part out of place.
+    `admit(cfg, rows, n_candidates)` refuses a step too large for the server as soon as its
+    first tap declares its rows: before its other parts are read and held."""
     first = up.batch
     n = first.parts
+    rows = first.taps[0].rows if first.taps else 0
+    admit(cfg, rows, first.n_candidates)
     if n <= 1 and first.part == 0:
         return first
     if first.part != 0 or n > len(cfg.taps):
         raise ValueError(f"part {first.part} of {n} begins the step (the session takes "
                          f"{len(cfg.taps)} taps, at most one part each)")
+    size = payload_bytes(rows, cfg.hidden, cfg.act_bits)
     whole = pb.Batch()
     whole.CopyFrom(first)
     for i in range(1, n):
@@ -293,7 +515,16 @@ def _whole(up: pb.Upload, rest: Iterator[pb.Upload], cfg: SideConfig) -> pb.Batc
             raise ValueError("one session per stream")
         if nxt.WhichOneof("kind") != "batch" or (b.step, b.part, b.parts) != (first.step, i, n):
             raise ValueError(f"expected part {i} of {n} of step {first.step}")
+        # what is held grows part by part: each tap the size the first one declared
+        for t in b.taps:
+            if t.rows != rows or len(t.data) + len(t.scales) != size:
+                raise ValueError(f"part {i}: a tap of {t.rows} rows and "
+                                 f"{len(t.data) + len(t.scales)} bytes, expected {rows} rows "
+                                 f"in {size} bytes")
+        if len(whole.taps) + len(b.taps) > len(cfg.taps):
+            raise ValueError(f"more than the session's {len(cfg.taps)} taps sent")
         whole.MergeFrom(b)  # repeated taps append in order; final / targets come with the last
+    admit(cfg, rows, whole.n_candidates)
     return whole
 
 
@@ -307,11 +538,37 @@ def _ids(data: bytes, rows: int, cols: int, bound: int, what: str) -> torch.Tens
     return ids
 
 
-def make_server(token: str, state_dir: str | os.PathLike, host: str = "127.0.0.1",
+def _owner(token: str) -> str:
+    """A token's owner id: what the state directory records instead of the token."""
+    return hashlib.sha256(b"pocketllm-owner:" + token.encode()).hexdigest()[:16]
+
+
+def check_limits(args: ServeArgs) -> None:
+    """SystemExit naming the flag unless every limit is usable."""
+    for name in LIMITS:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
+    if args.max_resident_sessions < args.workers:
+        raise SystemExit(f"--max-resident-sessions {args.max_resident_sessions} is below "
+                         f"--workers {args.workers}: every worker may hold a session in use, "
+                         "so at least that many must fit in memory")
+
+
+def log_limits(args: ServeArgs) -> None:
+    """One line per limit at start-up: what one client may take of this server."""
+    for name in LIMITS:
+        log.info("limit %s %s", flag(name), getattr(args, name))
+
+
+def make_server(token: str | list[str], state_dir: str | os.PathLike, host: str = "127.0.0.1",
                 port: int = 0, models: list[str] | None = None, max_message_mb: int = 64,
-                workers: int = 16, tls_cert: str = "", tls_key: str = ""):
-    """(grpc server, bound port) -- started."""
+                workers: int = 16, tls_cert: str = "", tls_key: str = "",
+                limits: ServeArgs | None = None):
+    """(grpc server, bound port) -- started. `token`: the token, or the tokens (the first
+    owns checkpoints written before sessions had owners); `limits`: ServeArgs' `--max-*`."""
     from ..models import ALIASES, TINY_CONFIGS
+    limits = limits or ServeArgs(workers=workers)
+    check_limits(limits)
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     heads = Heads(models or [*ALIASES, *TINY_CONFIGS])
@@ -319,7 +576,9 @@ def make_server(token: str, state_dir: str | os.PathLike, host: str = "127.0.0.1
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0)])
-    pb_grpc.add_SideTuningServicer_to_server(SideTuningServicer(token, state, heads), server)
+    tokens = [token] if isinstance(token, str) else list(token)
+    pb_grpc.add_SideTuningServicer_to_server(SideTuningServicer(tokens, state, heads, limits),
+                                             server)
     addr = f"{host}:{port}"
     if tls_cert or tls_key:
         if not (tls_cert and tls_key):
@@ -338,13 +597,19 @@ def make_server(token: str, state_dir: str | os.PathLike, host: str = "127.0.0.1
 def serve(args) -> int:
     """Run until SIGTERM/SIGINT (a SIGKILL loses nothing acknowledged)."""
     import signal
+    from .. import memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # one malloc arena: with one per worker thread each would keep the memory its steps freed,
+    # and the server's peak would creep towards --workers x --max-step-mb (measured: two
+    # 3.7 MB steps with 1024 candidates each raised it by 64 MB, by 29 MB with one arena)
+    memory.limit_arenas(1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    server, port = make_server(read_token(args.token_file), args.state_dir, args.host,
+    server, port = make_server(read_tokens(args.token_file), args.state_dir, args.host,
                                args.port, list(args.models) or None, args.max_message_mb,
-                               args.workers, args.tls_cert, args.tls_key)
+                               args.workers, args.tls_cert, args.tls_key, args)
     log.info("serving on %s:%d (state in %s)", args.host, port, args.state_dir)
+    log_limits(args)
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(port))

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 class Server:
     """A `pocketllm serve` child process (one torch thread: deterministic steps)."""
 
-    def __init__(self, state_dir: Path, token_file: Path, port: int = 0):
+    def __init__(self, state_dir: Path, token_file: Path, port: int = 0, args: tuple = ()):
         self.state_dir, self.token_file = state_dir, token_file
         self.port = port
+        self.args = [str(a) for a in args]  # more `pocketllm serve` flags (limits)
         self.log = state_dir.parent / f"server-{state_dir.name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -34,7 +35,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pocketllm.cli", "serve", "--port", str(self.port),
              "--port-file", str(port_file), "--token-file", str(self.token_file),
-             "--state-dir", str(self.state_dir), "--threads", "1", "--max-message-mb", "4"],
+             "--state-dir", str(self.state_dir), "--threads", "1", "--max-message-mb", "4", *self.args],
             env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
         deadline = time.time() + 300  # a loaded CI machine imports torch slowly
         while not port_file.exists():
