@@ -226,8 +226,14 @@ class SideTuning(Method):
 
     def close(self) -> None:
         if self.cfg.delete_session and self.saved:  # after the final evaluation's fetch
+            import grpc
             from ..split.client import forget_session
-            step = self.client.delete(self.sid)
+            try:
+                step = self.client.delete(self.sid)
+            except grpc.RpcError as e:
+                self.client.close()
+                raise SystemExit(f"error: deleting the session on {self.cfg.server}: "
+                                 f"{e.code().name}: {e.details()}") from None
             forget_session(self.out_dir)
             print(f"session deleted from {self.cfg.server} at step {step}; the side network "
                   "is in side_network.safetensors", flush=True)

@@ -226,9 +226,10 @@ class SplitClient:
                 try:
                     self.acked = self.open(sid, cfg)
                 except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full: a limit, not
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        # a full server (its session limits): retrying for minutes won't help
                         raise SplitError(f"server {self.address}: {e.details()}") from None
-                    raise  # a transient state (only Train's is retried)
+                    raise
                 if self.acked >= iters:
                     return
                 yield from self._stream(sid, cfg, make_step, iters, head, queue_depth)

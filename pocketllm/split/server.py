@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from .. import memory
 from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from ..config import ServeArgs, flag
@@ -75,10 +76,28 @@ class Session:
         return self.sid_hash[:8]
 
     def build(self) -> None:
-        """A fresh side network and optimizer (a new session)."""
+        """A fresh side network and AdamW whose weights and two moments each live in one
+        buffer (the tensors are views of it), allocated together now rather than AdamW's
+        moments lazily at the first step: a session is three allocations, each mapped on its
+        own and returned whole when it is evicted, so sessions loaded and evicted amid steps
+        leave no holes in the heap (measured: per resident 1.6M-parameter session, 26 MB of RSS
+        with separate lazily created tensors, the 12 B per parameter of these buffers so)."""
         self.net = SideNetwork(self.cfg)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.learning_rate,
+        params = list(self.net.parameters())
+        n = sum(p.numel() for p in params)
+        weights, m1, m2 = torch.empty(n), torch.zeros(n), torch.zeros(n)
+        state, o = {}, 0
+        for p in params:
+            k = p.numel()
+            weights[o:o + k].copy_(p.detach().reshape(-1))
+            p.data = weights[o:o + k].view_as(p)
+            # AdamW's own initial state (torch.optim.adam), in the buffers
+            state[p] = {"step": torch.tensor(0.0), "exp_avg": m1[o:o + k].view_as(p),
+                        "exp_avg_sq": m2[o:o + k].view_as(p)}
+            o += k
+        self.opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate,
                                      weight_decay=self.cfg.weight_decay)
+        self.opt.state.update(state)
 
     def save(self) -> None:
         """Atomic checkpoint: a crash leaves the previous one or this one, never a torn file."""
@@ -101,7 +120,13 @@ class Session:
         state = torch.load(self.path, weights_only=True)
         self.build()
         self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state["opt"])
+        # into the buffers build() allocated (the optimizer's load_state_dict would keep the
+        # loaded tensors instead); a parameter a checkpoint has no state for (one saved by an
+        # earlier version before its first step) keeps AdamW's initial one
+        saved = state["opt"]["state"]
+        for i, p in enumerate(self.net.parameters()):
+            for k, v in saved.get(i, {}).items():
+                self.opt.state[p][k].copy_(v)
         self.step = int(state["step"])
 
     def unload(self) -> None:
@@ -212,6 +237,7 @@ class SideTuningServicer(pb_grpc.SideTuningServicer):
                 s.unload()
             s.resident = False
             resident.remove(s)
+            memory.trim_heap()  # its small tensors' pages back to the OS
             log.info("session %s: evicted from memory at step %d (least recently used; its "
                      "checkpoint holds it)", s.tag, s.step)
 
@@ -597,12 +623,12 @@ def make_server(token: str | list[str], state_dir: str | os.PathLike, host: str 
 def serve(args) -> int:
     """Run until SIGTERM/SIGINT (a SIGKILL loses nothing acknowledged)."""
     import signal
-    from .. import memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # one malloc arena: with one per worker thread each would keep the memory its steps freed,
     # and the server's peak would creep towards --workers x --max-step-mb (measured: two
-    # 3.7 MB steps with 1024 candidates each raised it by 64 MB, by 29 MB with one arena)
-    memory.limit_arenas(1)
+    # 3.7 MB steps with 1024 candidates each raised it by 64 MB, by 29 MB with one arena);
+    # and large tensors mapped on their own, so evicted sessions leave no holes in the heap
+    memory.server_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     server, port = make_server(read_tokens(args.token_file), args.state_dir, args.host,

@@ -81,6 +81,14 @@ def side_params(cfg: SideConfig) -> int:
     return len(cfg.taps) * (h * w + w + cfg.depth * block) + 2 * w + (w * h + h)
 
 
+def side_memory(cfg: SideConfig) -> int:
+    """Bytes a session holds in the server's memory: its weights and AdamW's two moments (12 B
+    a parameter) and about 8 KB of Python objects per module (measured 5.5 KB; a deep, narrow
+    network of many small modules costs more in objects than in parameters)."""
+    modules = 5 + len(cfg.taps) * (2 + 4 * cfg.depth)
+    return 12 * side_params(cfg) + 8192 * modules
+
+
 def step_memory(cfg: SideConfig, rows: int, n_candidates: int = 0, vocab: int = 1 << 30) -> int:
     """Bytes of server memory one training step of `rows` rows may take at its peak, beyond
     the session's parameters and optimizer state: a conservative count from the shapes of what
@@ -100,7 +108,9 @@ def step_memory(cfg: SideConfig, rows: int, n_candidates: int = 0, vocab: int = 
         b += 6 * r * h * f + r * min(VOCAB_CHUNK, vocab) * f  # final, z, head block, grad
         if n_candidates:                   # ids (int32, int64), logits, softmax, log-softmax
             b += 28 * r * n_candidates + 2 * CANDIDATE_BLOCK * f
-    return b + 12 * side_params(cfg)       # gradients and AdamW's temporaries
+    # gradients and AdamW's temporaries; or, before the step, reloading an evicted session:
+    # its checkpoint (weights, two moments) beside the fresh network's initial weights
+    return b + 16 * side_params(cfg)
 
 
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -268,16 +278,19 @@ class AttachedSide:
             h.remove()
 
 
+def _tensors(side: SideNetwork) -> dict[str, torch.Tensor]:
+    # copies: the server's weights are views of one buffer, which safetensors refuses to save
+    return {k: v.detach().clone() for k, v in side.state_dict().items()}
+
+
 def save_side(side: SideNetwork, path) -> None:
     from safetensors.torch import save_file
-    save_file({k: v.detach().contiguous() for k, v in side.state_dict().items()}, str(path),
-              metadata={"pocketllm_side_config": side.cfg.to_json()})
+    save_file(_tensors(side), str(path), metadata={"pocketllm_side_config": side.cfg.to_json()})
 
 
 def side_to_bytes(side: SideNetwork) -> bytes:
     from safetensors.torch import save
-    return save({k: v.detach().contiguous() for k, v in side.state_dict().items()},
-                metadata={"pocketllm_side_config": side.cfg.to_json()})
+    return save(_tensors(side), metadata={"pocketllm_side_config": side.cfg.to_json()})
 
 
 def side_from_bytes(data: bytes) -> SideNetwork:

@@ -137,11 +137,10 @@ def test_labels_sent_activations_that_overflow_the_loss_are_refused(server, toke
 def test_the_device_refuses_to_send_a_non_finite_gradient(server, token_file, device):
     """A device whose own head pass overflows gets a clear SplitError, sends nothing
     non-finite, and its session is left at the last acknowledged step."""
-    from pocketllm.split.client import SplitClient as C
     model, _, _, batcher = device
     cfg = side_config(model)
     sid = secrets.token_hex(16)
-    client = C(server.address, read_token(token_file))
+    client = SplitClient(server.address, read_token(token_file))
     head = model.get_output_embeddings().weight.detach() * 3e38  # logits overflow
     with pytest.raises(SplitError, match="not finite"):
         client.train(sid, cfg, lambda s: device_step(model, batcher(s - 1), cfg, s), 2,

@@ -51,7 +51,7 @@ def test_a_side_network_over_the_parameter_limit_is_refused(server, token_file, 
     with pytest.raises(grpc.RpcError) as e:
         _open_raw(client, secrets.token_hex(16), cfg)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    from pocketllm.split.side import SideNetwork, side_params
+    from pocketllm.split.side import SideNetwork, side_memory, side_params
     n = side_params(cfg)
     assert n > 8_000_000
     assert f"{n:,}" in e.value.details() and "--max-side-params 8,000,000" in e.value.details()
@@ -68,10 +68,12 @@ def test_a_side_network_over_the_parameter_limit_is_refused(server, token_file, 
     with pytest.raises(grpc.RpcError) as e:
         _open_raw(client, secrets.token_hex(16), cfg)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layers" in e.value.details()
-    # the count is the network's own
+    # the counts are the network's own
     for w, d, taps in ((16, 1, [0, 1]), (8, 0, [1]), (24, 3, [0, 1])):
         cfg.width, cfg.depth, cfg.taps = w, d, taps
-        assert side_params(cfg) == sum(p.numel() for p in SideNetwork(cfg).parameters())
+        net = SideNetwork(cfg)
+        assert side_params(cfg) == sum(p.numel() for p in net.parameters())
+        assert side_memory(cfg) == 12 * side_params(cfg) + 8192 * len(list(net.modules()))
     client.close()
 
 
