@@ -55,10 +55,11 @@ def write_table(name: str, title: str, command: str, machine: str, header: list[
 
 
 def start_server(tmp: Path, threads: int = 1, models: list[str] | None = None,
-                 log: Path | None = None):
-    """A `pocketllm serve` on a free loopback port: (process, "127.0.0.1:PORT", token file)."""
+                 log: Path | None = None, tokens: int = 1):
+    """A `pocketllm serve` on a free loopback port: (process, "127.0.0.1:PORT", token file);
+    the token file holds `tokens` tokens, one per line."""
     token = tmp / "token"
-    token.write_text(secrets.token_hex(16))
+    token.write_text("\n".join(secrets.token_hex(16) for _ in range(tokens)))
     port_file = tmp / "port"
     log = log or tmp / "server.log"
     cmd = [sys.executable, "-m", "pocketllm.cli", "serve", "--port", "0", "--port-file",

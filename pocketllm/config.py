@@ -242,11 +242,11 @@ class ServeArgs:
                        "(default: the built-in aliases)")
     max_message_mb: int = opt(64, "largest message accepted or sent, MiB", ge=1,
                               le=2047)  # gRPC's limit is a signed 32-bit byte count
-    # availability limits (server.availability_limits prints them at start-up)
+    # availability limits (server.limit_lines prints them at start-up)
     max_streams: int = opt(16, "Train streams served at once; one more is refused with "
                            "RESOURCE_EXHAUSTED and a retry-after (devices retry)", ge=1,
                            le=MAX_THREADS)
-    workers: int = opt(8, "worker threads for Health, Open and Fetch, besides the "
+    workers: int = opt(8, "worker threads for Health, Open, Fetch and Delete, besides the "
                        "--max-streams threads that Train streams hold", ge=1, le=MAX_THREADS)
     stream_idle_s: float = opt(120.0, "close a Train stream that sends no message for this "
                                "long (frees its slot for another device)", gt=0)
@@ -261,6 +261,19 @@ class ServeArgs:
                                   "before they are cancelled", ge=0)
     threads: int = opt(0, "torch threads (0: torch's default)", ge=0, le=MAX_THREADS)
     port_file: str = opt("", "write the bound port here once listening")
+    # resource limits (README "Split server limits"; server.LIMITS, printed at start-up)
+    max_side_params: int = opt(8_000_000, "limit: side-network parameters per session (taps x "
+                               "width x depth; a larger one is refused at Open)", ge=1)
+    max_step_mb: int = opt(512, "limit: server memory one training step may take, MiB, "
+                           "estimated from its rows, taps and candidates before it is read", ge=1)
+    max_sessions: int = opt(256, "limit: sessions on the server, all tokens together (each "
+                            "checkpointed in --state-dir until deleted)", ge=1)
+    max_sessions_per_token: int = opt(64, "limit: sessions one token may hold (--token-file "
+                                      "may list several tokens, one per line)", ge=1)
+    max_resident_sessions: int = opt(32, "limit: sessions held in memory (>= --max-streams + "
+                                     "--workers: each may hold one in use); the "
+                                     "least recently used idle one is evicted to its checkpoint "
+                                     "and reloaded when next used", ge=1)
 
 
 @dataclass

@@ -105,6 +105,28 @@ def limit_arenas(n: int = 1) -> bool:
     return _mallopt((_M_ARENA_MAX, n))
 
 
+def server_allocator(mmap_threshold_kb: int = 128) -> bool:
+    """A long-running server's heap: one arena (`limit_arenas`), and a *fixed* mmap threshold,
+    so every tensor above it (a side network's wider weights and moments, a step's
+    activations) is its own mapping, returned to the OS when freed. glibc's dynamic threshold
+    would instead move such sizes into the heap after the first free, where sessions evicted and
+    reloaded amid steps leave holes the heap keeps (`trim_heap` returns the rest). Returns
+    whether it applied."""
+    return _mallopt((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, mmap_threshold_kb << 10))
+
+
+def trim_heap() -> bool:
+    """glibc's malloc_trim(0): give the heap's free pages back to the OS (after a server drops
+    a session). False where unavailable."""
+    import ctypes
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_in_fresh_process(method: str, **kw) -> dict:
     """`python -m pocketllm.workload --method method --k v ...` in a fresh process (so its peak
     RSS is its own): `method` is inference, naive-zo or a registered method, `kw` the workload's

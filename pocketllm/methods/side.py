@@ -43,6 +43,8 @@ class SideArgs:
     retry_seconds: float = opt(120.0, "side: give up after this long without reaching the "
                                "server", gt=0)
     weight_decay: float = opt(0.0, "AdamW weight decay (lora-adam, adam, side)", ge=0)
+    delete_session: bool = opt(False, "side: once the run has saved side_network.safetensors, "
+                               "delete its session (and checkpoint) from the server")
 
 
 @register("side")
@@ -136,6 +138,7 @@ class SideTuning(Method):
         self.model_lock = threading.Lock()
         self.totals = {"wire_bytes": 0, "forward_s": 0.0}
         self.opened = False  # the server holds the session (after Open)
+        self.saved = False   # side_network.safetensors written (the run's end)
         self.start = self.acked = 0  # steps acknowledged at the start and so far
 
     def progress(self) -> str:
@@ -147,9 +150,12 @@ class SideTuning(Method):
                 f"bits | labels {'private (U-shaped)' if self.side.private_labels else 'sent to the server'}")
 
     def session(self, out_dir: Path, resume: bool) -> str:
-        from ..split.client import session_id
+        from ..split.client import SplitError, session_id
         if not self.sid:
-            self.sid = session_id(Path(out_dir), resume, self.cfg.server)
+            try:
+                self.sid = session_id(Path(out_dir), resume, self.cfg.server)
+            except SplitError as e:
+                raise SystemExit(f"error: {e}") from None
         return self.sid
 
     def restore(self, out_dir) -> int:
@@ -222,6 +228,7 @@ class SideTuning(Method):
             from ..split.side import save_side
             _, side = self.client.fetch(self.sid)
             save_side(side, Path(out_dir) / SIDE_FILE)
+            self.saved, self.out_dir = True, Path(out_dir)
 
     def output_name(self, spec) -> str:
         from ..split.client import SIDE_FILE
@@ -232,4 +239,16 @@ class SideTuning(Method):
                 "device_forward_s": self.totals["forward_s"]}
 
     def close(self) -> None:
+        if self.cfg.delete_session and self.saved:  # after the final evaluation's fetch
+            import grpc
+            from ..split.client import forget_session
+            try:
+                step = self.client.delete(self.sid)
+            except grpc.RpcError as e:
+                self.client.close()
+                raise SystemExit(f"error: deleting the session on {self.cfg.server}: "
+                                 f"{e.code().name}: {e.details()}") from None
+            forget_session(self.out_dir)
+            print(f"session deleted from {self.cfg.server} at step {step}; the side network "
+                  "is in side_network.safetensors", flush=True)
         self.client.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import random
 import threading
@@ -30,7 +31,8 @@ from ..objectives import Objective, for_batch
 from . import split_pb2 as pb
 from . import split_pb2_grpc as pb_grpc
 from .quant import payload_bytes, quantize
-from .side import SideConfig, SideNetwork, head_loss_grad, side_from_bytes, tapped
+from .side import (SideConfig, SideNetwork, first_non_finite, head_loss_grad, side_from_bytes,
+                   tapped)
 from .wire import RETRY_AFTER, TOKEN_HEADER, config_to_spec, decode_tensor, new_session_id
 
 log = logging.getLogger("pocketllm.split")
@@ -96,7 +98,9 @@ def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: in
     def part(h: torch.Tensor) -> int:
         up = pb.Upload()
         up.batch.step, up.batch.part, up.batch.parts = step, len(uploads), len(cfg.taps)
-        qtensor(objective.scored_rows(h, batch), cfg.act_bits, up.batch.taps.add())
+        rows = objective.scored_rows(h, batch)
+        _finite_or_fail(rows, f"step {step}: tap {len(uploads)} (layer {cfg.taps[len(uploads)]})")
+        qtensor(rows, cfg.act_bits, up.batch.taps.add())
         uploads.append(up)
         return up.batch.part
 
@@ -111,6 +115,7 @@ def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: in
         raise RuntimeError(f"{len(uploads)} taps arrived in order {list(taps)}, expected "
                            f"{list(cfg.taps)}")
     if not cfg.private_labels:
+        _finite_or_fail(final, f"step {step}: the final hidden state")
         last = uploads[-1].batch
         qtensor(final, cfg.act_bits, last.final)
         last.targets = _int32(targets)
@@ -122,6 +127,13 @@ def device_step(model, batch: dict[str, torch.Tensor], cfg: SideConfig, step: in
     item.forward_s = time.perf_counter() - t0
     item.wire_bytes = sum(up.batch.ByteSize() for up in uploads)
     return item
+
+
+def _finite_or_fail(x: torch.Tensor, what: str) -> None:
+    """SplitError unless every value of `x` is finite: the device sends nothing else."""
+    if not bool(torch.isfinite(x).all()):
+        raise SplitError(f"{what} is not finite (NaN or inf: the backbone's activations or "
+                         "the loss overflowed); nothing of it was sent")
 
 
 def _int32(t: torch.Tensor) -> bytes:
@@ -175,7 +187,18 @@ class SplitClient:
 
     def fetch(self, sid: str) -> tuple[int, SideNetwork]:
         r = self.stub.Fetch(pb.FetchRequest(session_id=sid), metadata=self.md, timeout=120)
-        return int(r.step), side_from_bytes(r.safetensors)
+        side = side_from_bytes(r.safetensors)
+        bad = first_non_finite(side.state_dict().items())
+        if bad:
+            raise SplitError(f"server {self.address}: the side network fetched at step "
+                             f"{r.step} holds non-finite values ({bad})")
+        return int(r.step), side
+
+    def delete(self, sid: str) -> int:
+        """Delete the session (and its checkpoint) from the server; returns the step it had
+        reached. NOT_FOUND if it does not exist (or another token owns it)."""
+        r = self.stub.Delete(pb.DeleteRequest(session_id=sid), metadata=self.md, timeout=120)
+        return int(r.step)
 
     def train(self, sid: str, cfg: SideConfig, make_step: Callable[[int], DeviceStep],
               iters: int, head: tuple[torch.Tensor, torch.Tensor | None] | None,
@@ -194,6 +217,10 @@ class SplitClient:
               ) -> Iterator[tuple[int, float, DeviceStep | None]]:
         """Train steps 1..iters, reconnecting with backoff; yields (step, loss, the device's
         step or None) as each step is acknowledged, in order."""
+        try:
+            cfg.check()
+        except ValueError as e:
+            raise SplitError(f"side network settings: {e}") from None
         attempt, last_ok = 0, time.time()
         while True:
             before, retry_after = self.acked, None
@@ -209,7 +236,8 @@ class SplitClient:
                 retry_after = _retry_after(e)
                 if e.code() not in RETRYABLE or (
                         e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is None):
-                    # e.g. a message over the size limit: refused the same way on every retry
+                    # e.g. a message over the size limit, a full server (its session limits):
+                    # refused the same way on every retry
                     hint = ("; every retry would be refused the same: send fewer rows a step "
                             "(--batch-size) or raise the server's --max-message-mb"
                             if "larger than max" in (e.details() or "") else "")
@@ -297,15 +325,27 @@ class SplitClient:
                     o = reply.output
                     item = inflight[o.step]
                     t0 = time.perf_counter()
-                    delta = decode_tensor(o.delta, item.final.shape[0], cfg.hidden, "delta", (32,))
+                    try:
+                        delta = decode_tensor(o.delta, item.final.shape[0], cfg.hidden,
+                                              "delta", (32,))
+                    except ValueError as e:
+                        raise SplitError(f"server {self.address}: step {o.step}: the side "
+                                         f"output received: {e}") from None
                     loss, gz = head_loss_grad(item.final + delta, item.targets, *head,
                                               candidates=item.candidates)
+                    if not math.isfinite(loss):
+                        raise SplitError(f"step {o.step}: the device's loss ({loss}) is not "
+                                         "finite; nothing of it was sent")
+                    _finite_or_fail(gz, f"step {o.step}: the device's gradient")
                     item.extra["head_s"] = time.perf_counter() - t0
                     grads.put(pb.Grad(step=o.step, grad=qtensor(gz, 32), loss=loss))
                     item.wire_bytes += o.ByteSize()  # counted both ways
                 else:
                     a = reply.ack
                     item = inflight.pop(a.step, None)
+                    if not math.isfinite(a.loss):
+                        raise SplitError(f"server {self.address}: step {a.step} acknowledged "
+                                         f"with a non-finite loss ({a.loss})")
                     if not a.duplicate and a.step == self.acked + 1:
                         self.acked = a.step
                         yield a.step, float(a.loss), item
@@ -344,8 +384,19 @@ def session_id(out: Path, resume: bool, server: str) -> str:
     """The run's session id: kept in the output directory so `--resume` rejoins it."""
     path = out / SESSION_FILE
     if resume and path.exists():
-        return json.loads(path.read_text())["session_id"]
+        info = json.loads(path.read_text())
+        if info.get("deleted"):
+            raise SplitError(f"{path}: this run's session was deleted from the server "
+                             f"(--delete-session); its side network is in {out / SIDE_FILE}")
+        return info["session_id"]
     sid = new_session_id()
     path.write_text(json.dumps({"session_id": sid, "server": server}))
     path.chmod(0o600)  # the id lets its holder (with the token) read the side network back
     return sid
+
+
+def forget_session(out: Path) -> None:
+    """Mark the run's session deleted (`--delete-session`): a `--resume` then says so instead
+    of opening a fresh session at step 0."""
+    path = out / SESSION_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "deleted": True}))

@@ -14,8 +14,9 @@ carry the context), which is what lets the device send the label positions only.
 from __future__ import annotations
 
 import json
+import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -23,7 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..loss import PlainHead, stream_head
-from .quant import ACT_BITS, roundtrip
+from .quant import ACT_BITS, payload_bytes, roundtrip
+
+CANDIDATE_BLOCK = 1 << 20  # floats of gathered label-word head rows alive at a time (4 MB)
 
 
 @dataclass
@@ -61,6 +64,61 @@ class SideConfig:
             raise ValueError(f"tap {self.taps[-1]} beyond the backbone's {n_layers} layers")
         if self.act_bits not in ACT_BITS:
             raise ValueError(f"act_bits must be 16, 8 or 4, got {self.act_bits}")
+        # AdamW's update is lr-sized per step and decays by lr * weight_decay: beyond these a
+        # side network only diverges, and NaN / inf would reach its parameters
+        lr, wd = float(self.learning_rate), float(self.weight_decay)
+        if not (math.isfinite(lr) and 0 < lr <= 1):
+            raise ValueError(f"learning_rate {lr} out of range: a finite rate in (0, 1]")
+        if not (math.isfinite(wd) and wd >= 0 and lr * wd < 1):
+            raise ValueError(f"weight_decay {wd} out of range: finite, >= 0 and with "
+                             f"learning_rate x weight_decay below 1 (learning_rate {lr})")
+
+
+def side_params(cfg: SideConfig) -> int:
+    """The side network's parameter count, from its config alone (nothing is built)."""
+    h, w = cfg.hidden, cfg.width
+    block = 2 * w + (w * 2 * w + 2 * w) + (2 * w * w + w)              # norm, fc1, fc2
+    return len(cfg.taps) * (h * w + w + cfg.depth * block) + 2 * w + (w * h + h)
+
+
+def side_memory(cfg: SideConfig) -> int:
+    """Bytes a session holds in the server's memory: its weights and AdamW's two moments (12 B
+    a parameter) and about 8 KB of Python objects per module (measured 5.5 KB; a deep, narrow
+    network of many small modules costs more in objects than in parameters)."""
+    modules = 5 + len(cfg.taps) * (2 + 4 * cfg.depth)
+    return 12 * side_params(cfg) + 8192 * modules
+
+
+def step_memory(cfg: SideConfig, rows: int, n_candidates: int = 0, vocab: int = 1 << 30) -> int:
+    """Bytes of server memory one training step of `rows` rows may take at its peak, beyond
+    the session's parameters and optimizer state: a conservative count from the shapes of what
+    `pocketllm serve` holds (the server refuses a step over `--max-step-mb` with it)."""
+    from ..loss import VOCAB_CHUNK
+    r, h, w, t, f = rows, cfg.hidden, cfg.width, len(cfg.taps), 4
+    wire = t * payload_bytes(r, h, cfg.act_bits)
+    if not cfg.private_labels:
+        wire += payload_bytes(r, h, cfg.act_bits) + 4 * r + 4 * r * n_candidates
+    b = 3 * wire                           # its parts, their merged copy, gRPC's receive buffer
+    b += t * r * h * f + 12 * r * h        # decoded taps; one tap's dequantization temporaries
+    b += t * r * (h + w * (2 + 7 * cfg.depth)) * f  # what autograd keeps per tap for backward
+    b += r * (w + h) * f + r * (h + 4 * w) * f      # output norm and delta; backward temporaries
+    if cfg.private_labels:
+        b += 6 * r * h * f                 # side output sent, gradient received (tensor, bytes, message)
+    else:
+        b += 6 * r * h * f + r * min(VOCAB_CHUNK, vocab) * f  # final, z, head block, grad
+        if n_candidates:                   # ids (int32, int64), logits, softmax, log-softmax
+            b += 28 * r * n_candidates + 2 * CANDIDATE_BLOCK * f
+    # gradients and AdamW's temporaries; or, before the step, reloading an evicted session:
+    # its checkpoint (weights, two moments) beside the fresh network's initial weights
+    return b + 16 * side_params(cfg)
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, else None."""
+    for name, t in named:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def tap_layers(n_layers: int, every: int) -> list[int]:
@@ -127,14 +185,23 @@ def head_loss_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
     if n == 0:
         return 0.0, torch.zeros_like(z)
     if candidates is not None:
-        wc = weight[candidates].float()                                   # (N, C, H)
-        lg = torch.einsum("nh,nch->nc", z, wc)
+        # each row's label-word head rows, (rows, C, H), gathered a block of rows at a time:
+        # gathered whole they are hidden-size times the candidate ids the step carried
+        c = candidates.shape[1]
+        blk = max(1, CANDIDATE_BLOCK // max(1, c * z.shape[1]))
+        lg, grad = z.new_empty(n, c), torch.empty_like(z)
+        for i in range(0, n, blk):
+            lg[i:i + blk] = torch.einsum("nh,nch->nc", z[i:i + blk],
+                                         weight[candidates[i:i + blk]].float())
         if bias is not None:
             lg = lg + bias[candidates].float()
         p = torch.softmax(lg, dim=1)
         loss = float(torch.nn.functional.cross_entropy(lg, targets))
         p[torch.arange(n), targets] -= 1.0
-        return loss, torch.einsum("nc,nch->nh", p, wc) / n
+        for i in range(0, n, blk):
+            grad[i:i + blk] = torch.einsum("nc,nch->nh", p[i:i + blk],
+                                           weight[candidates[i:i + blk]].float())
+        return loss, grad / n
     with torch.no_grad():  # (the pass's in-place buffers)
         p = stream_head(z, targets, PlainHead.of(weight, bias).chunks(1), mean_row=True)
     loss = float(p.nll.mean())
@@ -211,16 +278,19 @@ class AttachedSide:
             h.remove()
 
 
+def _tensors(side: SideNetwork) -> dict[str, torch.Tensor]:
+    # copies: the server's weights are views of one buffer, which safetensors refuses to save
+    return {k: v.detach().clone() for k, v in side.state_dict().items()}
+
+
 def save_side(side: SideNetwork, path) -> None:
     from safetensors.torch import save_file
-    save_file({k: v.detach().contiguous() for k, v in side.state_dict().items()}, str(path),
-              metadata={"pocketllm_side_config": side.cfg.to_json()})
+    save_file(_tensors(side), str(path), metadata={"pocketllm_side_config": side.cfg.to_json()})
 
 
 def side_to_bytes(side: SideNetwork) -> bytes:
     from safetensors.torch import save
-    return save({k: v.detach().contiguous() for k, v in side.state_dict().items()},
-                metadata={"pocketllm_side_config": side.cfg.to_json()})
+    return save(_tensors(side), metadata={"pocketllm_side_config": side.cfg.to_json()})
 
 
 def side_from_bytes(data: bytes) -> SideNetwork:

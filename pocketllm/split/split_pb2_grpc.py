@@ -54,6 +54,11 @@ class SideTuningStub:
                 request_serializer=pocketllm_dot_split_dot_split__pb2.FetchRequest.SerializeToString,
                 response_deserializer=pocketllm_dot_split_dot_split__pb2.FetchReply.FromString,
                 _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/pocketllm.split.SideTuning/Delete',
+                request_serializer=pocketllm_dot_split_dot_split__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=pocketllm_dot_split_dot_split__pb2.DeleteReply.FromString,
+                _registered_method=True)
 
 
 class SideTuningServicer:
@@ -84,6 +89,12 @@ class SideTuningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SideTuningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +117,11 @@ def add_SideTuningServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=pocketllm_dot_split_dot_split__pb2.FetchRequest.FromString,
                     response_serializer=pocketllm_dot_split_dot_split__pb2.FetchReply.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=pocketllm_dot_split_dot_split__pb2.DeleteRequest.FromString,
+                    response_serializer=pocketllm_dot_split_dot_split__pb2.DeleteReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +232,33 @@ class SideTuning:
             '/pocketllm.split.SideTuning/Fetch',
             pocketllm_dot_split_dot_split__pb2.FetchRequest.SerializeToString,
             pocketllm_dot_split_dot_split__pb2.FetchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketllm.split.SideTuning/Delete',
+            pocketllm_dot_split_dot_split__pb2.DeleteRequest.SerializeToString,
+            pocketllm_dot_split_dot_split__pb2.DeleteReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,15 +48,30 @@ def new_session_id() -> str:
             return sid
 
 
-def read_token(path: str | os.PathLike) -> str:
-    """The shared secret in a token file (`--token-file`), both sides' copy of it."""
+def read_tokens(path: str | os.PathLike) -> list[str]:
+    """The tokens in a token file (`--token-file`): one per line, `#` comments and blank lines
+    skipped. The server's file may list several (one per device owner: each owns the sessions
+    it opens, and counts against `--max-sessions-per-token`); a device's holds its own one."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"--token-file {p}: no such file")
-    token = p.read_text().strip()
-    if len(token) < 16:
-        raise SystemExit(f"--token-file {p}: the token must be at least 16 characters")
-    return token
+    tokens = [t.strip() for t in p.read_text().splitlines()]
+    tokens = [t for t in tokens if t and not t.startswith("#")]
+    if not tokens:
+        raise SystemExit(f"--token-file {p}: no token in it")
+    for i, t in enumerate(tokens):
+        if len(t) < 16:
+            raise SystemExit(f"--token-file {p}: token {i + 1} is shorter than 16 characters")
+    return tokens
+
+
+def read_token(path: str | os.PathLike) -> str:
+    """A device's token: the one token in its `--token-file`."""
+    tokens = read_tokens(path)
+    if len(tokens) > 1:
+        raise SystemExit(f"--token-file {path}: holds {len(tokens)} tokens; a device's file "
+                         "holds its own one")
+    return tokens[0]
 
 
 def spec_to_config(spec: pb.SideSpec) -> SideConfig:
@@ -78,4 +93,7 @@ def decode_tensor(t: pb.QTensor, rows: int, cols: int, what: str,
         raise ValueError(f"{what}: shape ({t.rows}, {t.cols}), expected ({rows}, {cols})")
     if t.bits not in bits:
         raise ValueError(f"{what}: {t.bits} bits, expected {' or '.join(map(str, bits))}")
-    return dequantize(t.data, t.scales, rows, cols, t.bits)
+    try:
+        return dequantize(t.data, t.scales, rows, cols, t.bits)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None

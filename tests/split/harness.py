@@ -24,7 +24,7 @@ class Server:
 
     def __init__(self, state_dir: Path, token_file: Path, port: int = 0, args: tuple = ()):
         self.state_dir, self.token_file = state_dir, token_file
-        self.port, self.args = port, tuple(args)  # args: more `serve` flags
+        self.port, self.args = port, [str(a) for a in args]  # args: more `serve` flags
         self.log = state_dir.parent / f"server-{state_dir.name}.log"
         self.proc: subprocess.Popen | None = None
 
