@@ -8,8 +8,9 @@ has just put aside for the other job, while its partner burns the cycles the oth
 (a forward beside one other `pocketllm eval` took 7x its time alone, where losing half the
 cores explains 2x; benchmarks/results/under_load.md). What the CLI does instead:
 
-- `OMP_WAIT_POLICY=PASSIVE` (`set_env_defaults`, before torch is loaded: OpenMP reads it once):
-  a thread with nothing to do sleeps at once and leaves its core to whoever can use it.
+- `OMP_WAIT_POLICY=PASSIVE` with `GOMP_SPINCOUNT=300000` (`set_env_defaults`, before torch is
+  loaded: OpenMP reads them once): a thread with nothing to do spins briefly, then sleeps and
+  leaves its core to whoever can use it (sleeping at once cost a run alone 1.27x its step).
 - a fair share of the cores (`fair_share`): what light background work (a shell, an idle
   server) leaves, divided equally among the CPU-bound jobs, this run included, so that the
   threads of all of them add up to the cores instead of twice as many. It is chosen again
@@ -18,7 +19,8 @@ cores explains 2x; benchmarks/results/under_load.md). What the CLI does instead:
   when it was alone).
 
 A user's choice wins: `--threads N` fixes the count, and so does `OMP_NUM_THREADS`; a set
-`OMP_WAIT_POLICY` is kept; `POCKETLLM_AUTO_THREADS=0` restores torch's defaults (both).
+`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` is kept (neither is set then);
+`POCKETLLM_AUTO_THREADS=0` restores torch's defaults (both).
 
 Imports nothing of pocketllm, and torch only once it is loaded: the CLI calls
 `set_env_defaults` before anything imports torch.
@@ -32,7 +34,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}  # the one place the toolkit sets them
+# the one place the toolkit sets them: spin about libgomp's own default count at a barrier, then
+# sleep (measured: the same time beside another job as sleeping at once, and a run alone keeps
+# its speed: plain PASSIVE made it 1.27x slower; benchmarks/results/under_load.md)
+ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}
 SWITCH = "POCKETLLM_AUTO_THREADS"               # "0": torch's defaults, as before
 RETUNE_S = 3.0     # seconds between two choices
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -46,7 +51,9 @@ def env_defaults(environ) -> dict[str, str]:
     """The `ENV_DEFAULTS` that `environ` does not set already (none with the switch off)."""
     if not enabled(environ):
         return {}
-    return {k: v for k, v in ENV_DEFAULTS.items() if k not in environ}
+    if any(k in environ for k in ENV_DEFAULTS):  # the user's wait policy, whole
+        return {}
+    return dict(ENV_DEFAULTS)
 
 
 def set_env_defaults() -> dict[str, str]:

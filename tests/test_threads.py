@@ -48,8 +48,9 @@ def test_the_users_count_wins():
 
 
 def test_env_defaults_respect_what_the_user_set():
-    assert env_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert env_defaults({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert env_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}
+    assert env_defaults({"OMP_WAIT_POLICY": "ACTIVE"}) == {}  # the user's policy, whole
+    assert env_defaults({"GOMP_SPINCOUNT": "0"}) == {}
     assert env_defaults({threads.SWITCH: "0"}) == {}
 
 
@@ -164,7 +165,7 @@ def test_cli_defaults_reach_openmp_and_the_choice_is_printed():
     spin = re.search(r"GOMP_SPINCOUNT = '(\d+)'", err)
     if spin is None:
         pytest.skip("torch's OpenMP is not GNU's (no GOMP_SPINCOUNT displayed)")
-    assert spin.group(1) == "0"           # passive: idle threads sleep at once
+    assert spin.group(1) == "300000"      # idle threads spin briefly, then sleep
     assert re.search(rf"^threads: \d+ of {threads.cores()} cores", err, re.M)
 
 
