@@ -20,6 +20,8 @@ import yaml
 
 from .schedules import SHAPES
 
+# what --time-budget counts (train.CLOCKS measures each): wall seconds or this process's CPU time
+BUDGET_CLOCKS = ("wall", "cpu")
 THREADS_HELP = ("torch threads (0: a fair share of the cores beside other CPU-bound jobs, chosen "
                 "again as the load changes; README: Running two jobs side by side)")
 
@@ -209,7 +211,7 @@ class TrainArgs(ModelArgs, DataArgs):
                             "(seconds on the clock) or cpu (this process's CPU seconds: on a "
                             "machine shared with other jobs, the time the steps would take on "
                             "a core of their own when running on one thread)",
-                            choices=("wall", "cpu"))
+                            choices=BUDGET_CLOCKS)
     resume: bool = opt(False, "continue the run in --adapter-path exactly where it stopped")
     save_every: int = opt(100, "save the adapter / checkpoint every N steps (0: only at the end)",
                           ge=0)
@@ -301,7 +303,8 @@ class BenchArgs:
     budget_minutes: float = opt(10.0, "training minutes per run (steps only, one thread)",
                                 gt=0)
     budget_clock: str = opt("wall", "what the budget counts (train --budget-clock): wall, or "
-                            "cpu seconds when other jobs share the machine", choices=("wall", "cpu"))
+                            "cpu seconds when other jobs share the machine",
+                            choices=BUDGET_CLOCKS)
     steps_per_eval: int = opt(25, "valid evaluations (and checkpoints) every N steps: the "
                               "best on valid is the adapter scored", ge=1)
     eval_examples: int = opt(1000, "dev/test examples scored (0: all)", ge=0)

@@ -20,8 +20,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from . import memory, threads
 from .config import TrainArgs, check, save_yaml
 from .data import Batcher, StepBatches
@@ -40,7 +38,8 @@ BEST_DIR = "best"
 
 # --budget-clock: wall seconds, or this process's CPU seconds (all its threads): the latter
 # counts what a run spent, not what other jobs on a shared machine took from it
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # keyed by BUDGET_CLOCKS
+
 
 def train(args: TrainArgs, settings: dict | None = None) -> dict:
     """Run a fine-tune as configured (`settings`: the method's own, see its `Config`);
