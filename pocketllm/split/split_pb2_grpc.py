@@ -5,7 +5,7 @@ import warnings
 
 from pocketllm.split import split_pb2 as pocketllm_dot_split_dot_split__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in pocketllm/split/split_pb2_grpc.py depends on'
+        + f' but the generated code in pocketllm/split/split_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SideTuningStub:
+class SideTuningStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -61,7 +61,7 @@ class SideTuningStub:
                 _registered_method=True)
 
 
-class SideTuningServicer:
+class SideTuningServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Health(self, request, context):
@@ -131,7 +131,7 @@ def add_SideTuningServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class SideTuning:
+class SideTuning(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
