@@ -233,7 +233,7 @@ def cmd_memory(args: C.MemoryArgs, given: dict) -> int:
     try:
         est = estimate(config, cls, trainable, args.batch_size, args.max_seq_length,
                        args.dtype, args.lora_rank, list(args.lora_targets),
-                       framework=framework_mb(), **settings)
+                       framework=framework_mb(), lora_layers=args.lora_layers, **settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -247,7 +247,8 @@ def cmd_memory(args: C.MemoryArgs, given: dict) -> int:
             r = run_in_fresh_process(args.method, trainable=trainable, model=args.model,
                                      dtype=args.dtype, batch_size=args.batch_size,
                                      seq=args.max_seq_length, steps=args.steps,
-                                     warmup=est.warmup, lora_rank=args.lora_rank, **settings)
+                                     warmup=est.warmup, lora_rank=args.lora_rank,
+                                     lora_layers=args.lora_layers, **settings)
         except RuntimeError as e:
             print(f"error: --measure: {e}", file=sys.stderr)
             return 2

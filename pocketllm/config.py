@@ -352,6 +352,7 @@ class MemoryArgs(ModelArgs):
                               ge=2)
     lora_rank: int = opt(8, "LoRA rank r", ge=1)
     lora_targets: list = opt([], "module names to adapt (default: the query/value projections)")
+    lora_layers: str = opt("", "LoRA on these layers only, as for train (empty: every layer)")
     measure: bool = opt(False, "also run it in a fresh process and print the measured peak RSS")
     steps: int = opt(1, "--measure: measured steps (first-order methods run one more, "
                      "unmeasured, first: AdamW's state exists from the second step on)", ge=1)

@@ -155,19 +155,27 @@ class UnknownShape(ValueError):
     from its config alone, or one without the usual size fields)."""
 
 
+class BadLayers(ValueError):
+    """--lora-layers names layers the model does not have."""
+
+
 def model_shape(config, dtype: str = "float32", lora_rank: int = 8,
-                lora_targets: list[str] | None = None) -> Shape:
+                lora_targets: list[str] | None = None, lora_layers: str = "") -> Shape:
     """Parameter counts from a meta-device build of `config`; layer sizes from its fields.
+    `lora_layers`: LoRA on these layers only (`--lora-layers`, `lora.select_layers`'s text).
     Raises UnknownShape where the config cannot be read that way."""
     try:
-        return _model_shape(config, dtype, lora_rank, lora_targets)
+        return _model_shape(config, dtype, lora_rank, lora_targets, lora_layers)
+    except BadLayers:
+        raise  # the run's setting, not the config: its own message
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise UnknownShape(f"cannot estimate model_type "
                            f"{getattr(config, 'model_type', '?')!r}: {e}") from e
 
 
-def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | None) -> Shape:
-    from .lora import _matches, default_targets
+def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | None,
+                 lora_layers: str = "") -> Shape:
+    from .lora import _matches, default_targets, layer_of, select_layers
     from .trainable import is_norm
     from .models import MASKED_LM_TYPES
 
@@ -176,13 +184,18 @@ def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | N
     params = list(model.parameters())  # distinct: tied weights once
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     targets = list(lora_targets or default_targets(model))
+    try:
+        chosen = select_layers(model, targets, lora_layers)  # None: every layer
+    except ValueError as e:
+        raise BadLayers(str(e)) from None
     lora, lora_largest, largest_linear, norm, norm_largest = 0, 0, 0, 0, 0
     head = model.get_output_embeddings()
     layers = _get(config, "num_hidden_layers", "n_layer")
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod is not head:
             largest_linear = max(largest_linear, mod.weight.numel())
-        if isinstance(mod, torch.nn.Linear) and _matches(name, targets):
+        if (isinstance(mod, torch.nn.Linear) and _matches(name, targets)
+                and (chosen is None or layer_of(name) in chosen)):
             n = lora_rank * (mod.in_features + mod.out_features)
             lora += n
             lora_largest = max(lora_largest, lora_rank * max(mod.in_features, mod.out_features))
@@ -275,6 +288,7 @@ class Sizes:
     dtype: str = "float32"
     lora_rank: int = 8
     lora_targets: tuple = ()
+    lora_layers: str = ""
 
 
 @dataclass(frozen=True)
@@ -326,7 +340,10 @@ class NoGradForward(Profile):
     """A forward without autograd over `replicas` copies of the batch, one layer alive at a
     time. `perturbed`: each replica sees its own perturbed weights (the Perturber's scratch,
     per replica); `head`: the output head's loss runs on this machine; `extra`: components the
-    method adds, (name, MiB); `what`: the subject of a note on the rows it runs; `notes`: more."""
+    method adds, (name, MiB); `state`: what the run holds as copies of its trainable tensors,
+    (what, copies, of what: "float32" / "param", the whole trainable set in float32 / its own
+    dtype, e.g. ZO-Adam's two moments, svrg's anchor; "largest", float32 copies of the largest
+    trainable tensor, a step's temporaries); `what`: the subject of a note on the rows it runs; `notes`: more."""
 
     replicas: int = 1
     perturbed: bool = False
@@ -334,6 +351,7 @@ class NoGradForward(Profile):
     adapter: bool = True
     what: str = ""
     extra: tuple[tuple[str, float], ...] = ()
+    state: tuple[tuple[str, int, str], ...] = ()
     notes: tuple[str, ...] = ()
 
     def fill(self, est: Estimate, s: Shape, run: Sizes, lora: bool) -> None:
@@ -350,6 +368,13 @@ class NoGradForward(Profile):
             embed = 0 if lora else f.tokens * s.hidden * bpe  # perturbed lookup, per group
             c["ZO scratch (perturbed copies)"] = (self.replicas * (largest + head) + embed) / MB
         c.update(self.extra)
+        for what, copies, of in self.state:  # a LoRA / small set is float32 either way
+            if of == "largest":
+                n, unit = (s.lora_largest if lora else s.largest), "largest tensor"
+            else:
+                n, unit = (s.lora_params if lora else s.params), "trainable"
+            c[f"{what} ({copies} x {unit})"] = \
+                copies * n * (4 if lora or of != "param" else bpe) / MB
         if self.what:
             est.notes.append(f"{self.what}: activations of {f.rows} rows")
         est.notes.extend(self.notes)
@@ -473,7 +498,7 @@ def pair_passes_fit(config, trainable: str, batch: int, seq: int, dtype: str = "
 def estimate(config, method, trainable: str, batch: int, seq: int,
              dtype: str = "float32", lora_rank: int = 8,
              lora_targets: list[str] | None = None, framework: float | None = None,
-             shape: Shape | None = None, **settings) -> Estimate:
+             shape: Shape | None = None, lora_layers: str = "", **settings) -> Estimate:
     """The estimated peak RSS of `method` on `config` at `batch` x `seq` tokens, by component
     (MiB). `method`: a method class (its `memory_profile`, with its settings `settings`, e.g.
     zo_passes="pair"; `Inference`) or a `Profile`. `shape`: its `model_shape`, if built."""
@@ -489,8 +514,8 @@ def estimate(config, method, trainable: str, batch: int, seq: int,
                              f"--trainable {trainable}")
     elif settings:
         raise ValueError(f"estimate: settings {sorted(settings)} given with a profile")
-    s = shape or model_shape(config, dtype, lora_rank, lora_targets)
-    run = Sizes(trainable, batch, seq, dtype, lora_rank, tuple(lora_targets or ()))
+    s = shape or model_shape(config, dtype, lora_rank, lora_targets, lora_layers)
+    run = Sizes(trainable, batch, seq, dtype, lora_rank, tuple(lora_targets or ()), lora_layers)
     profile = method if isinstance(method, Profile) else _profile(method, name, run, s, settings)
     lora = trainable != "full" and profile.adapter  # a small float32 set trains
     if lora and trainable in ROUGH_SETS:

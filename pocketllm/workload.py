@@ -159,10 +159,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-layers", default="", help="LoRA on these layers only (as train)")
     C.add_args(ap.add_argument_group("method settings (as for train)"), *setting_classes())
     a = ap.parse_args()
     own = {"method", "trainable", "model", "dtype", "batch_size", "seq", "steps", "warmup",
-           "threads", "lora_rank", "config"}
+           "threads", "lora_rank", "lora_layers", "config"}
     given = {k: v for k, v in vars(a).items() if k not in own}
     if a.config:
         given = {**C.load_yaml(a.config, *setting_classes()), **given}
@@ -175,7 +176,7 @@ def main() -> None:
     model, _ = load_model(a.model, a.dtype)
     batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq, masked=is_masked_lm(model))
     args = train_args(a.method, trainable, a.dtype, a.model, batch_size=a.batch_size,
-                      lora_rank=a.lora_rank, max_seq_length=a.seq)
+                      lora_rank=a.lora_rank, lora_layers=a.lora_layers, max_seq_length=a.seq)
     step = make_step(a.method, model, batch, args, **settings)
     rss_loaded = memory.rss_mb()
     peak_load = memory.peak_rss_mb()

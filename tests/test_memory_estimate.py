@@ -226,3 +226,58 @@ def test_checkpointed_kept_activations_match_a_trace(name):
     ch, cf, ca = ME.SAVED_PER_LAYER[(s.family, "lora", "float32")]
     layer = B * T * (ch * s.hidden + cf * s.ffn + ca * s.heads)
     assert traced == pytest.approx(kept * 2**20 - layer, rel=0.1)
+
+
+def _lora_count(name: str, layers: str) -> int:
+    """LoRA A/B elements of `name`'s default adapter on `layers`, built for real."""
+    model = auto_class(load_config(name)).from_config(load_config(name))
+    _, params = setup_trainable(model, TrainArgs(model=name, lora_layers=layers))
+    return sum(p.numel() for _, p in params)
+
+
+@pytest.mark.parametrize("layers", ["", "1", ":1"])
+def test_lora_layers_count_only_the_chosen_layers(layers):
+    s = ME.model_shape(load_config("tiny-llama"), lora_layers=layers)
+    assert s.lora_params == _lora_count("tiny-llama", layers)
+    e = _est("zo-sgd", "lora", lora_layers=layers)
+    assert e.components["LoRA weights (float32)"] == pytest.approx(s.lora_params * 4 / ME.MB)
+
+
+@pytest.mark.parametrize("settings,state", [
+    ({}, {}),
+    ({"zo_optimizer": "adam"}, {"ZO-Adam moments (2 x trainable)": 2,
+                                "ZO-Adam step temporaries (one tensor's g_hat, m_hat, v_hat, "
+                                "...) (5 x largest tensor)": 5}),
+    ({"zo_optimizer": "momentum"}, {"ZO momentum (1 x trainable)": 1,
+                                    "ZO step temporaries (one tensor's g_hat, update) "
+                                    "(3 x largest tensor)": 3}),
+    ({"estimator": "svrg"}, {"svrg anchor (Engine.keep_anchor) (1 x trainable)": 1}),
+    ({"estimator": "hizoo", "zo_perturbation": "hizoo"},
+     {"hizoo curvature S and sqrt(S) (2 x trainable)": 2}),
+])
+@pytest.mark.parametrize("method", ["zo-sgd", "prge"])
+def test_zo_state_is_counted_as_copies_of_the_trainable_set(method, settings, state,
+                                                            monkeypatch):
+    """What a ZO run keeps from step to step (the optimizer's moments, svrg's anchor, hizoo's
+    curvature) is declared by each class and added as copies of the trainable tensors."""
+    for trainable, bytes_each in (("lora", 4), ("full", 4)):
+        if trainable not in get_method(method).trainable_kinds or (
+                trainable == "full" and settings.get("estimator") == "svrg"):
+            continue  # prge trains adapters; svrg refuses full (a second copy of the model)
+        e = _est(method, trainable, **settings)
+        s = ME.model_shape(load_config("tiny-llama"))
+        n = s.lora_params if trainable == "lora" else s.params
+        big = s.lora_largest if trainable == "lora" else s.largest
+        got = {k: v for k, v in e.components.items() if " x " in k}
+        assert got == {k: pytest.approx(c * (big if "largest" in k else n) * bytes_each / ME.MB)
+                       for k, c in state.items()}
+        with monkeypatch.context() as m:  # the same run, its state not declared
+            m.setattr(get_method(method), "kept_state", classmethod(lambda cls, cfg: ()))
+            plain = _est(method, trainable, **settings).total
+        assert e.total == pytest.approx(plain + sum(got.values()))
+
+
+def test_memory_cli_names_bad_lora_layers(capsys):
+    assert main(["memory", "--model", "tiny-llama", "--lora-layers", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora-layers" in err and "cannot estimate" not in err

@@ -65,7 +65,7 @@ class PRGE(ZOMethod):
         if cfg.queries < 1:
             raise ValueError(f"--queries must be at least 1, got {cfg.queries}")
         forwards, widest = cls.widest_pass(cfg, cfg.queries, cfg.parallel)
-        return NoGradForward(widest, perturbed=True,
+        return NoGradForward(widest, perturbed=True, state=cls.kept_state(cfg),
                              what=f"prge {cfg.queries} quer{'y' if cfg.queries == 1 else 'ies'} "
                                   f"(--parallel {cfg.parallel}), the widest of {forwards} "
                                   "forward(s)")

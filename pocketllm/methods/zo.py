@@ -264,7 +264,15 @@ class ZOMethod(Method):
         # overflowed, and `--resume` replays every step it holds
         (self.log or zolog.ZOLog(out_dir)).truncate(step)
 
-    # the memory profile (pocketllm memory): each ZO method's `memory_profile` reads this
+    # the memory profile (pocketllm memory): each ZO method's `memory_profile` reads these
+    @classmethod
+    def kept_state(cls, cfg) -> tuple[tuple[str, int, str], ...]:
+        """What the estimator, the perturbation and the ZO optimizer keep from step to step,
+        each as (what, copies of the trainable tensors, dtype): their declared `memory`."""
+        return (*estimators.REGISTRY[cfg.estimator].memory,
+                *perturbations.REGISTRY[cfg.zo_perturbation].memory,
+                *optim.REGISTRY[cfg.zo_optimizer].memory)
+
     @classmethod
     def widest_pass(cls, cfg, queries: int, parallel: str) -> tuple[int, int]:
         """(forwards a step makes, replicas of the batch in the widest of them) for `queries`

@@ -78,5 +78,5 @@ class ZOSGD(ZOMethod):
         picks them (auto: `pair_passes_fit` at this run's sizes), each replica with its own
         perturbed copies."""
         _, widest = cls.widest_pass(cfg, 1, "both" if cfg.pair(run, shape=shape) else "none")
-        return NoGradForward(widest, perturbed=True,
+        return NoGradForward(widest, perturbed=True, state=cls.kept_state(cfg),
                              what=f"zo-sgd {'pair' if widest == 2 else 'sequential'} passes")

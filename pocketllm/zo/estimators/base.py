@@ -54,6 +54,9 @@ class Estimator(ABC):
     anchor_every = 0
     anchor_lr = 1.0  # a refresh step's learning rate, as a multiple of the step's
     flags: dict[str, str] = {}  # constructor keyword -> the run setting it comes from
+    # the state it keeps, for `pocketllm memory`: (what, copies, of what), as
+    # `ZOOptimizer.memory` declares it
+    memory: tuple[tuple[str, int, str], ...] = ()
 
     # Per-query figures besides the projected gradients that `report` returns and the step
     # logs (hizoo: "curvature"); a perturbation that keeps state needs some of them

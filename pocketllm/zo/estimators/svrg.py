@@ -37,6 +37,7 @@ from .spsa import SPSA
 @register("svrg")
 class SVRG(Estimator):
     flags = {"anchor_every": "anchor_every", "anchor_lr": "anchor_lr"}
+    memory = (("svrg anchor (Engine.keep_anchor)", 1, "param"),)
 
     def __init__(self, queries: int = 1, anchor_every: int = 5, anchor_lr: float = 1.0):
         super().__init__(queries)

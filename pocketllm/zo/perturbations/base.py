@@ -60,6 +60,9 @@ class Perturbation(ABC):
     # at any step, which an anchored estimator (svrg) needs: it probes a step's z at its anchor
     # as well as at the current weights, and applies the anchor's z steps after probing it
     key_only = False
+    # the state it keeps, for `pocketllm memory`: (what, copies, of what), as
+    # `ZOOptimizer.memory` declares it
+    memory: tuple[tuple[str, int, str], ...] = ()
 
     def __init__(self, params: Sequence[torch.Tensor] = (), dist: str = "gaussian", **settings):
         self.check(**settings)

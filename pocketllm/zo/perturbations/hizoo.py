@@ -34,6 +34,7 @@ from .base import Perturbation, register
 class HiZOO(Perturbation):
     flags = {"smooth": "hessian_smooth"}
     needs = ("curvature",)
+    memory = (("hizoo curvature S and sqrt(S)", 2, "float32"),)
 
     def __init__(self, params=(), dist="gaussian", smooth: float = 1e-6):
         super().__init__(params, dist, smooth=smooth)
