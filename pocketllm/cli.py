@@ -118,7 +118,7 @@ def _model_with_adapter(args, with_spec: bool = False):
     prefix), and a side network if given; `with_spec`: also the set's spec (None: none)."""
     from .models import load_model
     from .trainable import load_saved
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, getattr(args, "quantize_base", "none"))
     spec = None
     if args.adapter_path:
         try:
@@ -233,12 +233,13 @@ def cmd_memory(args: C.MemoryArgs, given: dict) -> int:
     try:
         est = estimate(config, cls, trainable, args.batch_size, args.max_seq_length,
                        args.dtype, args.lora_rank, list(args.lora_targets),
-                       framework=framework_mb(), **settings)
+                       framework=framework_mb(), quantize=args.quantize_base, **settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     what = args.method + (f", {trainable}" if cls.trains_model else "")
-    print(f"{args.model} ({args.dtype}), {what}, batch {args.batch_size} x "
+    quant = f", base {args.quantize_base}" if args.quantize_base != "none" else ""
+    print(f"{args.model} ({args.dtype}{quant}), {what}, batch {args.batch_size} x "
           f"{args.max_seq_length} tokens")
     measured = None
     if args.measure:  # the same method and settings, in a process of its own
@@ -247,7 +248,8 @@ def cmd_memory(args: C.MemoryArgs, given: dict) -> int:
             r = run_in_fresh_process(args.method, trainable=trainable, model=args.model,
                                      dtype=args.dtype, batch_size=args.batch_size,
                                      seq=args.max_seq_length, steps=args.steps,
-                                     warmup=est.warmup, lora_rank=args.lora_rank, **settings)
+                                     warmup=est.warmup, lora_rank=args.lora_rank,
+                                     quantize_base=args.quantize_base, **settings)
         except RuntimeError as e:
             print(f"error: --measure: {e}", file=sys.stderr)
             return 2
