@@ -334,6 +334,22 @@ class GenerateArgs(ModelArgs, QuantArgs):
     max_tokens: int = opt(64, "tokens to generate", ge=1)
     temp: float = opt(0.0, "sampling temperature (0: greedy)", ge=0)
     chat: bool = opt(False, "wrap the prompt in the tokenizer's chat template")
+    engine: str = opt("torch", "what runs the model: torch (the model and --adapter-path), or "
+                      "the runtime of an exported --program (pocketllm export)",
+                      choices=lambda: ("torch", *_program_engines()))
+    program: str = opt("", "--engine executorch / onnxruntime: the .pte / .onnx file "
+                       "`pocketllm export` wrote (the model and adapter are in it)")
+
+
+@dataclass
+class ExportArgs(ModelArgs):
+    format: str = opt("pte", "pte: an ExecuTorch program (XNNPACK); onnx: an ONNX model",
+                      choices=lambda: _export_formats())
+    adapter_path: str = opt("", "the trained set to merge (LoRA, norm; empty: the base model)")
+    out: str = opt("", "the file to write (default model.pte / model.onnx), with FILE.json "
+                   "beside it")
+    max_len: int = opt(256, "the program's fixed length: prompt plus generated tokens (no KV "
+                       "cache: every token recomputes the prefix)", ge=2)
 
 
 @dataclass
@@ -363,6 +379,16 @@ class MemoryArgs(ModelArgs, QuantArgs):
     measure: bool = opt(False, "also run it in a fresh process and print the measured peak RSS")
     steps: int = opt(1, "--measure: measured steps (first-order methods run one more, "
                      "unmeasured, first: AdamW's state exists from the second step on)", ge=1)
+
+
+def _export_formats() -> tuple[str, ...]:
+    from .export import FORMATS
+    return tuple(FORMATS)
+
+
+def _program_engines() -> tuple[str, ...]:
+    from .export import ENGINES
+    return tuple(ENGINES)
 
 
 def _quant_schemes() -> tuple[str, ...]:

@@ -102,7 +102,7 @@ def _torchao(config: Callable[[], object]) -> Callable[[list[nn.Linear]], list]:
             from torchao.quantization import quantize_
         except ImportError:
             raise QuantizeError("--quantize-base int8 needs torchao: pip install "
-                                "pocketllm[quantize]") from None
+                                "pocketllm[quant]") from None
         cfg = config()
         for m in linears:
             quantize_(m, cfg)
@@ -202,6 +202,19 @@ def quantized_layers(model: nn.Module) -> int:
     return sum(1 for m in model.modules()
                if isinstance(m, Int4Linear) or (type(m) is nn.Linear and type(m.weight)
                                                 not in (torch.Tensor, nn.Parameter)))
+
+
+def own_memory(model: nn.Module) -> None:
+    """Copy the float tensors left (embeddings, norms) into memory of their own. A model loaded
+    from safetensors keeps them in the file's mapping, which stays mapped (and every page the
+    quantization read stays resident, the whole float model) while any tensor points into it."""
+    import gc
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:  # (tied weights: once)
+            if type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta:
+                t.data = t.data.clone()
+    gc.collect()
+    _trim()
 
 
 def _trim() -> None:
