@@ -15,7 +15,8 @@ from pocketllm.methods import build, get_method
 from pocketllm.models import load_model
 from pocketllm.quantize import SCHEMES, Int4Linear, base_linears, quantized_layers
 from tests.helpers import TEXTS, score, tiny_batch
-from tests.methods.test_conformance import _same, _saved, _step_losses, _train
+from tests.methods.test_conformance import (_same, _saved, _step_losses, _train,  # noqa: F401
+                                            split_server)
 
 QUANTIZED = [s for s in SCHEMES if s != "none"]
 # relative error of the logits against the float model's, tiny-llama (hidden 64): int8 per
@@ -94,6 +95,35 @@ def test_zo_lora_on_a_quantized_base_lowers_the_loss(name, settings, steps):
         method.step([batch], i, args.learning_rate)
     method.sync()
     assert loss() < before - 0.05
+
+
+def test_split_device_backbone_quantized(split_server, tmp_path):
+    """Split mode: the device's frozen backbone in 4 bits streams its taps; the server's side
+    network still learns (the loss of a fixed batch falls)."""
+    pytest.importorskip("grpc")
+    address, token = split_server
+    model, tok = load_model("tiny-llama", quantize="int4")
+    args = TrainArgs(model="tiny-llama", method="side", trainable="full", seed=3,
+                     learning_rate=1e-2, quantize_base="int4")
+    cls = get_method("side")
+    cls.check(args)  # split mode takes a quantized backbone
+    _, params = cls.trainable(model, args)
+    m = build("side", model, params, args, side_width=16, server=address,
+              token_file=str(token))
+    b = tiny_batch(tok, TEXTS)
+
+    def loss():
+        with m.evaluating(), torch.no_grad():
+            return float(group_losses(score(model, b), 1))
+    try:
+        before = loss()
+        m.open_log(tmp_path, fresh=True)
+        for _ in m.steps(lambda s: [b], 0, 20, lambda s: (args.learning_rate, None)):
+            pass
+        after = loss()
+    finally:
+        m.close()
+    assert quantized_layers(model) == 14 and after < before - 0.05
 
 
 @pytest.fixture(scope="module")
