@@ -15,6 +15,8 @@ COMMANDS = {
     "eval": (C.EvalArgs, "loss, perplexity and accuracy on a split, with or without an adapter"),
     "generate": (C.GenerateArgs, "generate text from a prompt"),
     "fuse": (C.FuseArgs, "merge a LoRA adapter into the base model and save an HF directory"),
+    "export": (C.ExportArgs, "write the model with its adapter merged as an ExecuTorch (.pte) "
+                             "or ONNX program for inference (generate --engine runs it)"),
     "replay": (C.ReplayArgs, "rebuild a zo-sgd run's weights from the base model and its log"),
     "serve": (C.ServeArgs, "run the split-mode server that trains side networks for devices"),
     "memory": (C.MemoryArgs, "estimate a run's peak memory from the model's config "
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the commands whose work is torch's: their threads are the fair share (threads.py) unless set
-COMPUTES = ("train", "eval", "generate", "fuse", "replay")
+COMPUTES = ("train", "eval", "generate", "fuse", "replay", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +120,7 @@ def _model_with_adapter(args, with_spec: bool = False):
     prefix), and a side network if given; `with_spec`: also the set's spec (None: none)."""
     from .models import load_model
     from .trainable import load_saved
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, getattr(args, "quantize_base", "none"))
     spec = None
     if args.adapter_path:
         try:
@@ -189,10 +191,31 @@ def cmd_bench(args: C.BenchArgs) -> int:
 
 
 def cmd_generate(args: C.GenerateArgs) -> int:
+    if args.engine != "torch" or args.program:  # an exported program: model and adapter in it
+        from .export import generate_from_program
+        if args.adapter_path or args.side_network or args.quantize_base != "none":
+            raise SystemExit("error: --program holds its model and adapter: drop "
+                             "--adapter-path / --side-network / --quantize-base")
+        text, cut = generate_from_program(args.engine, args.program, args.prompt,
+                                          args.max_tokens, args.temp, args.chat, args.seed)
+        print(text)
+        if cut:
+            print("(stopped at the program's --max-len)", file=sys.stderr)
+        return 0
     from .generate import generate
     model, tok = _model_with_adapter(args)
     print(generate(model, tok, args.prompt, max_tokens=args.max_tokens, temp=args.temp,
                    chat=args.chat, seed=args.seed))
+    return 0
+
+
+def cmd_export(args: C.ExportArgs) -> int:
+    from .export import FORMATS, export
+    t0 = time.time()
+    out = export(args)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.format}, max length "
+          f"{args.max_len}) in {time.time() - t0:.0f}s; run it: pocketllm generate --engine "
+          f"{FORMATS[args.format].engine} --program {out} --prompt ...")
     return 0
 
 
@@ -233,12 +256,14 @@ def cmd_memory(args: C.MemoryArgs, given: dict) -> int:
     try:
         est = estimate(config, cls, trainable, args.batch_size, args.max_seq_length,
                        args.dtype, args.lora_rank, list(args.lora_targets),
-                       framework=framework_mb(), lora_layers=args.lora_layers, **settings)
+                       framework=framework_mb(), lora_layers=args.lora_layers,
+                       quantize=args.quantize_base, **settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     what = args.method + (f", {trainable}" if cls.trains_model else "")
-    print(f"{args.model} ({args.dtype}), {what}, batch {args.batch_size} x "
+    quant = f", base {args.quantize_base}" if args.quantize_base != "none" else ""
+    print(f"{args.model} ({args.dtype}{quant}), {what}, batch {args.batch_size} x "
           f"{args.max_seq_length} tokens")
     measured = None
     if args.measure:  # the same method and settings, in a process of its own
@@ -248,7 +273,8 @@ def cmd_memory(args: C.MemoryArgs, given: dict) -> int:
                                      dtype=args.dtype, batch_size=args.batch_size,
                                      seq=args.max_seq_length, steps=args.steps,
                                      warmup=est.warmup, lora_rank=args.lora_rank,
-                                     lora_layers=args.lora_layers, **settings)
+                                     lora_layers=args.lora_layers,
+                                     quantize_base=args.quantize_base, **settings)
         except RuntimeError as e:
             print(f"error: --measure: {e}", file=sys.stderr)
             return 2

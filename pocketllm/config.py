@@ -143,6 +143,14 @@ class ModelArgs:
 
 
 @dataclass
+class QuantArgs:
+    quantize_base: str = opt("none", "store the frozen base's Linear weights quantized (the "
+                             "trained set stays float): int8, int8-dynamic, int4; zeroth-order "
+                             "methods and split mode only (docs/quantization.md)",
+                             choices=lambda: _quant_schemes())
+
+
+@dataclass
 class DataArgs:
     data: str = opt("", "directory with train.jsonl / valid.jsonl / test.jsonl (default: "
                     "examples/personal), or a task's folder (default with --task: "
@@ -178,7 +186,7 @@ class DataArgs:
 
 
 @dataclass
-class TrainArgs(ModelArgs, DataArgs):
+class TrainArgs(ModelArgs, DataArgs, QuantArgs):
     method: str = opt("zo-sgd", "training method (see `pocketllm methods`); its own settings "
                       "are the flags its section of `pocketllm methods` lists")
     trainable: str = opt("lora", "which weights to train", choices=lambda: _trainable_sets())
@@ -279,7 +287,7 @@ class ServeArgs:
 
 
 @dataclass
-class EvalArgs(ModelArgs, DataArgs):
+class EvalArgs(ModelArgs, DataArgs, QuantArgs):
     split: str = opt("test", "which split of --data to score (or a path to a .jsonl file)")
     adapter_path: str = opt("", "LoRA adapter directory (empty: the base model)")
     side_network: str = opt("", "side network (.safetensors from --method side) to run with "
@@ -318,7 +326,7 @@ class BenchArgs:
 
 
 @dataclass
-class GenerateArgs(ModelArgs):
+class GenerateArgs(ModelArgs, QuantArgs):
     prompt: str = opt("", "the prompt")
     adapter_path: str = opt("", "LoRA adapter directory (empty: the base model)")
     side_network: str = opt("", "side network (.safetensors from --method side) to run with "
@@ -326,6 +334,22 @@ class GenerateArgs(ModelArgs):
     max_tokens: int = opt(64, "tokens to generate", ge=1)
     temp: float = opt(0.0, "sampling temperature (0: greedy)", ge=0)
     chat: bool = opt(False, "wrap the prompt in the tokenizer's chat template")
+    engine: str = opt("torch", "what runs the model: torch (the model and --adapter-path), or "
+                      "the runtime of an exported --program (pocketllm export)",
+                      choices=lambda: ("torch", *_program_engines()))
+    program: str = opt("", "--engine executorch / onnxruntime: the .pte / .onnx file "
+                       "`pocketllm export` wrote (the model and adapter are in it)")
+
+
+@dataclass
+class ExportArgs(ModelArgs):
+    format: str = opt("pte", "pte: an ExecuTorch program (XNNPACK); onnx: an ONNX model",
+                      choices=lambda: _export_formats())
+    adapter_path: str = opt("", "the trained set to merge (LoRA, norm; empty: the base model)")
+    out: str = opt("", "the file to write (default model.pte / model.onnx), with FILE.json "
+                   "beside it")
+    max_len: int = opt(256, "the program's fixed length: prompt plus generated tokens (no KV "
+                       "cache: every token recomputes the prefix)", ge=2)
 
 
 @dataclass
@@ -341,7 +365,7 @@ class ReplayArgs(ModelArgs):
 
 
 @dataclass
-class MemoryArgs(ModelArgs):
+class MemoryArgs(ModelArgs, QuantArgs):
     method: str = opt("zo-sgd", "what to estimate: inference or a training method (its own "
                       "settings are the flags its section of `pocketllm methods` lists)")
     trainable: str = opt("lora", "which weights train (a method that trains only one kind: "
@@ -356,6 +380,21 @@ class MemoryArgs(ModelArgs):
     measure: bool = opt(False, "also run it in a fresh process and print the measured peak RSS")
     steps: int = opt(1, "--measure: measured steps (first-order methods run one more, "
                      "unmeasured, first: AdamW's state exists from the second step on)", ge=1)
+
+
+def _export_formats() -> tuple[str, ...]:
+    from .export import FORMATS
+    return tuple(FORMATS)
+
+
+def _program_engines() -> tuple[str, ...]:
+    from .export import ENGINES
+    return tuple(ENGINES)
+
+
+def _quant_schemes() -> tuple[str, ...]:
+    from .quantize import SCHEMES
+    return tuple(SCHEMES)
 
 
 def _trainable_sets() -> tuple[str, ...]:

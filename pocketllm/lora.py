@@ -23,6 +23,11 @@ from transformers.pytorch_utils import Conv1D
 
 from . import adapter
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: F401  (where they were)
+from .quantize import Int4Linear
+
+# the layers LoRA wraps: torch's and GPT-2's linear layers, and a 4-bit base (--quantize-base;
+# torchao's int8 keeps nn.Linear)
+LINEAR = (nn.Linear, Conv1D, Int4Linear)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -72,8 +77,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if isinstance(base, Conv1D):
             in_f, out_f = base.weight.shape
-        elif isinstance(base, nn.Linear):
-            out_f, in_f = base.weight.shape
+        elif isinstance(base, (nn.Linear, Int4Linear)):
+            out_f, in_f = base.out_features, base.in_features
         else:
             raise TypeError(f"LoRA supports nn.Linear and Conv1D, not {type(base).__name__}")
         self.base_layer = base
@@ -82,7 +87,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters stay in float32 even on a bfloat16 base: they are tiny, and float32 keeps
         # small zeroth-order updates from rounding away.
-        dev = base.weight.device
+        dev = next(base.buffers(), None) if isinstance(base, Int4Linear) else base.weight
+        dev = dev.device
         self.lora_A = nn.Parameter(torch.empty(r, in_f, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default init
@@ -138,10 +144,10 @@ def layer_of(name: str) -> int | None:
 
 def _targets(model: nn.Module, targets: list[str]) -> list[str]:
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, Conv1D)) and _matches(n, targets)]
+             if isinstance(m, LINEAR) and _matches(n, targets)]
     if not names:
         found = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if isinstance(m, (nn.Linear, Conv1D))})
+                        if isinstance(m, LINEAR)})
         raise ValueError(f"--lora-targets {targets} match no linear layer; this model has: "
                          f"{', '.join(found)}")
     return names
@@ -277,6 +283,11 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA update into its base layer and unwrap it. Returns the number merged."""
     mods = lora_modules(model)
+    if any(isinstance(m.base_layer, Int4Linear) or type(m.base_layer.weight)
+           not in (torch.Tensor, nn.Parameter) for m in mods.values()):
+        raise ValueError("merging an adapter needs the float base: load the model without "
+                         "--quantize-base (the adapter trained on a quantized base loads on "
+                         "either)")
     with torch.no_grad():
         for n, m in mods.items():
             base = m.base_layer

@@ -117,6 +117,8 @@ class Shape:
     lora_largest: int
     norm_params: int = 0   # the normalisation layers' scales and biases
     norm_largest: int = 0
+    # (out, in) of each Linear a quantized base stores quantized (`quantize.base_linears`)
+    base_linears: tuple = ()
 
 
 @dataclass
@@ -203,8 +205,10 @@ def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | N
             for p in mod.parameters(recurse=False):
                 norm += p.numel()
                 norm_largest = max(norm_largest, p.numel())
+    from .quantize import base_linears
+    quantizable = tuple((m.out_features, m.in_features) for _, m in base_linears(model))
     mt = config.model_type
-    return Shape(
+    return Shape(base_linears=quantizable,
         family=FAMILY.get(mt, "gated"), masked=mt in MASKED_LM_TYPES, layers=layers,
         hidden=_get(config, "hidden_size", "n_embd"),
         ffn=_get(config, "intermediate_size", "ffn_dim", "n_inner", default=None)
@@ -498,10 +502,12 @@ def pair_passes_fit(config, trainable: str, batch: int, seq: int, dtype: str = "
 def estimate(config, method, trainable: str, batch: int, seq: int,
              dtype: str = "float32", lora_rank: int = 8,
              lora_targets: list[str] | None = None, framework: float | None = None,
-             shape: Shape | None = None, lora_layers: str = "", **settings) -> Estimate:
+             shape: Shape | None = None, lora_layers: str = "", quantize: str = "none",
+             **settings) -> Estimate:
     """The estimated peak RSS of `method` on `config` at `batch` x `seq` tokens, by component
     (MiB). `method`: a method class (its `memory_profile`, with its settings `settings`, e.g.
-    zo_passes="pair"; `Inference`) or a `Profile`. `shape`: its `model_shape`, if built."""
+    zo_passes="pair"; `Inference`) or a `Profile`. `shape`: its `model_shape`, if built.
+    `quantize`: the base's Linears stored in that `pocketllm.quantize` scheme."""
     name = getattr(method, "name", None) or type(method).__name__
     if not isinstance(method, Profile):
         if not hasattr(method, "memory_profile"):
@@ -529,6 +535,13 @@ def estimate(config, method, trainable: str, batch: int, seq: int,
     c["framework (python, torch, transformers)"] = (framework if framework is not None
                                                     else framework_mb()) + RUNTIME_SLACK_MB
     c["weights"] = s.param_bytes / MB
+    if quantize != "none":
+        from .quantize import check_scheme
+        scheme, bpe = check_scheme(quantize), _bytes_per(dtype)
+        float_b = sum(o * i * bpe for o, i in s.base_linears)
+        quant_b = sum(scheme.nbytes(o, i, bpe) for o, i in s.base_linears)
+        c["weights"] = (s.param_bytes - float_b) / MB
+        c[f"base Linear weights ({quantize})"] = quant_b / MB
     if lora:
         c[f"{'LoRA' if trainable == 'lora' else trainable} weights (float32)"] = \
             s.lora_params * 4 / MB

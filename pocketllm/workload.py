@@ -28,6 +28,7 @@ from .loss import (PlainHead, TokenStats, answer_transform, backbone, group_loss
 from .methods import Method, build, get_method
 from .models import MASKED_LM_TYPES, load_model
 from .objectives import LanguageModeling
+from .quantize import SCHEMES
 from .trainable import setup_trainable
 from .zo.naive_mezo import naive_zo_step
 
@@ -159,11 +160,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--quantize-base", default="none", choices=tuple(SCHEMES),
+                    help="the base's Linear weights quantized at load (pocketllm.quantize)")
     ap.add_argument("--lora-layers", default="", help="LoRA on these layers only (as train)")
     C.add_args(ap.add_argument_group("method settings (as for train)"), *setting_classes())
     a = ap.parse_args()
     own = {"method", "trainable", "model", "dtype", "batch_size", "seq", "steps", "warmup",
-           "threads", "lora_rank", "lora_layers", "config"}
+           "threads", "lora_rank", "lora_layers", "config", "quantize_base"}
     given = {k: v for k, v in vars(a).items() if k not in own}
     if a.config:
         given = {**C.load_yaml(a.config, *setting_classes()), **given}
@@ -173,10 +176,11 @@ def main() -> None:
     memory.tune_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, _ = load_model(a.model, a.dtype)
+    model, _ = load_model(a.model, a.dtype, a.quantize_base)
     batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq, masked=is_masked_lm(model))
     args = train_args(a.method, trainable, a.dtype, a.model, batch_size=a.batch_size,
-                      lora_rank=a.lora_rank, lora_layers=a.lora_layers, max_seq_length=a.seq)
+                      lora_rank=a.lora_rank, lora_layers=a.lora_layers, max_seq_length=a.seq,
+                      quantize_base=a.quantize_base)
     step = make_step(a.method, model, batch, args, **settings)
     rss_loaded = memory.rss_mb()
     peak_load = memory.peak_rss_mb()
@@ -188,7 +192,8 @@ def main() -> None:
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     print(json.dumps({"method": a.method, "trainable": trainable, "model": a.model,
-                      "dtype": a.dtype, "batch": a.batch_size, "seq": a.seq,
+                      "dtype": a.dtype, "quantize_base": a.quantize_base,
+                      "batch": a.batch_size, "seq": a.seq,
                       "rss_loaded_mb": rss_loaded,
                       "peak_load_mb": peak_load, "peak_run_mb": memory.peak_rss_mb(),
                       "step_s_median": statistics.median(times), "step_s": times,

@@ -66,6 +66,9 @@ class Method(ABC):
         self.objective = objective
 
     trains_model = True  # False: the model stays frozen (split mode trains a side network)
+    # the frozen base may be stored quantized (--quantize-base): the method only runs it
+    # forward (zeroth-order, split mode), never backpropagates through it
+    quantized_base = False
     keeps_best = True  # --keep-best's default: keep the best adapter on valid (not full)
 
     # ---- configuration ------------------------------------------------------------------
@@ -86,6 +89,15 @@ class Method(ABC):
         if run.trainable not in cls.trainable_kinds:
             raise SystemExit(f"--method {cls.name} trains {'/'.join(cls.trainable_kinds)}"
                              f" weights, not --trainable {run.trainable}")
+        quant = getattr(run, "quantize_base", "none")
+        if quant != "none" and not cls.quantized_base:
+            raise SystemExit(f"--quantize-base {quant}: --method {cls.name} backpropagates "
+                             "through the base; a quantized base is for the forward-only "
+                             "methods (zo-sgd, prge, side)")
+        if quant != "none" and cls.trains_model and run.trainable == "full":
+            raise SystemExit(f"--quantize-base {quant} freezes the base in low precision: "
+                             "--trainable full would train those weights; use --trainable "
+                             "lora, norm or prefix")
 
     @classmethod
     def memory_profile(cls, cfg, run, shape):

@@ -51,6 +51,7 @@ class SideArgs:
 class SideTuning(Method):
     Config = SideArgs
     trains_model = False
+    quantized_base = True  # the device's backbone only runs forward
     trainable_kinds = ("full", "lora")  # the backbone is frozen either way: --trainable is moot
     # AdamW on a freshly initialised side network: the usual rate for a small network trained
     # from scratch (not tuned here)

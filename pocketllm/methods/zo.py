@@ -95,6 +95,7 @@ class ZOMethod(Method):
     """Zeroth-order training: no autograd anywhere, so about the memory of inference."""
 
     Config = ZOConfig
+    quantized_base = True  # forwards only
 
     @classmethod
     def prepare(cls, run, cfg) -> None:

@@ -100,15 +100,22 @@ def load_config(name: str = DEFAULT_MODEL) -> Any:
     return source_of(src.kind).config(src, name)
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32",
+               quantize: str = "none") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a causal LM and its tokenizer by name (see the module docstring for what names mean).
 
     The model is returned in eval mode with parameters' requires_grad as loaded (True); callers
-    freeze what they need. dtype: "float32" or "bfloat16".
+    freeze what they need. dtype: "float32" or "bfloat16". quantize: a `pocketllm.quantize`
+    scheme for the base Linear weights ("none": float).
     """
     torch_dtype = check_dtype(dtype)
     src = resolve(name)
-    return finish(*source_of(src.kind).load(src, torch_dtype))
+    source = source_of(src.kind)
+    if quantize == "none":
+        return finish(*source.load(src, torch_dtype))
+    from ..quantize import check_scheme
+    check_scheme(quantize)
+    return finish(*source.load_quantized(src, torch_dtype, quantize))
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):

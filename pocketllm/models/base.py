@@ -90,6 +90,17 @@ class Source:
         """The model (in `dtype`) and tokenizer, before `finish`."""
         raise NotImplementedError
 
+    def load_quantized(self, src: ModelSource, dtype: torch.dtype, scheme: str):
+        """`load`, its base Linears stored in `scheme` (`pocketllm.quantize`). Here: loaded in
+        float, then quantized (the load's peak is the float model's, and the float weights a
+        safetensors file maps stay resident until `own_memory` releases the mapping); a kind
+        that can fill the weights one layer at a time quantizes each as it goes instead."""
+        from ..quantize import own_memory, quantize_base
+        model, tokenizer = self.load(src, dtype)
+        quantize_base(model, scheme)
+        own_memory(model)
+        return model, tokenizer
+
     def config(self, src: ModelSource, name: str) -> Any:
         """The Hugging Face config without the weights; `name` as the caller wrote it."""
         raise NotImplementedError

@@ -47,14 +47,20 @@ def _random_config(name: str) -> Any:
 _POOL_SIZE = 1_000_003
 
 
-def _build_random(name: str, dtype: torch.dtype) -> "PreTrainedModel":
+def _build_random(name: str, dtype: torch.dtype, quantize: str = "none") -> "PreTrainedModel":
     """A real architecture with random weights, fast and with no memory beyond the weights.
 
     HF's initialisation of 1.3B parameters takes minutes on a small CPU, so it is skipped
     (`no_init_weights`, modules allocated directly in `dtype`) and every weight is filled by
     copying from one seeded block of random values (a memcpy per tensor, ~1 s for 1.3B)
     instead of drawing each value. Norm weights are 1 and biases 0, as after HF's init.
+    `quantize` (a `pocketllm.quantize` scheme): each base Linear is quantized as soon as it is
+    filled and its float weight freed, so the peak is the quantized model's plus one layer,
+    as a real load that quantizes layer by layer would be (pages of the weights not filled
+    yet are not resident).
     """
+    from ..quantize import base_linears, quantize_modules
+    from ..memory import trim_heap
     from transformers.initialization import no_init_weights
 
     config = _random_config(name)
@@ -72,8 +78,11 @@ def _build_random(name: str, dtype: torch.dtype) -> "PreTrainedModel":
     # one thread: the copies are memory-bound, and on a shared CPU torch's threads spin on
     # each other (measured 18 s with 2 threads against 6 s with 1 for random:opt-1.3b)
     torch.set_num_threads(1)
+    quantized = {id(m): (n, m) for n, m in base_linears(model)} if quantize != "none" else {}
     with torch.no_grad():
-        for mod in model.modules():
+        # by name, not a list of modules: a quantized layer's float module must not stay alive
+        for name in [n for n, _ in model.named_modules()]:
+            mod = model.get_submodule(name)
             is_norm = "Norm" in type(mod).__name__
             for attr, p in mod.named_parameters(recurse=False):
                 if is_norm and attr == "weight":
@@ -82,6 +91,9 @@ def _build_random(name: str, dtype: torch.dtype) -> "PreTrainedModel":
                     p.zero_()
                 else:
                     _tile_(p.view(-1), pool)
+            if id(mod) in quantized:  # (popped: no reference to its float weight is left)
+                quantize_modules(model, [quantized.pop(id(mod))], quantize)
+                trim_heap()  # the float weight just freed: back to the OS before the next
     torch.set_num_threads(threads)
     model.config.name_or_path = name
     return model
@@ -105,6 +117,9 @@ class RandomSource(OfflineSource):
 
     def load(self, src: ModelSource, dtype: torch.dtype):
         return _build_random(src.name, dtype), self.tokenizer(src)
+
+    def load_quantized(self, src: ModelSource, dtype: torch.dtype, scheme: str):
+        return _build_random(src.name, dtype, scheme), self.tokenizer(src)
 
     def config(self, src: ModelSource, name: str) -> Any:
         return _random_config(src.name)

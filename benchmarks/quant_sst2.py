@@ -1,0 +1,72 @@
+"""SST-2 k=16 (seed 42) dev accuracy of the default zeroth-order method (prge, its FZOO
+defaults) on a float, an int8 and a 4-bit frozen base, each on the same short CPU-time budget.
+
+    python benchmarks/quant_sst2.py [--budget 3] [--eval-examples 500]
+
+Each run is an ordinary `pocketllm train --task sst2 --k 16 --seed 42 --method prge
+--quantize-base S --time-budget B --budget-clock cpu --threads 1` in a fresh process, one after
+the other; the zero-shot figure ("before") is each base's own. A short budget, one seed: a
+smoke-level comparison, not the protocol's five seeds. Needs /work/shared/data/sst2 (or
+$POCKETLLM_DATA). Writes benchmarks/results/quant_sst2.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _run import ROOT, write_table
+
+sys.path.insert(0, str(ROOT))
+from pocketllm.bench.machine import describe  # noqa: E402
+
+SCHEMES = ("none", "int8", "int4")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--budget", type=float, default=3.0, help="CPU minutes of steps per run")
+    ap.add_argument("--eval-examples", type=int, default=500)
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "quant_sst2"))
+    a = ap.parse_args()
+    rows, load = [], os.getloadavg()[0]
+    for scheme in SCHEMES:
+        out = Path(a.runs) / scheme
+        cmd = [sys.executable, "-m", "pocketllm.cli", "train", "--task", "sst2", "--k", "16",
+               "--seed", "42", "--method", "prge", "--quantize-base", scheme, "--iters", "1000",
+               "--time-budget", str(a.budget), "--budget-clock", "cpu", "--threads", "1",
+               "--eval-examples", str(a.eval_examples), "--adapter-path", str(out)]
+        if not (out / "summary.json").exists():
+            t0 = time.time()
+            r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+            print(f"{scheme}: {time.time() - t0:.0f} s", flush=True)
+        s = json.loads((out / "summary.json").read_text())
+        acc = lambda r: "-" if not r or r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}"
+        rows.append([scheme, acc(s["before"]), acc(s["after"]), s["steps"],
+                     f"{s['train_seconds']:.0f}", f"{s['peak_rss_mb']:.0f}"])
+        print(rows[-1], flush=True)
+    write_table("quant_sst2.md", "SST-2 k=16 seed 42: prge on a float / int8 / 4-bit base",
+                "python benchmarks/quant_sst2.py " + " ".join(sys.argv[1:]), describe(),
+                ["--quantize-base", "zero-shot dev acc %", "after dev acc %", "steps",
+                 "train CPU s", "peak RSS MB"], rows,
+                f"""
+Default model (smollm2-135m), prge with its defaults (FZOO estimate, q=8, rademacher, eps 1e-3,
+lr 1e-2), LoRA, one thread, {a.budget:g} CPU-minutes of steps per run (--budget-clock cpu), dev
+accuracy on {a.eval_examples} dev examples after the budget (the final adapter, not the kept
+best). One seed and a short budget: differences of a few points are within the run-to-run
+spread of this protocol (benchmarks/results/accuracy_protocol.md: +- 3.1 over five seeds).
+Load average at the start: {load:.1f} (other jobs shared the 2 cores; the CPU-time budget is
+what keeps the runs comparable).
+""")
+
+
+if __name__ == "__main__":
+    main()

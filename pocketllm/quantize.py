@@ -1,0 +1,222 @@
+"""A quantized frozen base (`--quantize-base`): the model's frozen Linear weights stored in 8 or
+4 bits while the trained set (a LoRA adapter, norm scales, a prompt) stays float.
+
+Zeroth-order training only runs the base forward, so quantizing it costs nothing but the
+model's own quantization error: the estimate, the ZO log and the optimizer are unchanged, and
+the adapter is trained against the weights the phone will actually hold.
+
+    none          float weights
+    int8          torchao Int8WeightOnlyConfig: per-channel int8 weights, float activations
+    int8-dynamic  torchao Int8DynamicActivationInt8WeightConfig: int8 weights, activations
+                  quantized per token at run time (int8 x int8 matmul)
+    int4          4-bit weights, two per byte, asymmetric per group of 128 (64, 32 where the
+                  input width needs it), through torch's own CPU int4 kernel
+                  (aten._weight_int4pack_mm_for_cpu); bfloat16 activations in that matmul
+
+Why int4 is not torchao's: in torchao 0.18 on x86 CPU, Int4WeightOnlyConfig needs the `mslk`
+package (plain format) or CUDA (tile-packed), and IntxWeightOnlyConfig(weight_dtype=int4) runs
+but stores each 4-bit value in an int8 (IntxUnpackedToInt8Tensor: int8's memory); its packed
+formats need torchao's ARM kernel library. The aten kernel stores the packed nibbles.
+
+What stays float: the output head (the streamed loss reads its rows; with tied embeddings it is
+the embedding table, stored once), embeddings, norms, GPT-2's Conv1D layers, and any Linear
+whose weight is trained. A scheme is one entry of `SCHEMES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+NONE = "none"
+
+
+class QuantizeError(ValueError):
+    """A scheme that cannot run here (its message says what to install or choose)."""
+
+
+# ---- int4: packed nibbles, torch's CPU kernel -------------------------------------------------
+INT4_GROUPS = (128, 64, 32)  # the group size: the largest that divides the input width
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in 4 bits: (q - 8) * scale + zero per group of `group` inputs
+    (the tinygemm convention aten's CPU kernel reads); q packed two per byte. The matmul runs
+    in bfloat16 (activations rounded to it, accumulation in float32 inside the kernel)."""
+
+    def __init__(self, linear: nn.Linear, group: int):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.group = group
+        # the kernel computes in bfloat16 (its float32 path is scalar code, ~150x slower:
+        # 0.93 s against 6 ms for 256 x 576 x 1536 on one thread); scales in that dtype
+        qdtype = torch.bfloat16
+        wg = w.reshape(self.out_features, -1, group)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((wg - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15)
+        q = q.to(torch.int32).reshape(self.out_features, self.in_features)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # (in/group, out, 2): the kernel's layout of (scale, zero) per group and output
+        sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", sz.to(qdtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group,
+                                                         self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, in float (tests, export)."""
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
+                                                            self.scales_zeros).T.float()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, 4-bit, group {self.group}"
+
+
+def _int4(linears: list[nn.Linear]) -> list[nn.Module | None]:
+    out: list[nn.Module | None] = []
+    for m in linears:
+        group = int4_group(m.in_features)
+        out.append(None if group is None else Int4Linear(m, group))  # None: left float
+    return out
+
+
+def _torchao(config: Callable[[], object]) -> Callable[[list[nn.Linear]], list]:
+    """A scheme through torchao's `quantize_` (the module stays an nn.Linear; its weight
+    becomes torchao's quantized tensor)."""
+    def run(linears: list[nn.Linear]) -> list:
+        try:
+            from torchao.quantization import quantize_
+        except ImportError:
+            raise QuantizeError("--quantize-base int8 needs torchao: pip install "
+                                "pocketllm[quant]") from None
+        cfg = config()
+        for m in linears:
+            quantize_(m, cfg)
+        return list(linears)
+    return run
+
+
+def _int8_weight_only():
+    from torchao.quantization import Int8WeightOnlyConfig
+    return Int8WeightOnlyConfig()
+
+
+def _int8_dynamic():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def int4_group(in_features: int) -> int | None:
+    """The group size a 4-bit layer of this input width gets (None: it stays float)."""
+    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    bits: int  # bits per quantized weight
+    describe: str
+    apply: Callable[[list[nn.Linear]], list]  # Linears -> their replacements (None: kept)
+    # scale (and zero) numbers per weight row: per row (int8), per group (int4: 2 per group)
+    scales: Callable[[int], float] = lambda in_features: 1
+    scale_bytes: int = 0  # bytes per scale (0: the run's dtype's)
+
+    def nbytes(self, out_features: int, in_features: int, bpe: int) -> int:
+        """Bytes of an (out, in) Linear weight stored in this scheme (`bpe`: bytes of the run's
+        dtype, which the float weights and scales take): the memory estimate's."""
+        if self.name == NONE or (self.bits == 4 and int4_group(in_features) is None):
+            return out_features * in_features * bpe
+        per_scale = self.scale_bytes or bpe
+        return int(out_features * (in_features * self.bits / 8
+                                   + self.scales(in_features) * per_scale))
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Scheme(NONE, 32, "float weights", lambda linears: list(linears)),
+    Scheme("int8", 8, "int8 weights per channel, float activations (torchao)",
+           _torchao(_int8_weight_only)),
+    Scheme("int8-dynamic", 8, "int8 weights, int8 activations per token (torchao)",
+           _torchao(_int8_dynamic)),
+    Scheme("int4", 4, "4-bit weights per group of 128, packed (aten's CPU int4 kernel)", _int4,
+           scales=lambda in_features: 2 * in_features / int4_group(in_features), scale_bytes=2),
+)}
+
+
+def check_scheme(name: str) -> Scheme:
+    if name not in SCHEMES:
+        raise QuantizeError(f"--quantize-base {name!r}: choose one of {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def base_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of the Linears a quantized base stores quantized: every nn.Linear but the
+    output head (and anything sharing the embedding's weight). Quantized at load, before the
+    trained set is chosen: a run that trains these weights (--trainable full) is refused."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    keep = {id(getattr(head, "weight", None)), id(getattr(emb, "weight", None))}
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) is nn.Linear and m is not head and id(m.weight) not in keep]
+
+
+def quantize_modules(model: nn.Module, named: list[tuple[str, nn.Linear]], scheme: str) -> int:
+    """Quantize the Linears `named` (from `base_linears`) in place; how many were."""
+    s = check_scheme(scheme)
+    if s.name == NONE or not named:
+        return 0
+    done = 0
+    for (name, old), new in zip(named, s.apply([m for _, m in named])):
+        if new is None:
+            continue
+        done += 1
+        if new is not old:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return done
+
+
+def quantize_base(model: nn.Module, scheme: str) -> int:
+    """Store `model`'s base Linear weights in `scheme` (see the module docstring); returns the
+    number of layers quantized (`models.load_model(..., quantize=)` calls it)."""
+    n = quantize_modules(model, base_linears(model), scheme)
+    _trim()  # the float weights just freed go back to the OS
+    return n
+
+
+def quantized_layers(model: nn.Module) -> int:
+    """How many of `model`'s layers hold quantized weights (of any scheme)."""
+    return sum(1 for m in model.modules()
+               if isinstance(m, Int4Linear) or (type(m) is nn.Linear and type(m.weight)
+                                                not in (torch.Tensor, nn.Parameter)))
+
+
+def own_memory(model: nn.Module) -> None:
+    """Copy the float tensors left (embeddings, norms) into memory of their own. A model loaded
+    from safetensors keeps them in the file's mapping, which stays mapped (and every page the
+    quantization read stays resident, the whole float model) while any tensor points into it."""
+    import gc
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:  # (tied weights: once)
+            if type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta:
+                t.data = t.data.clone()
+    gc.collect()
+    _trim()
+
+
+def _trim() -> None:
+    from .memory import trim_heap
+    trim_heap()
