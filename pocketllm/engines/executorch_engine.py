@@ -19,25 +19,32 @@ from .program import ProgramEngine, shift_div
 class ExecuTorchEngine(ProgramEngine):
     extra = "executorch"
     suffix = ".pte"
-    shr = staticmethod(shift_div)
     modules = ("executorch.runtime", "executorch.exir",
                "executorch.backends.xnnpack.partition.xnnpack_partitioner")
+    shr = staticmethod(shift_div)
 
     @staticmethod
     def versions() -> dict[str, str]:
         from importlib.metadata import version
         return {"executorch": version("executorch")}
 
-    def compile(self, program, inputs, path: Path) -> None:
+    @classmethod
+    def compile(cls, module, inputs, path: Path) -> None:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
-        exported = torch.export.export(program, tuple(inputs), strict=False)
+        exported = torch.export.export(module, tuple(inputs.values()), strict=False)
         lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         path.write_bytes(lowered.to_executorch().buffer)
 
-    def load(self, path: Path):
+    @classmethod
+    def load(cls, path: Path, threads: int):
+        from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
+        # the runtime's threadpool (XNNPACK's) is one per process, sized to the cores: the run's
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
         return Runtime.get().load_program(str(path)).load_method("forward")
 
-    def run(self, runner, inputs) -> torch.Tensor:
-        return runner.execute(inputs)[0]
+    @classmethod
+    def run(cls, runner, inputs) -> list[torch.Tensor]:
+        return list(runner.execute(list(inputs.values())))

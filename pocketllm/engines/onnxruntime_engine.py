@@ -12,9 +12,6 @@ import torch
 from .base import register
 from .program import ProgramEngine
 
-NAMES = ["input_ids", "attention_mask", "pos", "targets", "cands", "weight", "train", "fixed",
-         "k1", "k2", "scale"]
-
 
 @register("onnxruntime")
 class OnnxRuntimeEngine(ProgramEngine):
@@ -30,23 +27,24 @@ class OnnxRuntimeEngine(ProgramEngine):
         return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
                 "onnxscript": onnxscript.__version__}
 
-    def compile(self, program, inputs, path: Path) -> None:
-        # dynamo=True writes to a name of its own choosing when the weights overflow 2 GB
-        # (external data); a pocketllm model stays under it
-        torch.onnx.export(program, tuple(inputs), str(path), dynamo=True, input_names=NAMES,
-                          output_names=["losses"], optimize=True, verbose=False,
-                          external_data=False)
+    @classmethod
+    def compile(cls, module, inputs, path: Path) -> None:
+        # one file: a pocketllm model's float32 weights stay under protobuf's 2 GB
+        torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=True,
+                          input_names=list(inputs), optimize=True,
+                          verbose=False, external_data=False)
 
-    def load(self, path: Path):
+    @classmethod
+    def load(cls, path: Path, threads: int):
         import onnxruntime as ort
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         # an input the graph does not read (k2 under rademacher noise) may be pruned
         return sess, [i.name for i in sess.get_inputs()]
 
-    def run(self, runner, inputs) -> torch.Tensor:
+    @classmethod
+    def run(cls, runner, inputs) -> list[torch.Tensor]:
         sess, names = runner
-        feed = dict(zip(NAMES, inputs))
-        return torch.from_numpy(sess.run(None, {n: feed[n].numpy() for n in names})[0])
+        return [torch.from_numpy(o) for o in sess.run(None, {n: inputs[n].numpy() for n in names})]

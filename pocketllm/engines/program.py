@@ -43,6 +43,9 @@ from ..zo.plan import Plan
 from .base import Engine
 
 MIN_SEQ = 16                # the smallest sequence bucket
+# a StepProgram's inputs, in its forward's order
+INPUTS = ("input_ids", "attention_mask", "pos", "targets", "cands", "weight", "train", "fixed",
+          "k1", "k2", "scale")
 VOCAB_CHUNK = 4096          # vocabulary rows per chunk of the streamed head (language modelling)
 _C0 = int(noise._mix32(torch.tensor(0x9E3779B9)))  # mix32(hi ^ 0x9E3779B9) at hi = 0
 
@@ -70,6 +73,15 @@ def shift_div(x: torch.Tensor, s: int) -> torch.Tensor:
     return torch.div(x, 1 << s, rounding_mode="floor")
 
 
+def program_hash(k: torch.Tensor, tensor_id: torch.Tensor, index: torch.Tensor,
+                 shr=shift_op) -> torch.Tensor:
+    """zo/noise.py's h(k, i) (W, P) int64 for 32-bit key words `k` (W, n), element p being
+    element `index[p]` (< 2**32: the high word is 0) of tensor `tensor_id[p]`."""
+    a = noise._mix32(k ^ _C0, shr)                # (W, n) subkeys of (k, hi = 0)
+    b = noise._mix32(a ^ 0x85EBCA6B, shr)
+    return noise._hash_lo(index[None], a[:, tensor_id], b[:, tensor_id], shr)
+
+
 def program_noise(k1: torch.Tensor, k2: torch.Tensor, tensor_id: torch.Tensor,
                   index: torch.Tensor, dist: str, shr=shift_op) -> torch.Tensor:
     """z (W, P) float32 for W key lists: element p of the flat vector is element `index[p]` of
@@ -79,9 +91,7 @@ def program_noise(k1: torch.Tensor, k2: torch.Tensor, tensor_id: torch.Tensor,
     with float32 log/cos (the reference's float64 differs by ~1e-6). `shr`: how the
     backend shifts (`shift_op`, `shift_div`: the same bits)."""
     def h(k):
-        a = noise._mix32(k ^ _C0, shr)                # (W, n) subkeys of (k, hi = 0)
-        b = noise._mix32(a ^ 0x85EBCA6B, shr)
-        return noise._hash_lo(index[None], a[:, tensor_id], b[:, tensor_id], shr)
+        return program_hash(k, tensor_id, index, shr)
     h1 = h(k1)
     if dist == "rademacher":
         return (1 - 2 * shr(h1, 31)).to(torch.float32)
@@ -418,18 +428,21 @@ class ProgramEngine(Engine):
         self.export_seconds = 0.0
         self.pending: list[tuple[list[int], float]] = []
 
-    # ---- the backend ------------------------------------------------------------------------
+    # ---- the backend (class methods: they export and run any module, e.g. a test's) --------
+    @classmethod
     @abstractmethod
-    def compile(self, program: StepProgram, inputs: list[torch.Tensor], path: Path) -> None:
-        """Export `program` (traced at `inputs`) to the file `path`."""
+    def compile(cls, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+        """Export `module` (traced at the named `inputs`, in its forward's order) to `path`."""
 
+    @classmethod
     @abstractmethod
-    def load(self, path: Path):
-        """A runner for the program at `path`: `run(runner, inputs) -> (W,) losses`."""
+    def load(cls, path: Path, threads: int):
+        """A runner for the program at `path` on `threads` threads."""
 
+    @classmethod
     @abstractmethod
-    def run(self, runner, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The program's output for `inputs` (torch tensors) as a float tensor."""
+    def run(cls, runner, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The program's outputs for the named `inputs`."""
 
     @staticmethod
     @abstractmethod
@@ -444,7 +457,7 @@ class ProgramEngine(Engine):
         return Shapes(W=self.width, B=bucket(b), T=min(bucket(t, MIN_SEQ), max(t, limit)),
                       N=bucket(scored(batch, self.rows_kind)), C=C)
 
-    def runner(self, shapes: Shapes, example: list[torch.Tensor]):
+    def runner(self, shapes: Shapes, example: dict[str, torch.Tensor]):
         if shapes not in self.runners:
             key = {"model": self.model_key, "shapes": asdict(shapes), "dist": self.dist,
                    "trained": [(n, list(p.shape)) for n, p in self.params],
@@ -458,12 +471,12 @@ class ProgramEngine(Engine):
             path, took = self.cache.get(key, self.suffix, build)
             self.export_seconds += took
             try:
-                self.runners[shapes] = self.load(path)
+                self.runners[shapes] = self.load(path, self.threads)
             except Exception:  # a file that passed its digest but will not load: rebuild once
                 path.unlink(missing_ok=True)
                 path, took = self.cache.get(key, self.suffix, build)
                 self.export_seconds += took
-                self.runners[shapes] = self.load(path)
+                self.runners[shapes] = self.load(path, self.threads)
         return self.runners[shapes]
 
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,7 +500,8 @@ class ProgramEngine(Engine):
         train, fixed = self._flat()
         inputs = program_inputs(batch, self.rows_kind, shapes, self.pad_id)
         inputs += [train, fixed, kt, k2, scale]
-        out = self.run(self.runner(shapes, inputs), inputs)
+        inputs = dict(zip(INPUTS, inputs))
+        out = self.run(self.runner(shapes, inputs), inputs)[0]
         return out[:len(scales)].double().tolist()
 
     # ---- the Engine interface --------------------------------------------------------------------
