@@ -10,10 +10,11 @@ classification objective) or the whole vocabulary streamed in chunks (language m
 never a (rows, seq, vocab) logits tensor. It returns the W per-replica losses.
 
 Shapes are fixed per program (an engine program has no dynamic shapes worth the risk), so a
-batch is padded to a bucket (`bucket`): rows, sequence length, scored positions and replicas
-each rounded up to a power of two, the padding masked out of attention and weighted 0 in the
-loss. A program is exported once per (model, shapes, trainable set, versions) and cached on
-disk (`ProgramCache`); a stale or corrupt entry is rebuilt, never trusted.
+batch is padded to a bucket (`bucket`): rows, sequence length and scored positions each rounded
+up to a power of two, the padding masked out of attention and weighted 0 in the loss; the
+replicas per call are the widest pass of the run's plan (narrower passes padded with unperturbed
+replicas). A program is exported once per (model, shapes, trainable set, versions) and cached
+on disk (`ProgramCache`); a stale or corrupt entry is rebuilt, never trusted.
 
 `ProgramEngine` is the `Engine` on top: it keeps the trainable tensors on the host (the seeded
 updates go through `zo.noise.add_noise_`, bit for bit the torch engine's, so a ZO log replays
@@ -509,7 +510,7 @@ class ProgramEngine(Engine):
         self.sync()
         # one program width for the run: the widest pass yet (a step's plan is the same every
         # step); a narrower pass is padded with unperturbed replicas, whose losses are dropped
-        self.width = max(self.width, bucket(max(len(p) for p in plan.passes)))
+        self.width = max(self.width, max(len(p) for p in plan.passes))
         out = torch.empty(len(plan.replicas), dtype=torch.float64)
         n = len(self.params)
         for idx in plan.passes:

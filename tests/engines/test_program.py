@@ -177,3 +177,21 @@ def test_a_program_is_the_model():
     with torch.no_grad():
         got = prog(*inputs)[:len(REPLICAS)].tolist()
     assert got == pytest.approx(ref.losses(keys), rel=1e-5)
+
+
+def test_a_run_with_an_engine_tracks_the_torch_run(tmp_path):
+    """`pocketllm train --engine onnxruntime` (prge, 3 steps) logs the losses the torch run
+    logs, within the engines' tolerance, and its log replays: the same seeds, the same z."""
+    pytest.importorskip("onnxruntime")
+    from pocketllm.cli import main
+    from tests.test_cli import FAST
+    logs = {}
+    for engine in ("torch", "onnxruntime"):
+        out = tmp_path / engine
+        assert main(["train", *FAST, "--iters", "3", "--steps-per-eval", "0", "--no-eval-before",
+                     "--save-every", "0", "--method", "prge", "--queries", "2",
+                     "--engine", engine, "--program-cache", str(tmp_path / "programs"),
+                     "--adapter-path", str(out)]) == 0
+        logs[engine] = [json.loads(line) for line in (out / "zo_log.jsonl").open()][1:]
+    torch_losses = [r["loss"] for r in logs["torch"]]
+    assert [r["loss"] for r in logs["onnxruntime"]] == pytest.approx(torch_losses, rel=1e-4)
