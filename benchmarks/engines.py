@@ -109,7 +109,8 @@ def tiny_run(tmp: Path) -> tuple[list[list], dict]:
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         if r.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-        logs[name] = [json.loads(l)["loss"] for l in (out / "zo_log.jsonl").open()][1:]
+        records = [json.loads(line) for line in (out / "zo_log.jsonl").open()][1:]  # header first
+        logs[name] = [r["loss"] for r in records]
     rows = []
     for name in ENGINES:
         gap = max(abs(a - b) / abs(b) for a, b in zip(logs[name], logs["torch"]))
