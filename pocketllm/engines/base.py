@@ -37,6 +37,12 @@ class Engine(ABC):
     perturbation refuses it in its constructor (a ValueError naming it)."""
 
     name = "?"
+    settings: tuple[str, ...] = ()  # ZOConfig fields passed to the constructor by name
+    # what it runs (None: anything): model types, --trainable kinds, objectives; it refuses
+    # the rest in its constructor, and the conformance tests check it on all it declares
+    architectures: tuple[str, ...] | None = None
+    trainables: tuple[str, ...] | None = None
+    objectives: tuple[str, ...] | None = None
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], stats,
                  dist: str = "gaussian", perturbation=None):

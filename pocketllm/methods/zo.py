@@ -52,6 +52,9 @@ class ZOConfig:
                          choices=lambda: tuple(estimators.REGISTRY))
     engine: str = opt("torch", "what runs the ZO forward passes (pocketllm/engines)",
                       choices=lambda: tuple(engines.REGISTRY))
+    program_cache: str = opt("", "--engine executorch|onnxruntime: where exported programs "
+                             "are cached (default $POCKETLLM_CACHE/programs, else "
+                             "~/.cache/pocketllm/programs)")
     max_replicas: int = opt(0, "ZO: at most R batch replicas per forward (0: no cap); less "
                             "activation memory for more forwards", ge=0)
     zo_optimizer: str = opt("sgd", "ZO update rule (zo-sgd, prge); momentum/adam keep state "
@@ -137,9 +140,13 @@ class ZOMethod(Method):
         # they do when the log is replayed on the base model)
         self.perturbation = perturbations.build(perturbations.spec_from_args(cfg),
                                                 [p for _, p in params], cfg.perturbation)
-        self.engine = engines.REGISTRY.lookup(cfg.engine)(model, params, objective.stats,
-                                                          dist=cfg.perturbation,
-                                                          perturbation=self.perturbation)
+        engine = engines.REGISTRY.lookup(cfg.engine)
+        try:  # an engine refuses what it cannot run (a model, trainable set, objective)
+            self.engine = engine(model, params, objective.stats, dist=cfg.perturbation,
+                                 perturbation=self.perturbation,
+                                 **{k: getattr(cfg, k) for k in engine.settings})
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         self.queries, parallel = cfg.queries_and_parallel(self)
         self.estimator = estimators.build(cfg, self.queries)
         self.replicas = self.estimator.replicas()

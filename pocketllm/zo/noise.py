@@ -153,18 +153,24 @@ def _check_out(out: torch.Tensor, w: torch.Tensor, numel: int, name: str) -> Non
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2**32 for int64 x in [0, 2**32), without overflowing int64."""
     lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+    # * 2**16 rather than << 16: the same value, and a core ATen op (an exported program)
+    return (x * lo + ((x * hi) & 0xFFFF) * 0x10000) & _M32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     # Values stay in [0, 2**32), so int64's arithmetic >> acts as a logical shift.
-    x = x ^ (x >> 17)
+    return x >> s
+
+
+def _mix32(x: torch.Tensor, shr=_shr) -> torch.Tensor:
+    # `shr`: how x >> s is computed (an exported program divides: pocketllm.engines.program)
+    x = x ^ shr(x, 17)
     x = _mul32(x, 0xED5AD4BB)
-    x = x ^ (x >> 11)
+    x = x ^ shr(x, 11)
     x = _mul32(x, 0xAC4C1B51)
-    x = x ^ (x >> 15)
+    x = x ^ shr(x, 15)
     x = _mul32(x, 0x31848BAB)
-    return x ^ (x >> 14)
+    return x ^ shr(x, 14)
 
 
 def _subkeys(k: int, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,14 +193,21 @@ def _hash32(k: int, index: torch.Tensor) -> torch.Tensor:
         his, inverse = torch.unique(hi, return_inverse=True)
         a, b = _subkeys(k, his)
         a, b = a[inverse], b[inverse]
+    return _hash_lo(lo, a, b)
+
+
+def _hash_lo(lo: torch.Tensor, a, b, shr=_shr) -> torch.Tensor:
+    """h's per-element part: low words `lo` under subkeys a, b (ints or broadcastable int64
+    tensors). Plain int64 tensor ops, so an exported program (pocketllm.engines.program)
+    generates the same bits."""
     x = lo ^ a
-    x = x ^ (x >> 17)
+    x = x ^ shr(x, 17)
     x = (_mul32(x, 0xED5AD4BB) + b) & _M32
-    x = x ^ (x >> 11)
+    x = x ^ shr(x, 11)
     x = _mul32(x, 0xAC4C1B51)
-    x = x ^ (x >> 15)
+    x = x ^ shr(x, 15)
     x = _mul32(x, 0x31848BAB)
-    return x ^ (x >> 14)
+    return x ^ shr(x, 14)
 
 
 def _torch_noise_at(key: int, index: torch.Tensor, dist: str = "gaussian") -> torch.Tensor:
@@ -286,6 +299,8 @@ def _check_rows(w: torch.Tensor, rows: torch.Tensor, out_plus: torch.Tensor,
 #: The pure-torch reference implementation (the spec the kernel is tested against).
 reference = SimpleNamespace(
     hash32=_hash32,
+    subkeys=_subkeys,
+    hash_lo=_hash_lo,
     noise=_torch_noise,
     noise_at=_torch_noise_at,
     add_noise_=_torch_add_noise_,

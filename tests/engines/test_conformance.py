@@ -8,11 +8,17 @@ replicas are grouped into forward passes, for both perturbation distributions, o
 full parameters, for every objective, before and after seeded updates; `apply` + `sync` must
 equal adding the noise explicitly (bit for bit: the ZO log replays updates that way), and
 `loss` must equal the plain loss. A new engine is checked by registering it.
+
+An engine declares what it runs (`architectures`, `trainables`, `objectives`; None: any): it is
+checked on every case it declares, and must refuse every other in its constructor (a ValueError
+naming its flag). An engine other than torch runs another runtime's kernels: relative error
+<= 1e-4. Its exported programs are cached in one directory for the module (exported once).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -27,20 +33,51 @@ from pocketllm.zo import noise
 from pocketllm.zo.plan import PARALLEL, Plan, Replica, group_passes
 from tests.objectives._samples import SAMPLES
 
-REL = 1e-5
+REL = 1e-5        # torch
+REL_ENGINE = 1e-4  # another runtime's kernels
 EPS = 5e-2
 # Several queries, both signs, and the unperturbed replica in the middle (so a pass mixes
 # +/- pairs of one key, lone replicas and sign 0); query 2 has its - replica only.
 REPLICAS = [Replica(0, 1.0), Replica(0, -1.0), Replica(1, 1.0), Replica(-1, 0.0),
             Replica(1, -1.0), Replica(2, -1.0)]
 QUERIES = 3
-# every --parallel mode, and capped passes (--max-replicas)
-GROUPINGS = [(p, 0) for p in PARALLEL] + [("both", 4), ("outer", 2)]
+# every --parallel mode, and capped passes (--max-replicas); "both" first: a program engine
+# sizes its program by the widest pass yet, so each case exports one program
+GROUPINGS = [(p, 0) for p in sorted(PARALLEL, key=lambda p: p != "both")] + [("both", 4),
+                                                                              ("outer", 2)]
 # seeded updates (keys of an unused query, coefficient), applied in this order
 UPDATES = [(7, -3e-3), (8, 2e-3)]
 # (model, trainable set): LoRA layers, full weights (the tied embedding/head included), a
 # second architecture (GPT-2's Conv1D and learned positions through the generic forward)
 CASES = [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-gpt2", "full")]
+
+
+@pytest.fixture(scope="module")
+def program_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("programs")
+
+
+def _engine(engine_name, model_name, trainable, objective_name, program_cache):
+    """The engine class and its constructor's options, or None after checking that it refuses
+    a case it does not declare (skipped when its optional runtime is not installed)."""
+    cls = REGISTRY[engine_name]
+    for mod in getattr(cls, "modules", ()):
+        pytest.importorskip(mod)
+    options = {"program_cache": str(program_cache)} if "program_cache" in cls.settings else {}
+    arch = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}[model_name]
+    declared = all(getattr(cls, attr, None) is None or value in getattr(cls, attr)
+                   for attr, value in (("architectures", arch), ("trainables", trainable),
+                                       ("objectives", objective_name)))
+    if not declared:
+        model, params, objective, _ = _setup(model_name, trainable, objective_name)
+        with pytest.raises(ValueError, match=f"--engine {engine_name}"):
+            cls(model, params, objective.stats, **options)
+        return None
+    return cls, options
+
+
+def _rel(engine_name: str) -> float:
+    return REL if engine_name == "torch" else REL_ENGINE
 
 
 def _keys(query: int, n: int) -> list[int]:
@@ -96,7 +133,7 @@ class Reference:
         return {n: named[n] for n in self.names}
 
 
-def _check_losses(engine, ref, batch, keys, updates=()):
+def _check_losses(engine, ref, batch, keys, updates=(), rel=REL):
     """Every grouping's losses equal the reference's; with `updates`, queued before each plan
     (an engine may defer them into that plan's first forward, whatever its shape)."""
     for parallel, cap in GROUPINGS:
@@ -106,7 +143,7 @@ def _check_losses(engine, ref, batch, keys, updates=()):
         passes = group_passes(REPLICAS, parallel, cap)
         got = engine.losses(batch, Plan(keys, EPS, REPLICAS, passes))
         assert got.shape == (len(REPLICAS),) and got.dtype == torch.float64
-        assert got.tolist() == pytest.approx(ref.losses(keys), rel=REL), (parallel, cap)
+        assert got.tolist() == pytest.approx(ref.losses(keys), rel=rel), (parallel, cap)
 
 
 @pytest.mark.parametrize("dist", noise.DISTS)
@@ -115,23 +152,28 @@ def _check_losses(engine, ref, batch, keys, updates=()):
 @pytest.mark.parametrize("engine_name", sorted(REGISTRY))
 def test_losses_apply_sync_and_loss_equal_the_explicit_reference(engine_name, model_name,
                                                                   trainable, objective_name,
-                                                                  dist):
+                                                                  dist, program_cache):
+    got = _engine(engine_name, model_name, trainable, objective_name, program_cache)
+    if got is None:
+        return  # refused, as it declares
+    cls, options = got
+    rel = _rel(engine_name)
     model, params, objective, batch = _setup(model_name, trainable, objective_name)
     ref = Reference(model, params, objective, batch, dist)
-    engine = REGISTRY[engine_name](model, params, objective.stats, dist=dist)
+    engine = cls(model, params, objective.stats, dist=dist, **options)
     n = len(params)
     keys = [_keys(j, n) for j in range(QUERIES)]
 
     expect = ref.losses(keys)
     # the perturbations move the loss far more than the tolerance (a wrong key, sign or scale
     # would show; the tiny models' near-uniform outputs need an eps this large)
-    assert max(expect) - min(expect) > 100 * REL * max(expect)
-    assert engine.loss(batch) == pytest.approx(ref.loss(), rel=REL)
-    _check_losses(engine, ref, batch, keys)
+    assert max(expect) - min(expect) > 100 * rel * max(expect)
+    _check_losses(engine, ref, batch, keys, rel=rel)
+    assert engine.loss(batch) == pytest.approx(ref.loss(), rel=rel)
 
     # seeded updates, queued (an engine may defer them into the next perturbed forward)
     updates = [(_keys(q, n), c) for q, c in UPDATES]
-    _check_losses(engine, ref, batch, keys, updates)
+    _check_losses(engine, ref, batch, keys, updates, rel=rel)
     engine.sync()
     for (name, p), want in zip(params, ref.params().values()):
         assert torch.equal(p, want), name
@@ -139,7 +181,7 @@ def test_losses_apply_sync_and_loss_equal_the_explicit_reference(engine_name, mo
     # updates then `loss` (no perturbed forward in between), then `sync` again: applied once
     engine.apply(updates[:1])
     ref.update(updates[:1])
-    assert engine.loss(batch) == pytest.approx(ref.loss(), rel=REL)
+    assert engine.loss(batch) == pytest.approx(ref.loss(), rel=rel)
     engine.sync()
     for (name, p), want in zip(params, ref.params().values()):
         assert torch.equal(p, want), name
@@ -153,15 +195,21 @@ def test_the_registry_is_what_is_checked():
 # ---- the anchor (an anchored estimator, svrg): replicas at the weights of an earlier point ---
 @pytest.mark.parametrize("model_name,trainable", CASES)
 @pytest.mark.parametrize("engine_name", sorted(REGISTRY))
-def test_replicas_at_the_anchor_see_the_kept_weights(engine_name, model_name, trainable):
+def test_replicas_at_the_anchor_see_the_kept_weights(engine_name, model_name, trainable,
+                                                      program_cache):
     """`keep_anchor` copies the weights with the queued updates applied; later updates move
     the current weights only; a plan's anchor replicas (grouped apart by `group_passes`) equal
     the reference at the kept weights, its other replicas the reference at the current ones,
     and the current weights come back bit for bit."""
+    got = _engine(engine_name, model_name, trainable, "classification", program_cache)
+    if got is None:
+        return
+    cls, options = got
+    rel = _rel(engine_name)
     model, params, objective, batch = _setup(model_name, trainable, "classification")
     dist = "gaussian"
     ref = Reference(model, params, objective, batch, dist)
-    engine = REGISTRY[engine_name](model, params, objective.stats, dist=dist)
+    engine = cls(model, params, objective.stats, dist=dist, **options)
     n = len(params)
     keys = [_keys(j, n) for j in range(QUERIES)]
     updates = [(_keys(q, n), c) for q, c in UPDATES]
@@ -177,8 +225,8 @@ def test_replicas_at_the_anchor_see_the_kept_weights(engine_name, model_name, tr
         assert all(len({replicas[i].anchor for i in p}) == 1 for p in passes)
         got = engine.losses(batch, Plan(keys, EPS, replicas, passes)).tolist()
         k = len(REPLICAS)
-        assert got[:k] == pytest.approx(ref.losses(keys), rel=REL), (parallel, cap)
-        assert got[k:] == pytest.approx(at_anchor.losses(keys), rel=REL), (parallel, cap)
+        assert got[:k] == pytest.approx(ref.losses(keys), rel=rel), (parallel, cap)
+        assert got[k:] == pytest.approx(at_anchor.losses(keys), rel=rel), (parallel, cap)
     assert max(at_anchor.losses(keys)) != pytest.approx(max(ref.losses(keys)), rel=100 * REL)
     engine.sync()
     for (name, p), want in zip(params, ref.params().values()):

@@ -1,0 +1,546 @@
+"""What the inference-engine backends (`--engine onnxruntime|executorch`) export and run: a
+zeroth-order step's forward passes as one pure function, and the engine around it.
+
+`StepProgram` is the model as a function of its trainable tensors: a Llama-family forward whose
+LoRA A/B are inputs (one flat float32 vector), W replicas of the batch each seeing its own
+perturbed adapter (`w + scale[r] * z(keys[r])`, z generated INSIDE the program from the keys
+with `zo/noise.py`'s counter hash in int64 tensor ops), the LoRA products of all replicas in one
+`bmm`, and pocketllm's loss on the scored positions only: the label words' head rows (a
+classification objective) or the whole vocabulary streamed in chunks (language modelling),
+never a (rows, seq, vocab) logits tensor. It returns the W per-replica losses.
+
+Shapes are fixed per program (an engine program has no dynamic shapes worth the risk), so a
+batch is padded to a bucket (`bucket`): rows, sequence length and scored positions each rounded
+up to a power of two, the padding masked out of attention and weighted 0 in the loss; the
+replicas per call are the widest pass of the run's plan (narrower passes padded with unperturbed
+replicas). A program is exported once per (model, shapes, trainable set, versions) and cached
+on disk (`ProgramCache`); a stale or corrupt entry is rebuilt, never trusted.
+
+`ProgramEngine` is the `Engine` on top: it keeps the trainable tensors on the host (the seeded
+updates go through `zo.noise.add_noise_`, bit for bit the torch engine's, so a ZO log replays
+anywhere) and evaluates a plan's replicas through the backend's program. A subclass says how
+to export (`compile`) and how to run (`load`) a program.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from abc import abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.batching import IGNORE_INDEX
+from ..lora import LoRALinear
+from ..zo import noise
+from ..zo.plan import Plan
+from .base import Engine
+
+MIN_SEQ = 16                # the smallest sequence bucket
+# a StepProgram's inputs, in its forward's order
+INPUTS = ("input_ids", "attention_mask", "pos", "targets", "cands", "weight", "train", "fixed",
+          "k1", "k2", "scale")
+VOCAB_CHUNK = 4096          # vocabulary rows per chunk of the streamed head (language modelling)
+_C0 = int(noise._mix32(torch.tensor(0x9E3779B9)))  # mix32(hi ^ 0x9E3779B9) at hi = 0
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """`n` rounded up to a power of two (at least `least`): the fixed shapes a program has."""
+    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def default_cache() -> Path:
+    """``$POCKETLLM_CACHE/programs``, default ``~/.cache/pocketllm/programs``."""
+    return Path(os.environ.get("POCKETLLM_CACHE") or "~/.cache/pocketllm").expanduser() / "programs"
+
+
+# ----------------------------------------------------------------------------- the noise
+
+def shift_op(x: torch.Tensor, s: int) -> torch.Tensor:
+    """x >> s (ONNX: a BitShift; its exporter lowers a floor division through float32)."""
+    return x >> s
+
+
+def shift_div(x: torch.Tensor, s: int) -> torch.Tensor:
+    """x >> s for x >= 0 as a floor division (ExecuTorch: `>>` on a scalar is no core ATen op,
+    so the edge dialect refuses it; integer division runs on the portable kernels)."""
+    return torch.div(x, 1 << s, rounding_mode="floor")
+
+
+def program_hash(k: torch.Tensor, tensor_id: torch.Tensor, index: torch.Tensor,
+                 shr=shift_op) -> torch.Tensor:
+    """zo/noise.py's h(k, i) (W, P) int64 for 32-bit key words `k` (W, n), element p being
+    element `index[p]` (< 2**32: the high word is 0) of tensor `tensor_id[p]`."""
+    a = noise._mix32(k ^ _C0, shr)                # (W, n) subkeys of (k, hi = 0)
+    b = noise._mix32(a ^ 0x85EBCA6B, shr)
+    return noise._hash_lo(index[None], a[:, tensor_id], b[:, tensor_id], shr)
+
+
+def program_noise(k1: torch.Tensor, k2: torch.Tensor, tensor_id: torch.Tensor,
+                  index: torch.Tensor, dist: str, shr=shift_op) -> torch.Tensor:
+    """z (W, P) float32 for W key lists: element p of the flat vector is element `index[p]` of
+    trainable tensor `tensor_id[p]`, whose key is (k1, k2)[:, tensor_id[p]] (the key's low and
+    high 32-bit words, (W, n) int64). `zo/noise.py`'s hash in int64 ops (indices < 2**32, so
+    the high word is 0 and each key has one pair of subkeys): rademacher bit for bit, gaussian
+    with float32 log/cos (the reference's float64 differs by ~1e-6). `shr`: how the
+    backend shifts (`shift_op`, `shift_div`: the same bits)."""
+    def h(k):
+        return program_hash(k, tensor_id, index, shr)
+    h1 = h(k1)
+    if dist == "rademacher":
+        return (1 - 2 * shr(h1, 31)).to(torch.float32)
+    u1 = (shr(h1, 8) + 1).to(torch.float32) * 2.0**-24
+    u2 = shr(h(k2), 8).to(torch.float32) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+# ----------------------------------------------------------------------------- the program
+
+@dataclass(frozen=True)
+class Shapes:
+    """One program's fixed shapes: W replicas of a B x T batch, N scored positions, C label
+    words per position (0: the whole vocabulary)."""
+
+    W: int
+    B: int
+    T: int
+    N: int
+    C: int
+
+
+class StepProgram(nn.Module):
+    """The per-replica losses of a batch under perturbed LoRA adapters (see the module's
+    docstring). Frozen weights are buffers (constants of the exported program); the tied
+    embedding is stored once and serves as the head."""
+
+    def __init__(self, model: nn.Module, trained: list[str], dist: str, shapes: Shapes,
+                 shr=shift_op):
+        super().__init__()
+        cfg = model.config
+        self.dist, self.shapes, self.shr = dist, shapes, shr
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        base = model.model
+        self.register_buffer("embed", base.embed_tokens.weight.detach().float(), persistent=False)
+        head = model.get_output_embeddings().weight
+        self.tied = head is base.embed_tokens.weight
+        if not self.tied:
+            self.register_buffer("head", head.detach().float(), persistent=False)
+        self.eps = base.norm.variance_epsilon
+        self.register_buffer("norm", base.norm.weight.detach().float(), persistent=False)
+        # RoPE at positions 0..T-1, from the model's own rotary module (the same float32 values)
+        pos = torch.arange(shapes.T)[None]
+        x = torch.zeros(1, shapes.T, self.head_dim)
+        cos, sin = base.rotary_emb(x, pos)
+        self.register_buffer("cos", cos[0].float(), persistent=False)
+        self.register_buffer("sin", sin[0].float(), persistent=False)
+        causal = torch.tril(torch.ones(shapes.T, shapes.T, dtype=torch.bool))
+        self.register_buffer("causal", causal, persistent=False)
+        # the LoRA tensors: each (A or B) is a slice of the trained flat vector or the fixed one
+        self.slices: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+        offsets = {"train": 0, "fixed": 0}
+        tid, idx = [], []
+        lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        order = [n for n in trained] + [f"{m}.{f}" for m in lora for f in ("lora_A", "lora_B")
+                                         if f"{m}.{f}" not in trained]
+        named = dict(model.named_parameters())
+        for name in order:
+            which = "train" if name in trained else "fixed"
+            shape = tuple(named[name].shape)
+            n = named[name].numel()
+            self.slices[name] = (which, offsets[which], shape)
+            offsets[which] += n
+            if which == "train":
+                tid.append(torch.full((n,), len(tid), dtype=torch.int64))
+                idx.append(torch.arange(n, dtype=torch.int64))
+        self.n_train, self.n_fixed = offsets["train"], offsets["fixed"]
+        self.register_buffer("tensor_id", torch.cat(tid), persistent=False)
+        self.register_buffer("index", torch.cat(idx), persistent=False)
+        # the layers' frozen weights, by module name
+        self.layers = []
+        for i, layer in enumerate(base.layers):
+            names = {}
+            for part, mods in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                               ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+                for m in mods:
+                    full = f"model.layers.{i}.{part}.{m}"
+                    mod = getattr(getattr(layer, part), m)
+                    lin = mod.base_layer if isinstance(mod, LoRALinear) else mod
+                    key = f"l{i}_{m}"
+                    self.register_buffer(key, lin.weight.detach().float(), persistent=False)
+                    if lin.bias is not None:
+                        self.register_buffer(key + "_b", lin.bias.detach().float(),
+                                             persistent=False)
+                    names[m] = (key, full if isinstance(mod, LoRALinear) else None,
+                                getattr(mod, "scaling", 0.0), lin.bias is not None)
+            self.register_buffer(f"l{i}_in", layer.input_layernorm.weight.detach().float(),
+                                 persistent=False)
+            self.register_buffer(f"l{i}_post",
+                                 layer.post_attention_layernorm.weight.detach().float(),
+                                 persistent=False)
+            self.layers.append(names)
+
+    # ---- pieces -------------------------------------------------------------------------
+    def _rms(self, x, w):
+        v = x.pow(2).mean(-1, keepdim=True)
+        return w * (x * torch.rsqrt(v + self.eps))
+
+    def _tensor(self, name, train, fixed, W):
+        which, off, shape = self.slices[name]
+        n = math.prod(shape)
+        if which == "train":
+            return train[:, off:off + n].reshape(W, *shape)
+        return fixed[off:off + n].reshape(1, *shape)
+
+    def _linear(self, x, spec, train, fixed, W):
+        key, lora, scaling, has_bias = spec
+        y = F.linear(x, getattr(self, key), getattr(self, key + "_b") if has_bias else None)
+        if lora is None:
+            return y
+        A = self._tensor(lora + ".lora_A", train, fixed, W)
+        Bm = self._tensor(lora + ".lora_B", train, fixed, W)
+        G = max(A.shape[0], Bm.shape[0])
+        if A.shape[0] == 1:  # a shared (frozen) A, as LoRALinear.forward_groups
+            xa = F.linear(x, A[0]).reshape(G, -1, A.shape[1])
+        else:
+            xa = torch.bmm(x.reshape(G, -1, x.shape[-1]), A.transpose(1, 2))
+        d = torch.bmm(xa, Bm.transpose(1, 2).expand(G, -1, -1))
+        return y + d.reshape(y.shape) * scaling
+
+    def _attention(self, x, spec, mask, train, fixed, W):
+        R, T, _ = x.shape
+        hd = self.head_dim
+        q = self._linear(x, spec["q_proj"], train, fixed, W).view(R, T, -1, hd).transpose(1, 2)
+        k = self._linear(x, spec["k_proj"], train, fixed, W).view(R, T, -1, hd).transpose(1, 2)
+        v = self._linear(x, spec["v_proj"], train, fixed, W).view(R, T, -1, hd).transpose(1, 2)
+        half = hd // 2
+
+        def rope(t):
+            rot = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+            return t * self.cos + rot * self.sin
+        q, k = rope(q), rope(k)
+        rep = self.n_heads // self.n_kv  # each kv head serves `rep` consecutive query heads
+        if rep > 1:
+            k = k[:, :, None].expand(R, self.n_kv, rep, T, hd).reshape(R, self.n_heads, T, hd)
+            v = v[:, :, None].expand(R, self.n_kv, rep, T, hd).reshape(R, self.n_heads, T, hd)
+        scores = torch.matmul(q, k.transpose(2, 3)) * (hd ** -0.5) + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        out = out.transpose(1, 2).reshape(R, T, -1)
+        return self._linear(out, spec["o_proj"], train, fixed, W)
+
+    def _mlp(self, x, spec, train, fixed, W):
+        g = self._linear(x, spec["gate_proj"], train, fixed, W)
+        u = self._linear(x, spec["up_proj"], train, fixed, W)
+        return self._linear(F.silu(g) * u, spec["down_proj"], train, fixed, W)
+
+    # ---- the program ----------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask, pos, targets, cands, weight, train, fixed,
+                k1, k2, scale):
+        """Per-replica losses (W,): `input_ids`/`attention_mask` (B, T) int64; the scored
+        positions `pos` (N,) as flat indices into B x T, their `targets` (N,) (an index into
+        `cands` (N, C), or a token id when C = 0) and loss weights `weight` (N,); the trained
+        flat vector `train` (P,) and the fixed LoRA tensors `fixed` (F,); per replica the keys'
+        words `k1`, `k2` (W, n) and `scale` (W,) (sign * eps; 0: unperturbed)."""
+        W = scale.shape[0]
+        z = program_noise(k1, k2, self.tensor_id, self.index, self.dist, self.shr)
+        flat = train[None] + z * scale[:, None]                       # (W, P)
+        B, T = input_ids.shape
+        x = F.embedding(input_ids, self.embed)                       # (B, T, H)
+        x = x[None].expand(W, B, T, x.shape[-1]).reshape(W * B, T, x.shape[-1])
+        keep = self.causal[None] & attention_mask[:, None, :].bool()  # (B, T, T)
+        mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+        mask = mask[None, :, None].expand(W, B, 1, T, T).reshape(W * B, 1, T, T)
+        for i, spec in enumerate(self.layers):
+            x = x + self._attention(self._rms(x, getattr(self, f"l{i}_in")), spec, mask,
+                                    flat, fixed, W)
+            x = x + self._mlp(self._rms(x, getattr(self, f"l{i}_post")), spec, flat, fixed, W)
+        x = self._rms(x, self.norm)
+        h = x.reshape(W, B * T, -1)[:, pos]                           # (W, N, H)
+        head = self.embed if self.tied else self.head
+        if self.shapes.C:  # the label words' rows only
+            rows = F.embedding(cands, head)                           # (N, C, H)
+            logits = torch.bmm(h.transpose(0, 1), rows.transpose(1, 2))   # (N, W, C)
+            nll = torch.logsumexp(logits, -1) - logits.gather(
+                2, targets[:, None, None].expand(-1, W, 1)).squeeze(2)
+            nll = nll.transpose(0, 1)                                  # (W, N)
+        else:  # the whole vocabulary, streamed: a running max and sum per row
+            hf = h.reshape(W * h.shape[1], -1)
+            run_max = hf.new_full((hf.shape[0],), -1e30)
+            run_sum = hf.new_zeros((hf.shape[0],))
+            for v0 in range(0, head.shape[0], VOCAB_CHUNK):
+                lg = hf @ head[v0:v0 + VOCAB_CHUNK].T
+                m = torch.maximum(run_max, lg.amax(1))
+                run_sum = run_sum * torch.exp(run_max - m) + torch.exp(lg - m[:, None]).sum(1)
+                run_max = m
+            tgt = (h * F.embedding(targets, head)[None]).sum(-1).reshape(-1)
+            nll = (run_max + torch.log(run_sum) - tgt).view(W, -1)
+        return (nll * weight[None]).sum(1)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def program_inputs(model_batch: dict, kind_rows: bool, shapes: Shapes, pad_id: int = 0):
+    """The batch-dependent inputs of a program with `shapes`, from an objective's batch: the
+    rows and sequence padded to the bucket, the scored positions listed with weights summing
+    to 1 (a classification's rows, a language-modelling batch's label tokens)."""
+    ids, am = model_batch["input_ids"], model_batch["attention_mask"]
+    b, t = ids.shape
+    B, T, N = shapes.B, shapes.T, shapes.N
+    input_ids = torch.full((B, T), pad_id, dtype=torch.int64)
+    mask = torch.zeros(B, T, dtype=torch.int64)
+    input_ids[:b, :t], mask[:b, :t] = ids, am
+    pos = torch.zeros(N, dtype=torch.int64)
+    targets = torch.zeros(N, dtype=torch.int64)
+    weight = torch.zeros(N, dtype=torch.float32)
+    cands = torch.zeros(N, max(shapes.C, 1), dtype=torch.int64)
+    if kind_rows:
+        n = b
+        pos[:n] = torch.arange(b) * T + model_batch["answer_pos"]
+        targets[:n] = model_batch["class_label"]
+        cands[:n] = model_batch["label_ids"]
+    else:
+        sel = model_batch["labels"][:, 1:] != IGNORE_INDEX           # position t predicts t+1
+        r, c = torch.nonzero(sel, as_tuple=True)
+        n = r.numel()
+        pos[:n] = r * T + c
+        targets[:n] = model_batch["labels"][:, 1:][sel]
+    weight[:n] = 1.0 / max(n, 1)
+    return [input_ids, mask, pos, targets, cands, weight]
+
+
+def scored(batch: dict, kind_rows: bool) -> int:
+    if kind_rows:
+        return batch["input_ids"].shape[0]
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(tensors) -> str:
+    """A fingerprint of the frozen weights a program bakes in (two models with one config but
+    other weights must not share a program)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ProgramCache:
+    """Exported programs on disk, one file per key plus a record of its digest: an entry whose
+    record is missing, for other versions, or whose file does not match it is rebuilt."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root else default_cache()
+
+    def get(self, key: dict, suffix: str, build) -> tuple[Path, float]:
+        """The program file for `key` (built by `build(path)` unless a valid entry exists);
+        the seconds spent building (0: from the cache)."""
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        path = self.root / f"{name}{suffix}"
+        record = self.root / f"{name}.json"
+        if path.exists() and record.exists():
+            try:
+                meta = json.loads(record.read_text())
+                if meta.get("key") == key and meta.get("sha256") == file_digest(path):
+                    return path, 0.0
+            except (OSError, ValueError):
+                pass  # an unreadable record: rebuilt below
+        self.root.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        build(tmp)
+        os.replace(tmp, path)  # whole or absent: a killed export leaves no half file
+        record.write_text(json.dumps({"key": key, "sha256": file_digest(path)}))
+        return path, time.perf_counter() - t0
+
+
+class ProgramEngine(Engine):
+    """An engine that runs a `StepProgram` exported to a runtime (the subclass's `compile`,
+    `load`, `run`); the trainable tensors and their seeded updates stay on the host."""
+
+    extra = "?"        # the pip extra that installs the runtime
+    suffix = ".bin"
+    modules: tuple[str, ...] = ()  # what must import for the runtime to work
+    shr = staticmethod(shift_op)   # how its programs shift integers
+    settings = ("program_cache",)
+    architectures = ("llama",)  # the functional forward of `StepProgram`
+    trainables = ("lora",)      # LoRA A and B, or B alone (LoRA-FA)
+    objectives = ("classification", "lm")
+
+    def __init__(self, model, params, stats, dist="gaussian", perturbation=None,
+                 program_cache=None, threads=0):
+        super().__init__(model, params, stats, dist, perturbation)
+        flag = f"--engine {self.name}"
+        for mod in self.modules:
+            try:
+                __import__(mod)
+            except ImportError:
+                raise SystemExit(f"error: {flag} needs its runtime: "
+                                 f"pip install pocketllm[{self.extra}]") from None
+        arch = getattr(model.config, "model_type", "?")
+        if arch not in self.architectures:
+            raise ValueError(f"{flag} runs {', '.join(self.architectures)} models, not {arch}: "
+                             "use --engine torch")
+        if perturbation is not None and perturbation.spec().get("name") != "dense":
+            raise ValueError(f"{flag} draws dense noise only, not --zo-perturbation "
+                             f"{perturbation.spec().get('name')}: use --engine torch")
+        not_lora = [n for n, _ in params if not n.endswith((".lora_A", ".lora_B"))]
+        if not_lora:
+            raise ValueError(f"{flag} trains LoRA tensors only (--trainable lora), not "
+                             f"{not_lora[0]}: use --engine torch")
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            raise ValueError(f"{flag} runs a float32 model: use --dtype float32")
+        objective = getattr(stats, "__self__", None)
+        kind = getattr(objective, "name", "?")
+        if kind not in self.objectives:
+            raise ValueError(f"{flag} scores the {' and '.join(self.objectives)} objectives, "
+                             f"not {kind}: "
+                             "use --engine torch")
+        if any(p.numel() >= 2**32 for _, p in params):
+            raise ValueError(f"{flag}: a trainable tensor of 2**32 elements or more")
+        self.rows_kind = kind == "classification"
+        self.cache = ProgramCache(program_cache)
+        self.threads = threads or torch.get_num_threads()
+        self.trained = [n for n, _ in params]
+        lora = {f"{n}.{f}": getattr(m, f) for n, m in model.named_modules()
+                if isinstance(m, LoRALinear) for f in ("lora_A", "lora_B")}
+        self.fixed_params = [p for n, p in lora.items() if n not in self.trained]
+        self.pad_id = getattr(model.config, "pad_token_id", None) or 0
+        frozen = [t for n, t in model.state_dict().items() if ".lora_" not in n]
+        self.model_key = {"config": model.config.to_json_string(use_diff=False),
+                          "weights": weights_digest(frozen)}
+        self.runners: dict[Shapes, object] = {}
+        self.width = 1  # replicas per program call (`losses`)
+        self.export_seconds = 0.0
+        self.pending: list[tuple[list[int], float]] = []
+
+    # ---- the backend (class methods: they export and run any module, e.g. a test's) --------
+    @classmethod
+    @abstractmethod
+    def compile(cls, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+        """Export `module` (traced at the named `inputs`, in its forward's order) to `path`."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, threads: int):
+        """A runner for the program at `path` on `threads` threads."""
+
+    @classmethod
+    @abstractmethod
+    def run(cls, runner, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The program's outputs for the named `inputs`."""
+
+    @staticmethod
+    @abstractmethod
+    def versions() -> dict[str, str]:
+        """The versions a cached program depends on."""
+
+    # ---- programs ------------------------------------------------------------------------------
+    def shapes(self, batch) -> Shapes:
+        b, t = batch["input_ids"].shape
+        limit = getattr(self.model.config, "max_position_embeddings", 1 << 30)
+        C = batch["label_ids"].shape[1] if self.rows_kind else 0
+        return Shapes(W=self.width, B=bucket(b), T=min(bucket(t, MIN_SEQ), max(t, limit)),
+                      N=bucket(scored(batch, self.rows_kind)), C=C)
+
+    def runner(self, shapes: Shapes, example: dict[str, torch.Tensor]):
+        if shapes not in self.runners:
+            key = {"model": self.model_key, "shapes": asdict(shapes), "dist": self.dist,
+                   "trained": [(n, list(p.shape)) for n, p in self.params],
+                   "fixed": [list(p.shape) for p in self.fixed_params],
+                   "torch": torch.__version__, "engine": self.name, **self.versions()}
+
+            def build(path):
+                prog = StepProgram(self.model, self.trained, self.dist, shapes, self.shr).eval()
+                with torch.no_grad():
+                    self.compile(prog, example, path)
+            path, took = self.cache.get(key, self.suffix, build)
+            self.export_seconds += took
+            try:
+                self.runners[shapes] = self.load(path, self.threads)
+            except Exception:  # a file that passed its digest but will not load: rebuild once
+                path.unlink(missing_ok=True)
+                path, took = self.cache.get(key, self.suffix, build)
+                self.export_seconds += took
+                self.runners[shapes] = self.load(path, self.threads)
+        return self.runners[shapes]
+
+    def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        train = torch.cat([p.data.reshape(-1) for _, p in self.params]).float()
+        fixed = (torch.cat([p.data.reshape(-1) for p in self.fixed_params]).float()
+                 if self.fixed_params else torch.zeros(1))
+        return train, fixed
+
+    def _evaluate(self, batch, keys: list[list[int]], scales: list[float]) -> list[float]:
+        if len(scales) > self.width:  # a pass wider than the program: in chunks
+            w = self.width
+            return [v for i in range(0, len(scales), w)
+                    for v in self._evaluate(batch, keys[i:i + w], scales[i:i + w])]
+        shapes = self.shapes(batch)
+        n = len(self.params)
+        pad = shapes.W - len(scales)
+        keys = [list(k) for k in keys] + [[0] * n] * pad
+        kt = torch.tensor([[int(k) & 0xFFFFFFFF for k in ks] for ks in keys], dtype=torch.int64)
+        k2 = torch.tensor([[int(k) >> 32 for k in ks] for ks in keys], dtype=torch.int64)
+        scale = torch.tensor(list(scales) + [0.0] * pad, dtype=torch.float32)
+        train, fixed = self._flat()
+        inputs = program_inputs(batch, self.rows_kind, shapes, self.pad_id)
+        inputs += [train, fixed, kt, k2, scale]
+        inputs = dict(zip(INPUTS, inputs))
+        out = self.run(self.runner(shapes, inputs), inputs)[0]
+        return out[:len(scales)].double().tolist()
+
+    # ---- the Engine interface --------------------------------------------------------------------
+    def losses(self, batch, plan: Plan) -> torch.Tensor:
+        self.sync()
+        # one program width for the run: the widest pass yet (a step's plan is the same every
+        # step); a narrower pass is padded with unperturbed replicas, whose losses are dropped
+        self.width = max(self.width, max(len(p) for p in plan.passes))
+        out = torch.empty(len(plan.replicas), dtype=torch.float64)
+        n = len(self.params)
+        for idx in plan.passes:
+            reps = [plan.replicas[i] for i in idx]
+            if len({r.anchor for r in reps}) > 1:
+                raise ValueError("a forward pass mixes replicas at the anchor and at the current "
+                                 "weights (plan.group_passes keeps them apart)")
+            keys = [plan.keys[r.query] if r.query >= 0 else [0] * n for r in reps]
+            # f32(sign * eps), as the torch engine's kernel rounds the scale
+            scales = [float(torch.tensor(r.sign * plan.eps, dtype=torch.float32)) for r in reps]
+            if reps[0].anchor:
+                with self.at_anchor():
+                    got = self._evaluate(batch, keys, scales)
+            else:
+                got = self._evaluate(batch, keys, scales)
+            for i, v in zip(idx, got):
+                out[i] = v
+        return out
+
+    def loss(self, batch) -> float:
+        self.sync()
+        return self._evaluate(batch, [[0] * len(self.params)], [0.0])[0]
+
+    def apply(self, updates) -> None:
+        self.pending += [(list(k), c) for k, c in updates if c != 0.0]
+
+    def sync(self) -> None:
+        # on the host, with zo.noise: the same bits as the torch engine's fused update
+        with torch.no_grad():
+            for keys, coef in self.pending:
+                for (_, p), k in zip(self.params, keys):
+                    noise.add_noise_(p.data, k, 0, coef, self.dist)
+        self.pending = []

@@ -1,0 +1,197 @@
+"""The exported step program (pocketllm/engines/program.py): its noise is zo/noise.py's, bit for
+bit, in every runtime; its programs are cached and a corrupt entry is rebuilt; an engine without
+its runtime says which extra to install; a run trains through it as through torch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pocketllm.engines import REGISTRY
+from pocketllm.engines.program import (ProgramCache, StepProgram, program_hash, program_noise,
+                                       shift_div, shift_op)
+from pocketllm.zo import noise
+from tests.engines.test_conformance import EPS, REPLICAS, Reference, _keys, _setup
+from pocketllm.zo.plan import Plan, group_passes
+
+PROGRAM_ENGINES = sorted(n for n, c in REGISTRY.items() if hasattr(c, "compile"))
+SIZES = [37, 1000, 3]  # three tensors' element counts
+
+
+def _key_words(keys):
+    k1 = torch.tensor([[k & 0xFFFFFFFF for k in ks] for ks in keys])
+    k2 = torch.tensor([[k >> 32 for k in ks] for ks in keys])
+    return k1, k2
+
+
+def _layout():
+    tid = torch.cat([torch.full((n,), i) for i, n in enumerate(SIZES)])
+    idx = torch.cat([torch.arange(n) for n in SIZES])
+    return tid, idx
+
+
+class Noise(torch.nn.Module):
+    """Both words' hashes and both distributions' z, as a program computes them."""
+
+    def __init__(self, shr):
+        super().__init__()
+        self.shr = shr
+
+    def forward(self, k1, k2, tid, idx):
+        return (program_noise(k1, k2, tid, idx, "rademacher", self.shr),
+                program_noise(k1, k2, tid, idx, "gaussian", self.shr),
+                program_hash(k1, tid, idx, self.shr), program_hash(k2, tid, idx, self.shr))
+
+
+def _check(rad, gauss, h1, h2):
+    assert torch.equal(h1, _reference_hash(KEYS, 0)) and torch.equal(h2, _reference_hash(KEYS, 1))
+    assert torch.equal(rad, _reference(KEYS, "rademacher"))
+    assert torch.allclose(gauss, _reference(KEYS, "gaussian"), rtol=0, atol=1e-5)
+
+
+def _reference(keys, dist):
+    return torch.stack([torch.cat([noise.reference.noise(k, 0, n, dist)
+                                   for k, n in zip(ks, SIZES)]) for ks in keys])
+
+
+def _reference_hash(keys, word):
+    return torch.stack([torch.cat([noise.reference.hash32(
+        (k & 0xFFFFFFFF) if word == 0 else k >> 32, torch.arange(n)) for k, n in zip(ks, SIZES)])
+        for ks in keys])
+
+
+KEYS = [_keys(q, len(SIZES)) for q in range(2)]
+
+
+@pytest.mark.parametrize("shr", [shift_op, shift_div])
+def test_the_program_noise_is_zo_noise(shr):
+    """Eager: every hash bit and every rademacher sign equal zo/noise.py's reference; gaussian
+    z (float32 log/cos against the reference's float64) within 1e-5."""
+    k1, k2 = _key_words(KEYS)
+    tid, idx = _layout()
+    _check(*Noise(shr)(k1, k2, tid, idx))
+
+
+@pytest.mark.parametrize("engine_name", PROGRAM_ENGINES)
+def test_the_noise_is_bit_identical_in_every_runtime(engine_name, tmp_path):
+    cls = REGISTRY[engine_name]
+    for mod in cls.modules:
+        pytest.importorskip(mod)
+    k1, k2 = _key_words(KEYS)
+    tid, idx = _layout()
+    inputs = {"k1": k1, "k2": k2, "tid": tid, "idx": idx}
+    path = tmp_path / f"noise{cls.suffix}"
+    cls.compile(Noise(cls.shr), inputs, path)
+    runner = cls.load(path, 1)
+    _check(*cls.run(runner, inputs))
+
+
+def test_a_corrupt_or_stale_cache_entry_is_rebuilt(tmp_path):
+    cache = ProgramCache(tmp_path)
+    built = []
+
+    def build(path):
+        built.append(path)
+        path.write_bytes(b"program %d" % len(built))
+
+    key = {"model": "m", "shapes": [1, 2]}
+    path, took = cache.get(key, ".bin", build)
+    assert len(built) == 1 and path.read_bytes() == b"program 1" and took > 0
+    assert cache.get(key, ".bin", build) == (path, 0.0) and len(built) == 1  # cached
+    path.write_bytes(b"program 1 but truncat")                                # corrupt
+    assert cache.get(key, ".bin", build)[0].read_bytes() == b"program 2"
+    record = path.with_suffix(".json")
+    record.write_text("{not json")                                            # a torn record
+    assert cache.get(key, ".bin", build)[0].read_bytes() == b"program 3"
+    meta = json.loads(record.read_text())
+    meta["key"]["shapes"] = [9]                                               # another key
+    record.write_text(json.dumps(meta))
+    assert cache.get(key, ".bin", build)[0].read_bytes() == b"program 4"
+    path.unlink()                                                             # gone
+    assert cache.get(key, ".bin", build)[0].read_bytes() == b"program 5"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _engine(name, cache_dir, trainable="lora", objective="classification", lora_fa=False):
+    cls = REGISTRY[name]
+    for mod in cls.modules:
+        pytest.importorskip(mod)
+    model, params, obj, batch = _setup("tiny-llama", trainable, objective)
+    if lora_fa:  # LoRA-FA: A frozen (a program input, not perturbed), B trained
+        params = [(n, p) for n, p in params if n.endswith(".lora_B")]
+    return model, params, obj, batch, cls(model, params, obj.stats, dist="rademacher",
+                                          program_cache=str(cache_dir))
+
+
+def test_an_engine_program_corrupted_on_disk_is_rebuilt_and_right(tmp_path):
+    name = "onnxruntime"
+    model, params, obj, batch, engine = _engine(name, tmp_path)
+    plan = Plan([_keys(j, len(params)) for j in range(3)], EPS, REPLICAS,
+                group_passes(REPLICAS, "both"))
+    first = engine.losses(batch, plan)
+    (program,) = tmp_path.glob("*.onnx")
+    program.write_bytes(program.read_bytes()[: program.stat().st_size // 2])
+    again = REGISTRY[name](model, params, obj.stats, dist="rademacher",
+                           program_cache=str(tmp_path))
+    assert torch.equal(again.losses(batch, plan), first)
+    assert again.export_seconds > 0  # rebuilt, not trusted
+
+
+def test_lora_fa_perturbs_b_alone(tmp_path):
+    model, params, obj, batch, engine = _engine("onnxruntime", tmp_path, lora_fa=True)
+    keys = [_keys(j, len(params)) for j in range(3)]
+    ref = Reference(model, params, obj, batch, "rademacher")
+    got = engine.losses(batch, Plan(keys, EPS, REPLICAS, group_passes(REPLICAS, "both")))
+    assert got.tolist() == pytest.approx(ref.losses(keys), rel=1e-4)
+
+
+@pytest.mark.parametrize("engine_name", PROGRAM_ENGINES)
+def test_without_its_runtime_an_engine_names_the_extra(engine_name, monkeypatch):
+    cls = REGISTRY[engine_name]
+    monkeypatch.setattr(cls, "modules", ("pocketllm_no_such_runtime",))
+    model, params, obj, _ = _setup("tiny-llama", "lora", "classification")
+    with pytest.raises(SystemExit, match=rf"pip install pocketllm\[{cls.extra}\]"):
+        cls(model, params, obj.stats)
+
+
+def test_a_program_is_the_model():
+    """The eager program equals the model's own forward at every replica (the export only
+    changes the runtime): checked here without exporting, on a language-modelling batch whose
+    rows are padded to a bucket."""
+    model, params, obj, batch = _setup("tiny-llama", "lora", "lm")
+    from pocketllm.engines.program import Shapes, bucket, program_inputs, scored, INPUTS
+    n = len(params)
+    keys = [_keys(j, n) for j in range(3)]
+    ref = Reference(model, params, obj, batch, "gaussian")
+    shapes = Shapes(W=8, B=bucket(batch["input_ids"].shape[0] + 1), T=64,
+                    N=bucket(scored(batch, False)), C=0)
+    prog = StepProgram(model, [m for m, _ in params], "gaussian", shapes)
+    ks = [keys[r.query] if r.query >= 0 else [0] * n for r in REPLICAS] + [[0] * n] * 2
+    k1, k2 = _key_words(ks)
+    scale = torch.tensor([r.sign * EPS for r in REPLICAS] + [0.0, 0.0])
+    train = torch.cat([p.data.reshape(-1) for _, p in params])
+    inputs = program_inputs(batch, False, shapes) + [train, torch.zeros(1), k1, k2, scale]
+    assert len(inputs) == len(INPUTS)
+    with torch.no_grad():
+        got = prog(*inputs)[:len(REPLICAS)].tolist()
+    assert got == pytest.approx(ref.losses(keys), rel=1e-5)
+
+
+def test_a_run_with_an_engine_tracks_the_torch_run(tmp_path):
+    """`pocketllm train --engine onnxruntime` (prge, 3 steps) logs the losses the torch run
+    logs, within the engines' tolerance, and its log replays: the same seeds, the same z."""
+    pytest.importorskip("onnxruntime")
+    from pocketllm.cli import main
+    from tests.test_cli import FAST
+    logs = {}
+    for engine in ("torch", "onnxruntime"):
+        out = tmp_path / engine
+        assert main(["train", *FAST, "--iters", "3", "--steps-per-eval", "0", "--no-eval-before",
+                     "--save-every", "0", "--method", "prge", "--queries", "2",
+                     "--engine", engine, "--program-cache", str(tmp_path / "programs"),
+                     "--adapter-path", str(out)]) == 0
+        logs[engine] = [json.loads(line) for line in (out / "zo_log.jsonl").open()][1:]
+    torch_losses = [r["loss"] for r in logs["torch"]]
+    assert [r["loss"] for r in logs["onnxruntime"]] == pytest.approx(torch_losses, rel=1e-4)
