@@ -357,6 +357,43 @@ class MemoryArgs(ModelArgs):
                      "unmeasured, first: AdamW's state exists from the second step on)", ge=1)
 
 
+@dataclass
+class FederateArgs(TrainArgs):
+    """`pocketllm federate simulate|serve|join`: federated zeroth-order fine-tuning on Flower
+    (pocketllm/federated, docs/federated.md). --iters counts rounds; --adapter-path holds the
+    federation's log and the shared model rebuilt from it."""
+    method: str = opt("prge", "zeroth-order method every device runs (zo-sgd, prge); its "
+                      "--queries are the seeds of a round")
+    adapter_path: str = opt("federation", "output directory: the federation log "
+                            "(fed_log.jsonl, resumed if present) and the adapter rebuilt from it")
+    clients: int = opt(10, "devices: simulated ones (simulate), or how many partitions of "
+                       "--data the joining devices split (join)", ge=1, le=100_000)
+    partition: str = opt("iid", "how --data's training examples are split among the devices: "
+                         "iid or dirichlet:ALPHA (non-IID over labels)")
+    partition_id: int = opt(0, "join: this device's partition of --data (0..--clients-1)", ge=0)
+    clients_per_round: int = opt(0, "devices asked each round (0: all connected)", ge=0)
+    seed_pool: int = opt(4096, "candidate seeds a round's seeds are drawn from (a device may "
+                         "precompute their z)", ge=1, le=2**31 - 1)
+    aggregate: str = opt("mean", "how each query's scalars from the devices are combined",
+                         choices=lambda: _aggregates())
+    trim: float = opt(0.1, "--aggregate trimmed: fraction dropped at each end", ge=0, lt=0.5)
+    grad_bound: float = opt(1e3, "a device's projected gradient beyond this magnitude "
+                            "excludes its reply from the round", gt=0)
+    round_timeout: float = opt(600.0, "seconds the server waits for a round's replies (the "
+                               "late ones are left out of that round)", gt=0)
+    sim_cpus: float = opt(1.0, "simulate: CPUs per simulated device (Ray's client "
+                          "resources: how many run at once)", gt=0, le=1024)
+    address: str = opt("127.0.0.1:9092", "serve: the superlink's Fleet API address; join: "
+                       "the superlink to connect to")
+    control_address: str = opt("127.0.0.1:9093", "serve: the superlink's Control API (where "
+                               "`flwr run` submits the run)")
+
+
+def _aggregates() -> tuple[str, ...]:
+    from .federated.aggregate import REGISTRY
+    return tuple(REGISTRY)
+
+
 def _trainable_sets() -> tuple[str, ...]:
     from .trainable import TRAINABLE
     return tuple(TRAINABLE)
