@@ -381,8 +381,8 @@ class FederateArgs(TrainArgs):
                             "excludes its reply from the round", gt=0)
     round_timeout: float = opt(600.0, "seconds the server waits for a round's replies (the "
                                "late ones are left out of that round)", gt=0)
-    sim_cpus: float = opt(1.0, "simulate: CPUs per simulated device (Ray's client "
-                          "resources: how many run at once)", gt=0, le=1024)
+    sim_cpus: int = opt(1, "simulate: CPUs Ray may use; one simulated device runs on each "
+                        "at a time (each such worker loads the model once)", ge=1, le=1024)
     address: str = opt("127.0.0.1:9092", "serve: the superlink's Fleet API address; join: "
                        "the superlink to connect to")
     control_address: str = opt("127.0.0.1:9093", "serve: the superlink's Control API (where "
