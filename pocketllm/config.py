@@ -383,10 +383,8 @@ class FederateArgs(TrainArgs):
                                "late ones are left out of that round)", gt=0)
     sim_cpus: int = opt(1, "simulate: CPUs Ray may use; one simulated device runs on each "
                         "at a time (each such worker loads the model once)", ge=1, le=1024)
-    address: str = opt("127.0.0.1:9092", "serve: the superlink's Fleet API address; join: "
-                       "the superlink to connect to")
-    control_address: str = opt("127.0.0.1:9093", "serve: the superlink's Control API (where "
-                               "`flwr run` submits the run)")
+    address: str = opt("127.0.0.1:9092", "serve: HOST:PORT where the superlink listens (its "
+                       "Fleet and Control HTTP APIs); join: the superlink to connect to")
 
 
 def _aggregates() -> tuple[str, ...]:
@@ -500,6 +498,8 @@ def load_yaml(path: str | os.PathLike, cls: type, *extra: type) -> dict[str, Any
                                f"{', '.join(sorted(h.replace('_', '-') for h in hints))}")
         kind, number = hints[name], numeric_kind(hints[name])
         base = typing.get_origin(kind) or kind
+        if base is typing.Union:  # Optional[bool] (--keep-best): the type it holds
+            base = next(a for a in typing.get_args(kind) if a is not type(None))
         if base is list and not isinstance(v, list):
             v = [v]
         if number:  # YAML reads 1e-3 as a string, .nan as a float: one check for all
