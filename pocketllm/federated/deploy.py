@@ -171,7 +171,8 @@ def join(args, settings: dict) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc = subprocess.Popen([_bin("flower-supernode"), "--insecure", "--superlink", args.address,
                              "--node-config", node, "--port", str(free_port())],
-                            env=flower_env(), start_new_session=True)
+                            env=flower_env(FLWR_HOME=str(out / "flwr_home")),
+                            start_new_session=True)
     try:
         return proc.wait()
     except KeyboardInterrupt:
