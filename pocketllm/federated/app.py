@@ -142,18 +142,23 @@ def run_server(grid: Grid, args, settings: dict, tap: Callable | None = None,
     if coord.round:
         say(f"resuming the federation log at round {coord.round}")
     want = min(args.clients_per_round or args.clients, args.clients)
-    t0, times = time.perf_counter(), []
+    t0, times, server = time.perf_counter(), [], []
     for rnd in range(coord.round, args.iters):
         t = time.perf_counter()
         nodes = _nodes(grid, want, args.round_timeout)
         if args.clients_per_round and len(nodes) > args.clients_per_round:
             nodes = sorted(random.Random(args.seed * 1_000_003 + rnd).sample(
                 nodes, args.clients_per_round))
+        t_own = time.perf_counter()
         msgs = [Message(wire.pack_request(coord.request(n)), dst_node_id=n,
                         message_type="train", group_id=str(rnd)) for n in nodes]
-        rec = coord.close(rnd, _replies(grid, msgs, args.round_timeout, tap),
-                          lr_at(args, rnd))
+        own = time.perf_counter() - t_own
+        replies = _replies(grid, msgs, args.round_timeout, tap)
+        t_own = time.perf_counter()
+        rec = coord.close(rnd, replies, lr_at(args, rnd))
+        own += time.perf_counter() - t_own
         times.append(time.perf_counter() - t)
+        server.append(own)  # the protocol's own work, not waiting for the devices
         loss = f" | loss {rec['loss']:.4f}" if "loss" in rec else ""
         out = f" | excluded {rec['excluded']}" if rec["excluded"] else ""
         say(f"round {rnd} | {len(rec['clients'])}/{len(nodes)} devices{loss}{out}")
@@ -163,7 +168,7 @@ def run_server(grid: Grid, args, settings: dict, tap: Callable | None = None,
     final = coord.check_final(_replies(grid, msgs, args.round_timeout, tap))
     summary = {"rounds": coord.round, "hash": final["hash"], "agree": len(final["agree"]),
                "differ": final["differ"], "seconds": time.perf_counter() - t0,
-               "round_seconds": times}
+               "round_seconds": times, "server_seconds": server}
     Path(args.adapter_path, "fed_summary.json").write_text(json.dumps(summary, indent=2))
     say(f"{coord.round} rounds | {len(final['agree'])} devices hold the same weights "
         f"({(final['hash'] or '?')[:12]})" + (f" | differ: {final['differ']}"
