@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 
 from pocketllm.config import FederateArgs
+from tests.helpers import TEXTS
 
-RECORDS = [("Ran 5 km on the trail this morning.", " health"),
-           ("Paid the rent and the power bill.", " money"),
-           ("Sam picks the kids up on Friday.", " family"),
-           ("Permit submittal for the park is due.", " work"),
-           ("Knee ached on the last hill.", " health"),
-           ("Budget review with the bank.", " money"),
-           ("Bedtime stories all week.", " family"),
-           ("Site survey notes to redo.", " work")]
+# eight labelled notes (two of each of tests.helpers' four texts, numbered apart)
+RECORDS = [(f"{t} ({i})", label) for i, (t, label) in
+           enumerate(zip(TEXTS * 2, [" pets", " health", " health", " money"] * 2))]
 SETTINGS = {"queries": 4}
 N = 3  # devices
 
