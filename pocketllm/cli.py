@@ -23,9 +23,13 @@ COMMANDS = {
                              "(--measure: and measure it)"),
     "bench": (C.BenchArgs, "bench accuracy: the few-shot protocol, every run on the same "
                            "training budget over several seeds (table, CSV, plot)"),
+    "federate": (C.FederateArgs, "federated zeroth-order fine-tuning on Flower: simulate N "
+                                 "devices, or serve / join a deployment (docs/federated.md)"),
 }
+# a command's positional action: its choices
+ACTIONS = {"bench": ("accuracy",), "federate": ("simulate", "serve", "join")}
 # commands that also take every method's own settings (resolved by the method named)
-WITH_METHOD_SETTINGS = ("train", "memory")
+WITH_METHOD_SETTINGS = ("train", "memory", "federate")
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     methods = tuple(sorted(REGISTRY))
     extra = {name: setting_classes() for name in WITH_METHOD_SETTINGS}
-    choices = {"train": {"method": methods}, "memory": {"method": ("inference", *methods)}}
+    choices = {"train": {"method": methods}, "memory": {"method": ("inference", *methods)},
+               "federate": {"method": methods}}
     for name, (cls, help) in COMMANDS.items():
         parser = sub.add_parser(name, help=help, description=help)
-        if name == "bench":  # what to measure: one protocol so far
-            parser.add_argument("what", choices=("accuracy",))
+        if name in ACTIONS:  # bench: what to measure; federate: how to run
+            parser.add_argument("what", choices=ACTIONS[name])
         C.add_args(parser, cls, *extra.get(name, ()), choices=choices.get(name))
     sub.add_parser("methods", help="list the training methods, their settings and defaults")
     return p
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':12s}   defaults from: {cls.defaults_from}")
         return 0
     cls, _ = COMMANDS[ns.command]
-    vars(ns).pop("what", None)  # bench's positional: "accuracy", the one protocol
+    what = vars(ns).pop("what", None)  # the positional action (ACTIONS)
     from .data import DataError
     from .finite import NonFiniteError
     from .methods import setting_classes
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             threads.configure(getattr(args, "threads", 0), auto=ours,
                               log=lambda m: print(m, file=sys.stderr, flush=True))
         cmd = globals()["cmd_" + ns.command]
+        if ns.command == "federate":
+            return cmd(args, rest, what) or 0
         return (cmd(args, rest) if methods else cmd(args)) or 0
     except (C.SettingError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -188,6 +195,11 @@ def cmd_serve(args: C.ServeArgs) -> int:
 def cmd_bench(args: C.BenchArgs) -> int:
     from .protocol import accuracy
     return accuracy(args)
+
+
+def cmd_federate(args: C.FederateArgs, given: dict, action: str) -> int:
+    from .federated import cli
+    return cli.run(action, args, given)
 
 
 def cmd_generate(args: C.GenerateArgs) -> int:

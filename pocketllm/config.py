@@ -397,6 +397,41 @@ def _quant_schemes() -> tuple[str, ...]:
     return tuple(SCHEMES)
 
 
+@dataclass
+class FederateArgs(TrainArgs):
+    """`pocketllm federate simulate|serve|join`: federated zeroth-order fine-tuning on Flower
+    (pocketllm/federated, docs/federated.md). --iters counts rounds; --adapter-path holds the
+    federation's log and the shared model rebuilt from it."""
+    method: str = opt("prge", "zeroth-order method every device runs (zo-sgd, prge); its "
+                      "--queries are the seeds of a round")
+    adapter_path: str = opt("federation", "output directory: the federation log "
+                            "(fed_log.jsonl, resumed if present) and the adapter rebuilt from it")
+    clients: int = opt(10, "devices: simulated ones (simulate), or how many partitions of "
+                       "--data the joining devices split (join)", ge=1, le=100_000)
+    partition: str = opt("iid", "how --data's training examples are split among the devices: "
+                         "iid or dirichlet:ALPHA (non-IID over labels)")
+    partition_id: int = opt(0, "join: this device's partition of --data (0..--clients-1)", ge=0)
+    clients_per_round: int = opt(0, "devices asked each round (0: all connected)", ge=0)
+    seed_pool: int = opt(4096, "candidate seeds a round's seeds are drawn from (a device may "
+                         "precompute their z)", ge=1, le=2**31 - 1)
+    aggregate: str = opt("mean", "how each query's scalars from the devices are combined",
+                         choices=lambda: _aggregates())
+    trim: float = opt(0.1, "--aggregate trimmed: fraction dropped at each end", ge=0, lt=0.5)
+    grad_bound: float = opt(1e3, "a device's projected gradient beyond this magnitude "
+                            "excludes its reply from the round", gt=0)
+    round_timeout: float = opt(600.0, "seconds the server waits for a round's replies (the "
+                               "late ones are left out of that round)", gt=0)
+    sim_cpus: int = opt(1, "simulate: CPUs Ray may use; one simulated device runs on each "
+                        "at a time (each such worker loads the model once)", ge=1, le=1024)
+    address: str = opt("127.0.0.1:9092", "serve: HOST:PORT where the superlink listens (its "
+                       "Fleet and Control HTTP APIs); join: the superlink to connect to")
+
+
+def _aggregates() -> tuple[str, ...]:
+    from .federated.aggregate import REGISTRY
+    return tuple(REGISTRY)
+
+
 def _trainable_sets() -> tuple[str, ...]:
     from .trainable import TRAINABLE
     return tuple(TRAINABLE)
@@ -503,6 +538,8 @@ def load_yaml(path: str | os.PathLike, cls: type, *extra: type) -> dict[str, Any
                                f"{', '.join(sorted(h.replace('_', '-') for h in hints))}")
         kind, number = hints[name], numeric_kind(hints[name])
         base = typing.get_origin(kind) or kind
+        if base is typing.Union:  # Optional[bool] (--keep-best): the type it holds
+            base = next(a for a in typing.get_args(kind) if a is not type(None))
         if base is list and not isinstance(v, list):
             v = [v]
         if number:  # YAML reads 1e-3 as a string, .nan as a float: one check for all

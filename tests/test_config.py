@@ -84,7 +84,8 @@ def _reached(command):
 
 
 def _argv(command: str, *rest: str) -> list[str]:
-    return [command, *(["accuracy"] if command == "bench" else []), *rest]
+    # a command with a positional action (bench accuracy, federate simulate): its first
+    return [command, *cli.ACTIONS.get(command, ())[:1], *rest]
 
 
 def _one_line(err: str) -> str:

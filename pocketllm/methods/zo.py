@@ -210,6 +210,15 @@ class ZOMethod(Method):
                           forward_passes=len(replicas) * len(batches) + self._extra_fwd,
                           extra={"projected_grad": sum(g) / len(g), **extra})
 
+    def probe(self, batches, keys, eps: float) -> tuple[list[float], float, int]:
+        """A step's estimate without its update: the projected gradients along `keys` (per
+        query, its keys per tensor) on `batches` at the current weights, the loss there and
+        the tokens scored. A federated device sends these to the server, which aggregates
+        every device's before any of them moves (`pocketllm.federated`)."""
+        plan = Plan(keys, eps, self.replicas, self.passes)
+        figures, loss, tokens = self._evaluate(batches, plan, self.estimator.projected, 0)
+        return figures["projected_grads"], loss, tokens
+
     def _evaluate(self, batches, plan, projected, step) -> tuple[dict, float, int]:
         """The step's per-query figures (its projected grads and what the estimator
         `reports`), each averaged over the micro-batches, which share the step's
