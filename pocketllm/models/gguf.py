@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import (PATH_EXPECTED, ModelError, ModelSource, Source, as_path, cache_root, finish_tokenizer,
-                   hf_tokenizer, load_dir, loading, local_config)
+                   hf_tokenizer, load_dir, load_dir_quantized, loading, local_config)
 from .random import RANDOM_CONFIGS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,6 +234,9 @@ class GGUFFileSource(Source):
 
     def load(self, src: ModelSource, dtype: torch.dtype):
         return load_dir(src, str(self.converted(src)), dtype)
+
+    def load_quantized(self, src: ModelSource, dtype: torch.dtype, scheme: str):
+        return load_dir_quantized(self, src, str(self.converted(src)), dtype, scheme)
 
     def config(self, src: ModelSource, name: str) -> Any:
         if not src.cached:

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from .base import (PATH_EXPECTED, ModelError, ModelSource, Source, as_path, finish_tokenizer, hf_tokenizer,
-                   load_dir, loading, local_config)
+                   load_dir, load_dir_quantized, loading, local_config)
 
 
 class LocalDirSource(Source):
@@ -40,6 +40,9 @@ class LocalDirSource(Source):
 
     def load(self, src: ModelSource, dtype: torch.dtype):
         return load_dir(src, src.path, dtype)
+
+    def load_quantized(self, src: ModelSource, dtype: torch.dtype, scheme: str):
+        return load_dir_quantized(self, src, src.path, dtype, scheme)
 
     def config(self, src: ModelSource, name: str) -> Any:
         return local_config(src.path)
