@@ -209,27 +209,6 @@ def load_dir(src: ModelSource, directory: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def load_dir_quantized(source: Source, src: ModelSource, directory: str, dtype: torch.dtype,
-                       scheme: str):
-    """A Hugging Face directory's model with its base Linears in `scheme`, read layer by layer
-    and quantized as it goes (`stream.load_dir_streamed`: the peak is the quantized model's);
-    a checkpoint whose names or files it cannot read that way is loaded whole, then quantized
-    (`Source.load_quantized`)."""
-    from .stream import load_dir_streamed
-    try:
-        with loading(src, "weights"):
-            model = load_dir_streamed(directory, dtype, scheme)
-    except ModelError as e:
-        if not isinstance(e.__cause__, KeyError):
-            raise
-        return Source.load_quantized(source, src, dtype, scheme)
-    try:
-        tokenizer = hf_tokenizer(directory, local=True)
-    except Exception as e:
-        raise wrap(src, "tokenizer", e) from e
-    return model, tokenizer
-
-
 def finish_tokenizer(tokenizer):
     # Batching (padding) needs a pad token, and many causal LMs ship none. Reusing EOS is safe for
     # training here because padded positions are masked out of attention and of the loss by the

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import (PATH_EXPECTED, ModelError, ModelSource, Source, as_path, cache_root, finish_tokenizer,
-                   hf_tokenizer, load_dir, load_dir_quantized, loading, local_config)
+                   hf_tokenizer, load_dir, loading, local_config)
 from .random import RANDOM_CONFIGS
+from .stream import load_dir_quantized
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel

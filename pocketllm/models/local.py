@@ -6,7 +6,8 @@ from typing import Any
 import torch
 
 from .base import (PATH_EXPECTED, ModelError, ModelSource, Source, as_path, finish_tokenizer, hf_tokenizer,
-                   load_dir, load_dir_quantized, loading, local_config)
+                   load_dir, loading, local_config)
+from .stream import load_dir_quantized
 
 
 class LocalDirSource(Source):

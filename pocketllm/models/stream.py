@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .base import auto_class
+from .base import ModelError, ModelSource, Source, auto_class, hf_tokenizer, loading, local_config, wrap
 
 # a filler: (the parameter's full name, its tensor, its module) -> writes the values in place
 Fill = Callable[[str, torch.Tensor, nn.Module], None]
@@ -110,7 +110,6 @@ def load_dir_streamed(directory: str, dtype: torch.dtype, scheme: str) -> Any:
     """The model of a Hugging Face directory, read layer by layer and quantized as it goes.
     KeyError if its checkpoint does not name every parameter the way the model does (the
     caller then loads it whole)."""
-    from .base import local_config
     config = local_config(directory)
     model = empty_model(config, dtype)
     fill = SafetensorsFill(directory, getattr(model, "base_model_prefix", ""))
@@ -118,3 +117,23 @@ def load_dir_streamed(directory: str, dtype: torch.dtype, scheme: str) -> Any:
     for n in names:
         fill.key(n)  # every parameter is there, before anything is read
     return fill_streamed(model, fill, scheme)
+
+
+def load_dir_quantized(source: Source, src: ModelSource, directory: str, dtype: torch.dtype,
+                       scheme: str):
+    """A Hugging Face directory's model with its base Linears in `scheme`, read layer by layer
+    and quantized as it goes (`stream.load_dir_streamed`: the peak is the quantized model's);
+    a checkpoint whose names or files it cannot read that way is loaded whole, then quantized
+    (`Source.load_quantized`)."""
+    try:
+        with loading(src, "weights"):
+            model = load_dir_streamed(directory, dtype, scheme)
+    except ModelError as e:
+        if not isinstance(e.__cause__, KeyError):
+            raise
+        return Source.load_quantized(source, src, dtype, scheme)
+    try:
+        tokenizer = hf_tokenizer(directory, local=True)
+    except Exception as e:
+        raise wrap(src, "tokenizer", e) from e
+    return model, tokenizer
