@@ -3,6 +3,9 @@ run in a fresh process (pocketllm.workload: load, one unmeasured step, then the 
 
     python benchmarks/quant_memory.py [--batch-size 8] [--seq 64] [--steps 1]
 
+Rows are kept in benchmarks/results/quant_memory.jsonl as they are measured (a row there is
+not run again), so an interrupted run continues.
+
 Models: the default model (smollm2-135m, its pretrained weights) and random:opt-1.3b (OPT-1.3B's
 published config with random weights, no download). A random: shape is quantized layer by
 layer as it is filled, so its load peak is what a real layer-by-layer load would hold; the
@@ -14,26 +17,31 @@ Writes benchmarks/results/quant_memory.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
-from _run import run_mode, write_table
+from pathlib import Path
+
+from _run import RESULTS, run_mode, write_table
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pocketllm.bench.machine import describe  # noqa: E402
 
-RUNS = [  # (model, dtype, --quantize-base)
-    ("smollm2-135m", "float32", "none"),
-    ("smollm2-135m", "bfloat16", "none"),
-    ("smollm2-135m", "float32", "int8"),
-    ("smollm2-135m", "float32", "int4"),
-    ("smollm2-135m", "bfloat16", "int4"),
-    ("random:opt-1.3b", "float32", "none"),
-    ("random:opt-1.3b", "bfloat16", "none"),
-    ("random:opt-1.3b", "float32", "int8"),
-    ("random:opt-1.3b", "float32", "int4"),
-    ("random:opt-1.3b", "bfloat16", "int4"),
+RUNS = [  # (model, dtype, --quantize-base, batch size: 0 = --batch-size)
+    ("smollm2-135m", "float32", "none", 0),
+    ("smollm2-135m", "bfloat16", "none", 0),
+    ("smollm2-135m", "float32", "int8", 0),
+    ("smollm2-135m", "float32", "int4", 0),
+    ("smollm2-135m", "bfloat16", "int4", 0),
+    ("smollm2-135m", "bfloat16", "int4", 1),
+    ("random:opt-1.3b", "float32", "none", 0),
+    ("random:opt-1.3b", "bfloat16", "none", 0),
+    ("random:opt-1.3b", "float32", "int8", 0),
+    ("random:opt-1.3b", "float32", "int4", 0),
+    ("random:opt-1.3b", "bfloat16", "int4", 0),
+    ("random:opt-1.3b", "bfloat16", "int4", 1),
 ]
 
 
@@ -44,40 +52,61 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="run only the models containing this text")
+    ap.add_argument("--rows", default=str(RESULTS / "quant_memory.jsonl"),
+                    help="each measured row is kept here; a row already in it is not run again "
+                         "(delete its line to measure it again)")
     a = ap.parse_args()
-    load_before = os.getloadavg()
+    rows_file = Path(a.rows)
+    done = {}
+    if rows_file.exists():
+        for line in rows_file.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["model"], r["dtype"], r["quantize_base"], r["batch"], r["seq"])] = r
     rows = []
-    for model, dtype, quant in RUNS:
+    for model, dtype, quant, batch in RUNS:
         if a.only and a.only not in model:
             continue
-        t0 = time.time()
-        r = run_mode("zo-sgd", trainable="lora", model=model, dtype=dtype,
-                     batch_size=a.batch_size, seq=a.seq, steps=a.steps, warmup=1,
-                     threads=a.threads, quantize_base=quant)
+        batch = batch or a.batch_size
+        key = (model, dtype, quant, batch, a.seq)
+        if key not in done:
+            t0, load = time.time(), os.getloadavg()[0]
+            r = run_mode("zo-sgd", trainable="lora", model=model, dtype=dtype,
+                         batch_size=batch, seq=a.seq, steps=a.steps, warmup=1,
+                         threads=a.threads, quantize_base=quant)
+            r.update(wall_s=time.time() - t0, load=load,
+                     when=time.strftime("%H:%M", time.gmtime()))
+            with rows_file.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            done[key] = r
+        r = done[key]
         peak = max(r["peak_load_mb"], r["peak_run_mb"])
-        rows.append([model, dtype, quant, f"{r['peak_load_mb']:.0f}", f"{r['rss_loaded_mb']:.0f}",
-                     f"{r['peak_run_mb']:.0f}", f"**{peak:.0f}**",
-                     f"{r['step_s_median']:.1f}", f"{time.time() - t0:.0f}"])
+        rows.append([model, dtype, quant, f"{batch} x {a.seq}", f"{r['peak_load_mb']:.0f}",
+                     f"{r['rss_loaded_mb']:.0f}", f"{r['peak_run_mb']:.0f}", f"**{peak:.0f}**",
+                     f"{r['step_s_median']:.1f}", f"{r['load']:.1f} at {r['when']}"])
         print(rows[-1], flush=True)
     cmd = "python benchmarks/quant_memory.py " + " ".join(sys.argv[1:])
     notes = f"""
-zo-sgd, --trainable lora (rank 8 on q_proj/v_proj, float32 adapter), batch {a.batch_size} x
-{a.seq} tokens, {a.threads} threads, {a.steps} measured step(s) after one unmeasured.
+zo-sgd, --trainable lora (rank 8 on q_proj/v_proj, float32 adapter), {a.threads} threads,
+{a.steps} measured step(s) after one unmeasured, each row in a fresh process
+(`python -m pocketllm.workload --method zo-sgd --trainable lora --quantize-base S ...`).
 Peak load: VmHWM once the model is loaded (and quantized); loaded: RSS then; peak run: VmHWM
-over the steps (reset after loading). What stays float in every scheme: the tied embedding /
-output head (stored once), norms, position embeddings, the adapter. int8: torchao
-Int8WeightOnlyConfig; int4: 4-bit packed, groups of 128 (64 where the width needs it), aten's
-CPU int4 kernel (pocketllm/quantize.py). The process's framework (python, torch, transformers,
-tokenizers) is ~340 MB of every figure (memory_estimate.FRAMEWORK_MB).
-smollm2-135m is loaded in float and quantized after (its load peak is the float model's; a
-layer-by-layer load of its safetensors is not implemented); random:opt-1.3b is quantized layer
-by layer as its weights are filled. Step times are NOT comparable across rows: the machine was
-shared with other jobs (load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f}
-at the end).
+over the steps (reset after loading); peak: the larger. What stays float in every scheme: the
+tied embedding / output head (stored once), norms, position embeddings, the adapter. int8:
+torchao Int8WeightOnlyConfig; int4: 4-bit packed, groups of 128 (64 where the width needs it),
+aten's CPU int4 kernel (pocketllm/quantize.py). The process's framework (python, torch,
+transformers, tokenizers) is ~340 MB of every figure (memory_estimate.FRAMEWORK_MB).
+smollm2-135m is read from its cached safetensors: in float32 the weights stay in the file's
+mapping and count as they are touched (hence "loaded" below the peak); quantized, it is loaded
+in float and quantized after (the load peak is the float model's: a layer-by-layer load of a
+safetensors file is not implemented). random:opt-1.3b is quantized layer by layer as its
+weights are filled (what a layer-by-layer load would hold). Step times are NOT comparable
+across rows: the machine was shared with other jobs (the load column: the 1-minute load
+average when the row started, 2 cores).
 """
     write_table("quant_memory.md", "ZO-LoRA peak RSS with a quantized frozen base", cmd,
-                describe(), ["model", "dtype", "--quantize-base", "peak load MB", "loaded MB",
-                             "peak run MB", "peak MB", "step s", "wall s"], rows, notes)
+                describe(), ["model", "dtype", "--quantize-base", "batch", "peak load MB",
+                             "loaded MB", "peak run MB", "peak MB", "step s", "load"],
+                rows, notes)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,9 @@ def export(args) -> Path:
 
 def read_sidecar(program: str) -> dict:
     path = Path(str(program) + SIDECAR)
+    if not program:
+        raise ExportError("error: --engine executorch / onnxruntime runs an exported program: "
+                          "give --program FILE (pocketllm export writes one)")
     if not Path(program).is_file():
         raise ExportError(f"error: --program {program}: no such file (pocketllm export writes "
                           "one)")

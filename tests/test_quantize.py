@@ -176,3 +176,29 @@ def test_memory_estimate_counts_the_quantized_base():
     assert 3440 < flt.total - q8.total < 3460
     assert 530 < q8.total - q4.total < 545
     assert "base Linear weights (int4)" in q4.components
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_directory_streamed_equals_loaded_then_quantized(scheme, tmp_path):
+    """A model directory quantizes layer by layer as it is read (`models/stream.py`): the same
+    weights as loading it whole and quantizing after; a checkpoint it cannot read that way
+    (a name missing) is loaded whole."""
+    from pocketllm.models import resolve, source_of
+    from pocketllm.models.base import Source
+    model, tok = load_model("tiny-llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    streamed, _ = load_model(str(tmp_path / "m"), quantize=scheme)
+    src = resolve(str(tmp_path / "m"))
+    whole, _ = Source.load_quantized(source_of(src.kind), src, torch.float32, scheme)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert quantized_layers(streamed) == 14
+    torch.testing.assert_close(_logits(streamed, ids), _logits(whole, ids), rtol=0, atol=0)
+    # a name the model has and the file lacks: loaded whole, quantized after
+    from safetensors.torch import load_file, save_file
+    f = tmp_path / "m" / "model.safetensors"
+    sd = load_file(str(f))
+    sd["renamed"] = sd.pop("model.norm.weight")
+    save_file(sd, str(f), metadata={"format": "pt"})
+    fallback, _ = load_model(str(tmp_path / "m"), quantize=scheme)
+    assert quantized_layers(fallback) == 14

@@ -24,6 +24,7 @@ import torch
 from .base import (PATH_EXPECTED, ModelError, ModelSource, Source, as_path, cache_root, finish_tokenizer,
                    hf_tokenizer, load_dir, loading, local_config)
 from .random import RANDOM_CONFIGS
+from .stream import load_dir_quantized
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -234,6 +235,9 @@ class GGUFFileSource(Source):
 
     def load(self, src: ModelSource, dtype: torch.dtype):
         return load_dir(src, str(self.converted(src)), dtype)
+
+    def load_quantized(self, src: ModelSource, dtype: torch.dtype, scheme: str):
+        return load_dir_quantized(self, src, str(self.converted(src)), dtype, scheme)
 
     def config(self, src: ModelSource, name: str) -> Any:
         if not src.cached:

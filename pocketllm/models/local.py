@@ -7,6 +7,7 @@ import torch
 
 from .base import (PATH_EXPECTED, ModelError, ModelSource, Source, as_path, finish_tokenizer, hf_tokenizer,
                    load_dir, loading, local_config)
+from .stream import load_dir_quantized
 
 
 class LocalDirSource(Source):
@@ -40,6 +41,9 @@ class LocalDirSource(Source):
 
     def load(self, src: ModelSource, dtype: torch.dtype):
         return load_dir(src, src.path, dtype)
+
+    def load_quantized(self, src: ModelSource, dtype: torch.dtype, scheme: str):
+        return load_dir_quantized(self, src, src.path, dtype, scheme)
 
     def config(self, src: ModelSource, name: str) -> Any:
         return local_config(src.path)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import ModelSource, auto_class
+from .base import ModelSource
 from .tiny import SEED, OfflineSource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,50 +51,35 @@ def _build_random(name: str, dtype: torch.dtype, quantize: str = "none") -> "Pre
     """A real architecture with random weights, fast and with no memory beyond the weights.
 
     HF's initialisation of 1.3B parameters takes minutes on a small CPU, so it is skipped
-    (`no_init_weights`, modules allocated directly in `dtype`) and every weight is filled by
+    (`stream.empty_model`, modules allocated directly in `dtype`) and every weight is filled by
     copying from one seeded block of random values (a memcpy per tensor, ~1 s for 1.3B)
     instead of drawing each value. Norm weights are 1 and biases 0, as after HF's init.
     `quantize` (a `pocketllm.quantize` scheme): each base Linear is quantized as soon as it is
-    filled and its float weight freed, so the peak is the quantized model's plus one layer,
-    as a real load that quantizes layer by layer would be (pages of the weights not filled
-    yet are not resident).
+    filled and its float weight freed (`stream.fill_streamed`), so the peak is the quantized
+    model's plus one layer, as a real load that quantizes layer by layer would be.
     """
-    from ..quantize import base_linears, quantize_modules
-    from ..memory import trim_heap
-    from transformers.initialization import no_init_weights
+    from .stream import empty_model, fill_streamed
 
-    config = _random_config(name)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights():
-            model = auto_class(config).from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.tie_weights()  # init_weights (skipped above) is what normally ties the head
+    model = empty_model(_random_config(name), dtype)
     g = torch.Generator().manual_seed(SEED)
     pool = (torch.rand(_POOL_SIZE, generator=g) * 2 - 1).mul_(0.02 * 3 ** 0.5).to(dtype)
+
+    def fill(_name: str, p: torch.Tensor, mod) -> None:
+        if "Norm" in type(mod).__name__ and _name.endswith("weight"):
+            p.fill_(1.0)
+        elif p.dim() == 1:
+            p.zero_()
+        else:
+            _tile_(p.view(-1), pool)
+
     threads = torch.get_num_threads()
     # one thread: the copies are memory-bound, and on a shared CPU torch's threads spin on
     # each other (measured 18 s with 2 threads against 6 s with 1 for random:opt-1.3b)
     torch.set_num_threads(1)
-    quantized = {id(m): (n, m) for n, m in base_linears(model)} if quantize != "none" else {}
-    with torch.no_grad():
-        # by name, not a list of modules: a quantized layer's float module must not stay alive
-        for name in [n for n, _ in model.named_modules()]:
-            mod = model.get_submodule(name)
-            is_norm = "Norm" in type(mod).__name__
-            for attr, p in mod.named_parameters(recurse=False):
-                if is_norm and attr == "weight":
-                    p.fill_(1.0)
-                elif p.dim() == 1:
-                    p.zero_()
-                else:
-                    _tile_(p.view(-1), pool)
-            if id(mod) in quantized:  # (popped: no reference to its float weight is left)
-                quantize_modules(model, [quantized.pop(id(mod))], quantize)
-                trim_heap()  # the float weight just freed: back to the OS before the next
-    torch.set_num_threads(threads)
+    try:
+        fill_streamed(model, fill, quantize)
+    finally:
+        torch.set_num_threads(threads)
     model.config.name_or_path = name
     return model
 
