@@ -336,7 +336,8 @@ def weights_digest(tensors) -> str:
     for t in tensors:
         t = t.detach().contiguous().cpu()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own bytes (a copy would stay in the heap: +1x the model)
+            h.update(t.view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -350,6 +351,7 @@ class ProgramCache:
     def get(self, key: dict, suffix: str, build) -> tuple[Path, float]:
         """The program file for `key` (built by `build(path)` unless a valid entry exists);
         the seconds spent building (0: from the cache)."""
+        key = json.loads(json.dumps(key, sort_keys=True))  # as the record holds it (no tuples)
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         path = self.root / f"{name}{suffix}"
         record = self.root / f"{name}.json"

@@ -96,7 +96,7 @@ def test_a_corrupt_or_stale_cache_entry_is_rebuilt(tmp_path):
         built.append(path)
         path.write_bytes(b"program %d" % len(built))
 
-    key = {"model": "m", "shapes": [1, 2]}
+    key = {"model": "m", "shapes": (1, 2)}  # a tuple: the record holds a list
     path, took = cache.get(key, ".bin", build)
     assert len(built) == 1 and path.read_bytes() == b"program 1" and took > 0
     assert cache.get(key, ".bin", build) == (path, 0.0) and len(built) == 1  # cached
@@ -131,6 +131,11 @@ def test_an_engine_program_corrupted_on_disk_is_rebuilt_and_right(tmp_path):
     plan = Plan([_keys(j, len(params)) for j in range(3)], EPS, REPLICAS,
                 group_passes(REPLICAS, "both"))
     first = engine.losses(batch, plan)
+    assert engine.export_seconds > 0
+    cached = REGISTRY[name](model, params, obj.stats, dist="rademacher",
+                            program_cache=str(tmp_path))
+    assert torch.equal(cached.losses(batch, plan), first)
+    assert cached.export_seconds == 0  # loaded, not exported again
     (program,) = tmp_path.glob("*.onnx")
     program.write_bytes(program.read_bytes()[: program.stat().st_size // 2])
     again = REGISTRY[name](model, params, obj.stats, dist="rademacher",
