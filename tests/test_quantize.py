@@ -154,6 +154,8 @@ def test_resume_equals_uninterrupted_on_a_quantized_base(tmp_path, data_dir, cap
 @pytest.mark.parametrize("argv,says", [
     (["--method", "lora-adam", "--trainable", "lora"], "backpropagates through the base"),
     (["--method", "zo-sgd", "--trainable", "full"], "--trainable full"),
+    (["--method", "zo-sgd", "--engine", "onnxruntime"], "runs a float base"),
+    (["--method", "prge", "--engine", "executorch"], "runs a float base"),
 ])
 def test_refused_where_it_makes_no_sense(argv, says, tmp_path, data_dir, capsys):
     from pocketllm.cli import main

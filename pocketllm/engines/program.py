@@ -405,6 +405,11 @@ class ProgramEngine(Engine):
         if not_lora:
             raise ValueError(f"{flag} trains LoRA tensors only (--trainable lora), not "
                              f"{not_lora[0]}: use --engine torch")
+        from ..quantize import quantized_layers
+        if quantized_layers(model):
+            raise ValueError(f"{flag} runs a float base: drop --quantize-base (a quantized base "
+                             "inside the engine's program is not built yet), or use --engine "
+                             "torch")
         if any(p.dtype != torch.float32 for p in model.parameters()):
             raise ValueError(f"{flag} runs a float32 model: use --dtype float32")
         objective = getattr(stats, "__self__", None)
