@@ -14,8 +14,9 @@ from . import build
 from .log import read
 
 
-def simulate(args, settings: dict, tap: Callable | None = None) -> dict:
-    """Run the federation of --clients simulated devices; returns the summary."""
+def simulate(args, settings: dict, tap: Callable | None = None, rebuild: bool = True) -> dict:
+    """Run the federation of --clients simulated devices; returns the summary (`rebuild`:
+    then rebuild the shared model from the log, save and score it: `finish`)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
@@ -33,7 +34,8 @@ def simulate(args, settings: dict, tap: Callable | None = None) -> dict:
                                                  "include_dashboard": False}})
     summary = json.loads(Path(args.adapter_path, "fed_summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - t0
-    summary.update(finish(args, settings, summary["hash"]))
+    if rebuild:
+        summary.update(finish(args, settings, summary["hash"]))
     Path(args.adapter_path, "fed_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
