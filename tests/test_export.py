@@ -132,3 +132,39 @@ def test_wrong_program_is_one_line(tmp_path):
     (tmp_path / "m.onnx.json").write_text(json.dumps({"format": "onnx", "max_len": 8}))
     with pytest.raises(SystemExit, match="--engine onnxruntime"):
         load_runner("executorch", str(p))
+
+
+def test_trained_in_executorch_exported_and_generated(tmp_path):
+    """The whole path on a phone's engine: prge trains with --engine executorch, the adapter is
+    exported as a .pte, and the program's next-token distribution is the trained model's (torch,
+    adapter merged) and has moved the way training pushed it: the target's first token is more
+    likely than under the base model."""
+    pytest.importorskip("executorch", reason="the executorch extra is not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    rec = json.dumps({"prompt": PROMPT, "completion": TARGET})
+    (data / "train.jsonl").write_text((rec + "\n") * 4)
+    (data / "valid.jsonl").write_text(rec + "\n")
+    run = tmp_path / "run"
+    rc = main(["train", "--model", "tiny-llama", "--data", str(data), "--method", "prge",
+               "--engine", "executorch", "--program-cache", str(tmp_path / "cache"),
+               "--iters", "40", "--learning-rate", "1e-1", "--batch-size", "2",
+               "--steps-per-eval", "0", "--no-eval-before", "--save-every", "0",
+               "--no-keep-best", "--threads", "1", "--adapter-path", str(run)])
+    assert rc == 0
+    out = tmp_path / "m.pte"
+    assert main(["export", "--model", "tiny-llama", "--adapter-path", str(run), "--format",
+                 "pte", "--out", str(out), "--max-len", str(MAX_LEN)]) == 0
+    runner, _ = load_runner("executorch", str(out))
+    model, tok = merged_model("tiny-llama", str(run))
+    base, _ = merged_model("tiny-llama")
+    ids = tok(PROMPT)["input_ids"]
+    target = tok(TARGET)["input_ids"][0]
+    got = runner(*_padded(ids))
+    with torch.no_grad():
+        ref = NextToken(model).eval()(*_padded(ids))
+        plain = NextToken(base).eval()(*_padded(ids))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # (deterministic: seeded training; -5.11 against the base's -5.38 nats when written)
+    assert (got.log_softmax(-1)[0, target] > plain.log_softmax(-1)[0, target] + 0.1), \
+        (got.log_softmax(-1)[0, target].item(), plain.log_softmax(-1)[0, target].item())
