@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 
@@ -24,3 +27,13 @@ def score(model, batch, groups: int = 1, head_view=None):
 
 TEXTS = ["Maya walks the dog at seven.", "Tea, no sugar, before the morning run.",
          "Dentist on Thursday at 3 pm.", "Budget: rent is due on the first."]
+
+
+def write_data(d: Path, pairs, valid: int = 2) -> Path:
+    """A --data folder `d`: train.jsonl of the (prompt, completion) `pairs`, valid.jsonl of the
+    first `valid` of them."""
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": p, "completion": c}) for p, c in pairs]
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "valid.jsonl").write_text("\n".join(lines[:valid]) + "\n")
+    return d

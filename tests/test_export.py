@@ -17,6 +17,7 @@ import torch
 from pocketllm.cli import main
 from pocketllm.export import (FORMATS, NextToken, export, generate_ids, load_runner,
                               merged_model)
+from tests.helpers import write_data
 
 PROMPT = "Note: tea at noon\nCategory:"
 TARGET = " health"
@@ -27,11 +28,7 @@ MAX_LEN = 40
 def adapter(tmp_path_factory):
     """A LoRA adapter that learned to complete PROMPT with TARGET (lora-adam: a few seconds)."""
     d = tmp_path_factory.mktemp("export")
-    data = d / "data"
-    data.mkdir()
-    rec = json.dumps({"prompt": PROMPT, "completion": TARGET})
-    (data / "train.jsonl").write_text((rec + "\n") * 4)
-    (data / "valid.jsonl").write_text(rec + "\n")
+    data = write_data(d / "data", [(PROMPT, TARGET)] * 4, valid=1)
     rc = main(["train", "--model", "tiny-llama", "--data", str(data), "--method", "lora-adam",
                "--iters", "60", "--learning-rate", "2e-2", "--batch-size", "4",
                "--steps-per-eval", "0", "--no-eval-before",
@@ -140,11 +137,7 @@ def test_trained_in_executorch_exported_and_generated(tmp_path):
     adapter merged) and has moved the way training pushed it: the target's first token is more
     likely than under the base model."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
-    data = tmp_path / "data"
-    data.mkdir()
-    rec = json.dumps({"prompt": PROMPT, "completion": TARGET})
-    (data / "train.jsonl").write_text((rec + "\n") * 4)
-    (data / "valid.jsonl").write_text(rec + "\n")
+    data = write_data(tmp_path / "data", [(PROMPT, TARGET)] * 4, valid=1)
     run = tmp_path / "run"
     rc = main(["train", "--model", "tiny-llama", "--data", str(data), "--method", "prge",
                "--engine", "executorch", "--program-cache", str(tmp_path / "cache"),

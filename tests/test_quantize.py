@@ -4,8 +4,6 @@ sense."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from pocketllm.loss import group_losses
 from pocketllm.methods import build, get_method
 from pocketllm.models import load_model
 from pocketllm.quantize import SCHEMES, Int4Linear, base_linears, quantized_layers
-from tests.helpers import TEXTS, score, tiny_batch
+from tests.helpers import TEXTS, score, tiny_batch, write_data
 from tests.methods.test_conformance import (_same, _saved, _step_losses, _train,  # noqa: F401
                                             split_server)
 
@@ -128,12 +126,9 @@ def test_split_device_backbone_quantized(split_server, tmp_path):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qdata")
-    lines = [json.dumps({"prompt": f"Note: {t}\nCategory:", "completion": c})
-             for t, c in zip(TEXTS, [" errand", " health", " health", " money"])]
-    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "valid.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    return d
+    return write_data(tmp_path_factory.mktemp("qdata"),
+                      [(f"Note: {t}\nCategory:", c)
+                       for t, c in zip(TEXTS, [" errand", " health", " health", " money"])])
 
 
 def test_resume_equals_uninterrupted_on_a_quantized_base(tmp_path, data_dir, capsys):

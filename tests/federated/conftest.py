@@ -3,13 +3,12 @@ records, driven in-process through the round protocol (no Flower)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from pocketllm.config import FederateArgs
-from tests.helpers import TEXTS
+from tests.helpers import TEXTS, write_data
 
 # eight labelled notes (two of each of tests.helpers' four texts, numbered apart)
 RECORDS = [(f"{t} ({i})", label) for i, (t, label) in
@@ -20,11 +19,8 @@ N = 3  # devices
 
 @pytest.fixture(scope="session")
 def fed_data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("fed_data")
-    lines = [json.dumps({"prompt": f"Note: {t}\nCategory:", "completion": c}) for t, c in RECORDS]
-    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "valid.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    return d
+    return write_data(tmp_path_factory.mktemp("fed_data"),
+                      [(f"Note: {t}\nCategory:", c) for t, c in RECORDS])
 
 
 def fed_args(data: Path, out: Path | str = "federation", **kw) -> FederateArgs:

@@ -28,7 +28,7 @@ from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses
 from pocketllm.methods import REGISTRY, build, get_method
 from pocketllm.models import load_model
-from tests.helpers import TEXTS, score, tiny_batch
+from tests.helpers import TEXTS, score, tiny_batch, write_data
 
 # (method, trainable) -> (learning rate, steps, the method's settings): a short run that lowers
 # the fixed batch's loss by MARGIN (figures of tests/methods/test_methods.py and test_prge.py)
@@ -147,11 +147,8 @@ RECORDS = [("Ran 5 km on the trail this morning.", " health"),
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    lines = [json.dumps({"prompt": f"Note: {t}\nCategory:", "completion": c}) for t, c in RECORDS]
-    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "valid.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    return d
+    return write_data(tmp_path_factory.mktemp("data"),
+                      [(f"Note: {t}\nCategory:", c) for t, c in RECORDS])
 
 
 def _train(out: Path, data: Path, name: str, trainable: str, iters: int, extra: list[str]) -> None:
