@@ -142,6 +142,15 @@ def test_an_engine_program_corrupted_on_disk_is_rebuilt_and_right(tmp_path):
                            program_cache=str(tmp_path))
     assert torch.equal(again.losses(batch, plan), first)
     assert again.export_seconds > 0  # rebuilt, not trusted
+    # its weights, in a data file beside the graph (named by its digest): a flipped byte
+    (data,) = tmp_path.glob("*.onnx.data")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    third = REGISTRY[name](model, params, obj.stats, dist="rademacher",
+                           program_cache=str(tmp_path))
+    assert torch.equal(third.losses(batch, plan), first)
+    assert third.export_seconds > 0
 
 
 def test_lora_fa_perturbs_b_alone(tmp_path):
