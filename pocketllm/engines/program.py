@@ -680,10 +680,9 @@ class ProgramEngine(Engine):
         out = self.run(self.runner(shapes, inputs, "eval"), inputs)
         if self.rows_kind:
             return class_result(out[0][:b].float(), batch["class_label"])
-        sel, tgt = self.objective._label_positions(batch)
-        n = int(sel.sum())
-        rows = torch.arange(b)[:, None].expand_as(tgt)[sel]
-        tgt = tgt[sel]
+        sel = batch["labels"][:, 1:] != IGNORE_INDEX   # as program_inputs lists them
+        rows, tgt = sel.nonzero()[:, 0], batch["labels"][:, 1:][sel]
+        n = rows.numel()
         nll, pred, h = out[0][:n].float(), out[1][:n], out[2][:n].float()
         return self.objective.row_stats(b, rows, nll, (pred == tgt).float(), h, tgt,
                                         lambda hf: hf @ self.choice_rows.T)
