@@ -546,6 +546,11 @@ class ProgramEngine(Engine):
                     del prog  # its buffers are the frozen weights: released below
             path, took = self.cache.get(key, self.suffix, build)
             self.export_seconds += took
+            # each loaded program holds the frozen weights: training's and evaluation's
+            # programs are not kept loaded together (a phase change reloads from the cache)
+            other = [k for k in self.runners if k[0] != kind]
+            for k in other:
+                del self.runners[k]
             self._release()  # before the program loads: the weights are never held twice
             try:
                 runner = self.load(path, self.threads)

@@ -291,6 +291,8 @@ def test_an_engine_evaluates_as_torch_holding_the_frozen_weights_once(objective_
     assert engine.losses(batch, plan).tolist() == pytest.approx(reference.losses(keys),
                                                                 rel=1e-4)
     assert all(p.is_meta for n, p in model.named_parameters() if ".lora_" not in n)
+    # each loaded program holds the weights: evaluation's are unloaded when training resumes
+    assert {kind for kind, _ in engine.runners} == {"step"}
 
 
 def test_a_run_through_an_engine_evaluates_saves_and_generates(tmp_path, capsys):
