@@ -202,7 +202,9 @@ Notes. Each engine runs pocketllm's own step program (pocketllm/engines/program.
 every replica as inputs through bmm, zo/noise.py's hash generated inside in int64 ops, the label
 words' / streamed head loss. 'export s' is the lowering time of one program (the cache then
 serves it). The machine is shared with other agents' jobs: compare rows measured back to back
-(the ratios), not absolute times across tables.
+(the ratios), not absolute times across tables. Section 3's peak RSS is the whole workload
+process: an engine run loads the torch model (the load's peak counts), then releases its frozen
+weights before the program loads (`Engine.release_model`), so the weights are held once.
 """
 
 

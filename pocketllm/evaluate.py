@@ -60,12 +60,13 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, n_classes: int) -> float:
 
 @torch.no_grad()
 def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1,
-             choices: torch.Tensor | None = None, objective: Objective | None = None
-             ) -> EvalResult:
+             choices: torch.Tensor | None = None, objective: Objective | None = None,
+             stats=None) -> EvalResult:
     """Loss, perplexity and the accuracies `objective` reports, over encoded items.
 
     `objective` batches and scores them (default: `objectives.choose(items, choices=choices)`,
-    `choices` being a records run's closed label set)."""
+    `choices` being a records run's closed label set); `stats(batch)`, where given, scores
+    a batch in place of `objective.stats(model, batch)` (an engine's program)."""
     if objective is None:
         objective = choose(items, choices=choices)
     nll = tok = correct = exact = recs = chosen = 0.0
@@ -77,7 +78,7 @@ def evaluate(model, items, batch_size: int, pad_id: int, max_batches: int = -1,
         if 0 <= max_batches <= i:
             break
         threads.retune()  # other jobs come and go during a long evaluation (threads.py)
-        s = objective.stats(model, b)
+        s = stats(b) if stats is not None else objective.stats(model, b)
         gold = objective.gold(b)
         if gold is not None:
             preds.append(s.pred)

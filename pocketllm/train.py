@@ -232,7 +232,8 @@ class Run:
                 return self.evaluate(step, tag, split, synced=True)
         args = self.args
         r = evaluate(self.model, self.enc[split].items, args.eval_batch_size, self.pad_id,
-                     args.val_batches if split == "valid" else -1, objective=self.objective)
+                     args.val_batches if split == "valid" else -1, objective=self.objective,
+                     stats=self.method.scorer())
         p = "eval" if split == "valid" else split
         self.report.say(f"step {step} | {tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
         self.report.record({"step": step, "wall": self.clock,

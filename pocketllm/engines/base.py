@@ -66,6 +66,15 @@ class Engine(ABC):
     def sync(self) -> None:
         """Apply every queued update now (before evaluation, saving, or the end)."""
 
+    def scorer(self):
+        """What evaluation scores a batch with at the current weights, `(batch) ->
+        TokenStats`, when not the objective's `stats` on the torch model (None)."""
+        return None
+
+    def release_model(self) -> None:
+        """Let the engine drop the torch model's frozen weights once its programs hold them
+        (evaluation then goes through `scorer`); the trainable tensors stay. Default: kept."""
+
     def keep_anchor(self) -> None:
         """Keep the trainable tensors as they are now (queued updates applied) as the anchor:
         replicas with `anchor=True` are evaluated there until the next call. A copy of the

@@ -24,12 +24,14 @@ to export (`compile`) and how to run (`load`) a program.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
 from abc import abstractmethod
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +39,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import memory
 from ..data.batching import IGNORE_INDEX
 from ..lora import LoRALinear
+from ..loss import TokenStats
+from ..objectives.classification import class_result
 from ..zo import noise
 from ..zo.plan import Plan
 from .base import Engine
@@ -251,6 +256,23 @@ class StepProgram(nn.Module):
         W = scale.shape[0]
         z = program_noise(k1, k2, self.tensor_id, self.index, self.dist, self.shr)
         flat = train[None] + z * scale[:, None]                       # (W, P)
+        h = self._scored_hidden(input_ids, attention_mask, pos, flat, fixed, W)
+        head = self.embed if self.tied else self.head
+        if self.shapes.C:  # the label words' rows only
+            logits = self._label_logits(h, cands, head)                # (N, W, C)
+            nll = torch.logsumexp(logits, -1) - logits.gather(
+                2, targets[:, None, None].expand(-1, W, 1)).squeeze(2)
+            nll = nll.transpose(0, 1)                                  # (W, N)
+        else:  # the whole vocabulary, streamed: a running max and sum per row
+            hf = h.reshape(W * h.shape[1], -1)
+            run_max, run_sum, _ = self._streamed_head(hf, head)
+            tgt = (h * F.embedding(targets, head)[None]).sum(-1).reshape(-1)
+            nll = (run_max + torch.log(run_sum) - tgt).view(W, -1)
+        return (nll * weight[None]).sum(1)
+
+    def _scored_hidden(self, input_ids, attention_mask, pos, flat, fixed, W):
+        """The final-normed hidden states (W, N, H) at the scored positions `pos` of the W
+        replicas (replica r's LoRA tensors: row r of `flat`, and `fixed`)."""
         B, T = input_ids.shape
         x = F.embedding(input_ids, self.embed)                       # (B, T, H)
         x = x[None].expand(W, B, T, x.shape[-1]).reshape(W * B, T, x.shape[-1])
@@ -262,26 +284,59 @@ class StepProgram(nn.Module):
                                     flat, fixed, W)
             x = x + self._mlp(self._rms(x, getattr(self, f"l{i}_post")), spec, flat, fixed, W)
         x = self._rms(x, self.norm)
-        h = x.reshape(W, B * T, -1)[:, pos]                           # (W, N, H)
+        return x.reshape(W, B * T, -1)[:, pos]                        # (W, N, H)
+
+    @staticmethod
+    def _label_logits(h, cands, head):
+        """(N, W, C) logits of each scored position's candidate words `cands` (N, C)."""
+        rows = F.embedding(cands, head)                               # (N, C, H)
+        return torch.bmm(h.transpose(0, 1), rows.transpose(1, 2))
+
+    @staticmethod
+    def _streamed_head(hf, head, argmax: bool = False):
+        """Over the whole vocabulary in VOCAB_CHUNK-row chunks, never (rows, vocab) logits:
+        each row's running max and sum of exp (its log-sum-exp = max + log(sum)) and, with
+        `argmax`, the first token with the largest logit (int64; else None)."""
+        run_max = hf.new_full((hf.shape[0],), -1e30)
+        run_sum = hf.new_zeros((hf.shape[0],))
+        best = torch.zeros(hf.shape[0], dtype=torch.int64) if argmax else None
+        for v0 in range(0, head.shape[0], VOCAB_CHUNK):
+            lg = hf @ head[v0:v0 + VOCAB_CHUNK].T
+            top = lg.amax(1)
+            if argmax:  # strictly larger: an earlier chunk keeps a tie, as torch.argmax
+                best = torch.where(top > run_max, lg.argmax(1) + v0, best)
+            m = torch.maximum(run_max, top)
+            run_sum = run_sum * torch.exp(run_max - m) + torch.exp(lg - m[:, None]).sum(1)
+            run_max = m
+        return run_max, run_sum, best
+
+
+# an EvalProgram's inputs, in its forward's order
+EVAL_INPUTS = ("input_ids", "attention_mask", "pos", "targets", "cands", "train", "fixed")
+
+
+class EvalProgram(StepProgram):
+    """What evaluation reads of a batch at the current LoRA tensors (no perturbation, one
+    replica), so that a run through an engine evaluates without the torch model: a
+    classification program returns the label words' logits (N, C) at the scored positions
+    (the host takes the cross-entropy and the argmax, as `objectives.classification`); a
+    language-modelling one returns per scored position the loss over the whole vocabulary
+    (N,), the argmax token (N,) int64, and the hidden state (N, H) (a closed label set's
+    choice is scored from it on the host, from the few head rows it needs)."""
+
+    def forward(self, input_ids, attention_mask, pos, targets, cands, train, fixed):
+        h = self._scored_hidden(input_ids, attention_mask, pos, train[None], fixed, 1)
         head = self.embed if self.tied else self.head
-        if self.shapes.C:  # the label words' rows only
-            rows = F.embedding(cands, head)                           # (N, C, H)
-            logits = torch.bmm(h.transpose(0, 1), rows.transpose(1, 2))   # (N, W, C)
-            nll = torch.logsumexp(logits, -1) - logits.gather(
-                2, targets[:, None, None].expand(-1, W, 1)).squeeze(2)
-            nll = nll.transpose(0, 1)                                  # (W, N)
-        else:  # the whole vocabulary, streamed: a running max and sum per row
-            hf = h.reshape(W * h.shape[1], -1)
-            run_max = hf.new_full((hf.shape[0],), -1e30)
-            run_sum = hf.new_zeros((hf.shape[0],))
-            for v0 in range(0, head.shape[0], VOCAB_CHUNK):
-                lg = hf @ head[v0:v0 + VOCAB_CHUNK].T
-                m = torch.maximum(run_max, lg.amax(1))
-                run_sum = run_sum * torch.exp(run_max - m) + torch.exp(lg - m[:, None]).sum(1)
-                run_max = m
-            tgt = (h * F.embedding(targets, head)[None]).sum(-1).reshape(-1)
-            nll = (run_max + torch.log(run_sum) - tgt).view(W, -1)
-        return (nll * weight[None]).sum(1)
+        if self.shapes.C:
+            return self._label_logits(h, cands, head)[:, 0]            # (N, C)
+        hf = h[0]
+        run_max, run_sum, best = self._streamed_head(hf, head, argmax=True)
+        nll = run_max + torch.log(run_sum) - (hf * F.embedding(targets, head)).sum(-1)
+        return nll, best, hf
+
+
+# what a ProgramEngine exports, by kind: the step's forward passes, evaluation
+PROGRAMS = {"step": StepProgram, "eval": EvalProgram}
 
 
 # ----------------------------------------------------------------------------- host side
@@ -421,6 +476,7 @@ class ProgramEngine(Engine):
         if any(p.numel() >= 2**32 for _, p in params):
             raise ValueError(f"{flag}: a trainable tensor of 2**32 elements or more")
         self.rows_kind = kind == "classification"
+        self.objective = objective
         self.cache = ProgramCache(program_cache)
         self.threads = threads or torch.get_num_threads()
         self.trained = [n for n, _ in params]
@@ -431,7 +487,14 @@ class ProgramEngine(Engine):
         frozen = [t for n, t in model.state_dict().items() if ".lora_" not in n]
         self.model_key = {"config": model.config.to_json_string(use_diff=False),
                           "weights": weights_digest(frozen)}
-        self.runners: dict[Shapes, object] = {}
+        # a closed label set's head rows (language modelling): all evaluation needs of the
+        # head outside the programs, kept before the frozen weights are released
+        choices = getattr(objective, "choices", None)
+        self.choice_rows = (None if choices is None else
+                            model.get_output_embeddings().weight[choices].detach().clone())
+        self.runners: dict[tuple[str, Shapes], object] = {}
+        self.release = False       # release_model(): the frozen weights live in the programs
+        self.frozen_file: Path | None = None  # where they are kept once released
         self.width = 1  # replicas per program call (`losses`)
         self.export_seconds = 0.0
         self.pending: list[tuple[list[int], float]] = []
@@ -465,27 +528,93 @@ class ProgramEngine(Engine):
         return Shapes(W=self.width, B=bucket(b), T=min(bucket(t, MIN_SEQ), max(t, limit)),
                       N=bucket(scored(batch, self.rows_kind)), C=C)
 
-    def runner(self, shapes: Shapes, example: dict[str, torch.Tensor]):
-        if shapes not in self.runners:
+    def runner(self, shapes: Shapes, example: dict[str, torch.Tensor], kind: str = "step"):
+        if (kind, shapes) not in self.runners:
             key = {"model": self.model_key, "shapes": asdict(shapes), "dist": self.dist,
                    "trained": [(n, list(p.shape)) for n, p in self.params],
                    "fixed": [list(p.shape) for p in self.fixed_params],
                    "torch": torch.__version__, "engine": self.name, **self.versions()}
+            if kind != "step":  # (a step program's key is as it was: its cache stays valid)
+                key["kind"] = kind
 
             def build(path):
-                prog = StepProgram(self.model, self.trained, self.dist, shapes, self.shr).eval()
-                with torch.no_grad():
-                    self.compile(prog, example, path)
+                with self._weights():
+                    prog = PROGRAMS[kind](self.model, self.trained, self.dist, shapes,
+                                          self.shr).eval()
+                    with torch.no_grad():
+                        self.compile(prog, example, path)
+                    del prog  # its buffers are the frozen weights: released below
             path, took = self.cache.get(key, self.suffix, build)
             self.export_seconds += took
+            # each loaded program holds the frozen weights: training's and evaluation's
+            # programs are not kept loaded together (a phase change reloads from the cache)
+            other = [k for k in self.runners if k[0] != kind]
+            for k in other:
+                del self.runners[k]
+            self._release()  # before the program loads: the weights are never held twice
             try:
-                self.runners[shapes] = self.load(path, self.threads)
+                runner = self.load(path, self.threads)
             except Exception:  # a file that passed its digest but will not load: rebuild once
                 path.unlink(missing_ok=True)
                 path, took = self.cache.get(key, self.suffix, build)
                 self.export_seconds += took
-                self.runners[shapes] = self.load(path, self.threads)
-        return self.runners[shapes]
+                runner = self.load(path, self.threads)
+            self.runners[kind, shapes] = runner
+        return self.runners[kind, shapes]
+
+    # ---- the torch model's frozen weights ----------------------------------------------------
+    def release_model(self) -> None:
+        self.release = True
+
+    def _frozen(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, parameter name, full name) of every frozen parameter of the model (tied
+        ones once per module that holds them)."""
+        return [(mod, n, f"{mname}.{n}" if mname else n)
+                for mname, mod in self.model.named_modules()
+                for n, p in mod._parameters.items()
+                if p is not None and n not in ("lora_A", "lora_B")]
+
+    def _released(self) -> bool:
+        return any(m._parameters[n].is_meta for m, n, _ in self._frozen())
+
+    def _release(self) -> None:
+        """With `release_model`: the frozen weights saved once to the program cache (keyed by
+        their digest, checked like a program), then replaced in the model by shapes without
+        storage (the meta device), their memory handed back to the OS. `_weights` brings them
+        back for exporting a program of a shape not seen yet."""
+        if not self.release or self._released():
+            return
+        if self.frozen_file is None:
+            state = {full: m._parameters[n].detach() for m, n, full in self._frozen()}
+            self.frozen_file, _ = self.cache.get({"model": self.model_key, "kind": "frozen"},
+                                                 ".pt", lambda path: torch.save(state, path))
+            del state
+        memo: dict[int, nn.Parameter] = {}  # a tied weight stays one parameter
+        for mod, n, _ in self._frozen():
+            p = mod._parameters[n]
+            mod._parameters[n] = memo.setdefault(
+                id(p), nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        memo.clear()
+        memory.trim_heap()  # the freed weights sat in the heap (smaller than mmap's threshold)
+
+    @contextmanager
+    def _weights(self):
+        """Within the block the model holds its frozen weights (mapped from the file
+        `_release` wrote, read as the export touches them); released again after it."""
+        if not self._released():
+            yield
+            return
+        state = torch.load(self.frozen_file, mmap=True, weights_only=True)
+        memo: dict[int, nn.Parameter] = {}
+        for mod, n, full in self._frozen():
+            p = mod._parameters[n]
+            mod._parameters[n] = memo.setdefault(
+                id(p), nn.Parameter(state[full], requires_grad=False))
+        del state, memo
+        try:
+            yield
+        finally:
+            self._release()
 
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         train = torch.cat([p.data.reshape(-1) for _, p in self.params]).float()
@@ -540,6 +669,28 @@ class ProgramEngine(Engine):
     def loss(self, batch) -> float:
         self.sync()
         return self._evaluate(batch, [[0] * len(self.params)], [0.0])[0]
+
+    def scorer(self):
+        return self.eval_stats
+
+    def eval_stats(self, batch) -> TokenStats:
+        """The objective's `stats(model, batch)` at the current weights, through an
+        `EvalProgram` (the torch model's frozen weights are not read)."""
+        self.sync()
+        b = batch["input_ids"].shape[0]
+        shapes = dataclasses.replace(self.shapes(batch), W=1)
+        inputs = program_inputs(batch, self.rows_kind, shapes, self.pad_id)
+        del inputs[INPUTS.index("weight")]
+        inputs = dict(zip(EVAL_INPUTS, [*inputs, *self._flat()]))
+        out = self.run(self.runner(shapes, inputs, "eval"), inputs)
+        if self.rows_kind:
+            return class_result(out[0][:b].float(), batch["class_label"])
+        sel = batch["labels"][:, 1:] != IGNORE_INDEX   # as program_inputs lists them
+        rows, tgt = sel.nonzero()[:, 0], batch["labels"][:, 1:][sel]
+        n = rows.numel()
+        nll, pred, h = out[0][:n].float(), out[1][:n], out[2][:n].float()
+        return self.objective.row_stats(b, rows, nll, (pred == tgt).float(), h, tgt,
+                                        lambda hf: hf @ self.choice_rows.T)
 
     def apply(self, updates) -> None:
         self.pending += [(list(k), c) for k, c in updates if c != 0.0]

@@ -62,7 +62,7 @@ def finish(args, settings: dict, want: str | None) -> dict:
     if sh.enc.get(split):
         r = evaluate(dev.method.model, sh.enc[split].items, args.eval_batch_size,
                      sh.tok.pad_token_id, -1 if split == "test" else args.val_batches,
-                     objective=dev.method.objective)
+                     objective=dev.method.objective, stats=dev.method.scorer())
         out[split] = r.metrics()
         print(f"after {len(records)} rounds | {split}_{r.line().replace(' | ', f' | {split}_')}",
               flush=True)

@@ -179,6 +179,11 @@ class Method(ABC):
         """Bring the model's weights up to date (methods may defer work); called before
         evaluation and saving."""
 
+    def scorer(self):
+        """What evaluation scores a batch with, `(batch) -> TokenStats`, when not the
+        objective's `stats` on the model (an engine's program: `Engine.scorer`); None."""
+        return None
+
     def evaluating(self):
         """A context in which the model scores with what was trained (default: synced)."""
         self.sync()

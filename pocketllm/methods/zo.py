@@ -147,6 +147,9 @@ class ZOMethod(Method):
                                  **{k: getattr(cfg, k) for k in engine.settings})
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        # an engine whose programs hold the frozen weights drops the torch model's copy (and
+        # evaluates through its own program, `scorer`): the weights are held once
+        self.engine.release_model()
         self.queries, parallel = cfg.queries_and_parallel(self)
         self.estimator = estimators.build(cfg, self.queries)
         self.replicas = self.estimator.replicas()
@@ -251,6 +254,9 @@ class ZOMethod(Method):
 
     def sync(self):
         self.engine.sync()
+
+    def scorer(self):
+        return self.engine.scorer()
 
     # the step log (zo/log.py): reproducibility and resume
     def header(self) -> dict:

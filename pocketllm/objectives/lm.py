@@ -72,23 +72,30 @@ class LanguageModeling(Objective):
         p = stream_head(h, tgt, (head_view or PlainHead(head)).chunks(groups),
                         group_of=rows // (B // groups), groups=groups,
                         softcap=getattr(model.config, "final_logit_softcapping", None))
+
+        def choice_logits(hf):
+            cl = hf @ head.weight[self.choices].to(hf.dtype).T
+            if getattr(head, "bias", None) is not None:
+                cl = cl + head.bias[self.choices]
+            return cl
+        return self.row_stats(B, rows, p.nll, p.correct.detach(), h, tgt, choice_logits)
+
+    def row_stats(self, B: int, rows, nll, correct, h, tgt, choice_logits) -> TokenStats:
+        """The per-row sums of B rows from their scored positions' `rows` (N,) (in order,
+        positions ascending), `nll`, `correct` (argmax = target), hidden states `h` (N, H)
+        and targets `tgt`; `choice_logits(h)` scores hidden states against the closed label
+        set (each row's first label position is classified among it)."""
         zeros = h.new_zeros((B,), dtype=torch.float32)
         choice_correct = None
         if self.choices is not None and h.shape[0]:
-            # first label position of each row (rows are in order, positions ascending)
             first = torch.ones_like(rows, dtype=torch.bool)
             first[1:] = rows[1:] != rows[:-1]
-            hf, tf = h[first], tgt[first]
-            w = head.weight[self.choices]
-            cl = hf @ w.to(hf.dtype).T
-            if getattr(head, "bias", None) is not None:
-                cl = cl + head.bias[self.choices]
-            pred = self.choices[cl.argmax(1)]
-            choice_correct = zeros.index_put((rows[first],), (pred == tf).float())
+            pred = self.choices[choice_logits(h[first]).argmax(1)]
+            choice_correct = zeros.index_put((rows[first],), (pred == tgt[first]).float())
         return TokenStats(
-            nll=zeros.index_add(0, rows, p.nll),
-            tokens=zeros.index_add(0, rows, torch.ones_like(p.nll)),
-            correct=zeros.index_add(0, rows, p.correct.detach()),
+            nll=zeros.index_add(0, rows, nll),
+            tokens=zeros.index_add(0, rows, torch.ones_like(nll)),
+            correct=zeros.index_add(0, rows, correct),
             choice_correct=choice_correct,
         )
 

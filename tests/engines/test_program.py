@@ -142,6 +142,15 @@ def test_an_engine_program_corrupted_on_disk_is_rebuilt_and_right(tmp_path):
                            program_cache=str(tmp_path))
     assert torch.equal(again.losses(batch, plan), first)
     assert again.export_seconds > 0  # rebuilt, not trusted
+    # its weights, in a data file beside the graph (named by its digest): a flipped byte
+    (data,) = tmp_path.glob("*.onnx.data")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    third = REGISTRY[name](model, params, obj.stats, dist="rademacher",
+                           program_cache=str(tmp_path))
+    assert torch.equal(third.losses(batch, plan), first)
+    assert third.export_seconds > 0
 
 
 def test_lora_fa_perturbs_b_alone(tmp_path):
@@ -200,3 +209,115 @@ def test_a_run_with_an_engine_tracks_the_torch_run(tmp_path):
         logs[engine] = [json.loads(line) for line in (out / "zo_log.jsonl").open()][1:]
     torch_losses = [r["loss"] for r in logs["torch"]]
     assert [r["loss"] for r in logs["onnxruntime"]] == pytest.approx(torch_losses, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _eval_setup(objective_name):
+    """A tiny model, its LoRA, encoded items of `objective_name` (language modelling with a
+    closed label set: its choice accuracy is read from the program's hidden states), and the
+    objective."""
+    from pocketllm.models import load_model
+    from pocketllm.objectives import LanguageModeling
+    from tests.objectives._samples import SAMPLES
+    model, params, obj, _ = _setup("tiny-llama", "lora", objective_name)
+    _, tok = load_model("tiny-llama")
+    items, _ = SAMPLES[objective_name](tok)
+    if objective_name == "lm":  # (a byte-level tokenizer: the label words' first bytes)
+        obj = LanguageModeling(choices=torch.tensor([32, 104, 109, 101]))
+    return model, params, obj, items, tok.pad_token_id
+
+
+@pytest.mark.parametrize("objective_name", ["classification", "lm"])
+def test_the_eval_program_is_the_objective(objective_name):
+    """Eager (no export): what an `EvalProgram` returns makes the objective's own per-row
+    figures (loss, argmax, choice), the batch padded to its bucket."""
+    from pocketllm.engines.program import EVAL_INPUTS, EvalProgram, INPUTS, Shapes, bucket, \
+        program_inputs, scored
+    model, params, obj, items, pad = _eval_setup(objective_name)
+    batch = obj.collate(items, pad)
+    rows_kind = objective_name == "classification"
+    b, t = batch["input_ids"].shape
+    C = batch["label_ids"].shape[1] if rows_kind else 0
+    shapes = Shapes(W=1, B=bucket(b + 1), T=64, N=bucket(scored(batch, rows_kind)), C=C)
+    prog = EvalProgram(model, [n for n, _ in params], "gaussian", shapes)
+    inputs = program_inputs(batch, rows_kind, shapes)
+    del inputs[INPUTS.index("weight")]
+    train = torch.cat([p.data.reshape(-1) for _, p in params])
+    with torch.no_grad():
+        out = prog(*inputs, train, torch.zeros(1))
+        ref = obj.stats(model, batch)
+    assert len(EVAL_INPUTS) == len(inputs) + 2
+    if rows_kind:
+        from pocketllm.objectives.classification import class_result
+        got = class_result(out[:b], batch["class_label"])
+        assert torch.equal(got.pred, ref.pred)
+    else:
+        sel, tgt = obj._label_positions(batch)
+        n = int(sel.sum())
+        rows = torch.arange(b)[:, None].expand_as(tgt)[sel]
+        w = model.get_output_embeddings().weight[obj.choices]
+        got = obj.row_stats(b, rows, out[0][:n], (out[1][:n] == tgt[sel]).float(), out[2][:n],
+                            tgt[sel], lambda h: h @ w.T)
+        assert torch.equal(got.choice_correct, ref.choice_correct)
+        assert torch.equal(got.tokens, ref.tokens)
+    assert torch.allclose(got.nll, ref.nll, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.correct, ref.correct)
+
+
+@pytest.mark.parametrize("objective_name", ["classification", "lm"])
+def test_an_engine_evaluates_as_torch_holding_the_frozen_weights_once(objective_name, tmp_path):
+    """With `release_model` (what a ZO run does) the torch model's frozen weights are dropped
+    once a program holds them; evaluation through the engine's eval program equals torch's
+    (loss, accuracies, macro-F1), and a program of a shape not seen yet is still exported
+    (from the weights kept in the cache) and right."""
+    pytest.importorskip("onnxruntime")
+    from pocketllm.evaluate import evaluate
+    model, params, obj, items, pad = _eval_setup(objective_name)
+    ref = evaluate(model, items, 2, pad, objective=obj)
+    batch = obj.collate(items, pad)
+    reference = Reference(model, params, obj, batch, "rademacher")  # a copy, before release
+    engine = REGISTRY["onnxruntime"](model, params, obj.stats, dist="rademacher",
+                                     program_cache=str(tmp_path))
+    engine.release_model()
+    got = evaluate(model, items, 2, pad, objective=obj, stats=engine.scorer())
+    frozen = [p for n, p in model.named_parameters() if ".lora_" not in n]
+    assert frozen and all(p.is_meta for p in frozen)          # released: held by the program
+    assert got.loss == pytest.approx(ref.loss, rel=1e-5)
+    assert (got.accuracy, got.macro_f1, got.token_accuracy, got.records, got.tokens) == \
+        (ref.accuracy, ref.macro_f1, ref.token_accuracy, ref.records, ref.tokens)
+    keys = [_keys(j, len(params)) for j in range(3)]
+    plan = Plan(keys, EPS, REPLICAS, group_passes(REPLICAS, "both"))
+    assert engine.losses(batch, plan).tolist() == pytest.approx(reference.losses(keys),
+                                                                rel=1e-4)
+    assert all(p.is_meta for n, p in model.named_parameters() if ".lora_" not in n)
+    # each loaded program holds the weights: evaluation's are unloaded when training resumes
+    assert {kind for kind, _ in engine.runners} == {"step"}
+
+
+def test_a_run_through_an_engine_evaluates_saves_and_generates(tmp_path, capsys):
+    """`pocketllm train --engine onnxruntime` with evaluations (before, during, after, the best
+    adapter kept): its final valid figures equal torch's `pocketllm eval` of the adapter it
+    saved, and `pocketllm generate` runs that adapter."""
+    pytest.importorskip("onnxruntime")
+    from pocketllm.cli import main
+    from tests.test_cli import DATA, FAST
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--iters", "2", "--steps-per-eval", "1", "--save-every", "0",
+                 "--method", "zo-sgd", "--engine", "onnxruntime", "--keep-best",
+                 "--program-cache", str(tmp_path / "programs"), "--adapter-path", str(out)]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    after = [m for m in metrics if m.get("eval_loss") is not None][-1]
+    assert (out / "best" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    figures = tmp_path / "eval.json"
+    assert main(["eval", "--model", "tiny-llama", "--data", DATA, "--split", "valid",
+                 "--adapter-path", str(out), "--batch-size", "32", "--max-batches", "1",
+                 "--max-seq-length", "128", "--json-out", str(figures)]) == 0
+    ref = json.loads(figures.read_text())
+    assert after["eval_loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    for k in ("accuracy", "exact_match", "token_accuracy"):
+        assert after[f"eval_{k}"] == ref[k]
+    assert main(["generate", "--model", "tiny-llama", "--adapter-path", str(out),
+                 "--prompt", "Category:", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
