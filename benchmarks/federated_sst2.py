@@ -1,4 +1,5 @@
-"""SST-2 with 10 simulated devices, non-IID, beside pooled zeroth-order training on the union.
+"""SST-2 with 10 simulated devices, non-IID, beside pooled zeroth-order training on the union
+and beside FedAvg of LoRA deltas.
 
 Federated: `pocketllm federate simulate` with 10 devices, the k-per-class few-shot sample of
 SST-2 (--k 80: 160 examples) split by Dirichlet(0.5) over the labels (about 16 a device),
@@ -11,7 +12,12 @@ first r rounds are the shared model after round r (replayed here at each --eval-
 on the same dev examples as the pooled run's --test-every evaluations. Needs
 /work/shared/data/sst2 (or $POCKETLLM_DATA/sst2).
 
+Each arm (--arms, comma-separated: federated, pooled, fedavg) saves its curve to
+OUT/<arm>.json, so the arms can run one at a time (in separate invocations); the table in
+benchmarks/results/federated_sst2.md is written from every arm saved in OUT.
+
     python benchmarks/federated_sst2.py [--rounds 40] [--eval-every 10] [--eval-examples 300]
+        [--arms federated,pooled,fedavg] [--report-only]
 """
 
 from __future__ import annotations
@@ -71,68 +77,107 @@ def _flags_to_kw(flags: list[str]) -> dict:
     return kw
 
 
+def run_federated(a, out: Path, common: list[str]) -> dict:
+    fed_dir = out / "federated"
+    secs = cli("federate", "simulate", *common, "--method", "prge", "--queries", "16",
+               "--clients", "10", "--partition", "dirichlet:0.5", "--batch-size", "2",
+               "--aggregate", a.aggregate, "--iters", str(a.rounds),
+               "--adapter-path", str(fed_dir), log=out / "federated.log")
+    summary = json.loads((fed_dir / "fed_summary.json").read_text())
+    wall = [sum(summary["round_seconds"][:r]) for r in range(a.rounds + 1)]
+    curve = [(r, acc, wall[r]) for r, acc in fed_curve(fed_dir, common, a.eval_every, a.rounds)]
+    return {"curve": curve, "seconds": secs, "aggregate": a.aggregate,
+            "note": f"devices agreeing at the end: {summary['agree']}/10"}
+
+
+def run_pooled(a, out: Path, common: list[str]) -> dict:
+    pooled_dir = out / "pooled"
+    secs = cli("train", *common, "--method", "prge", "--queries", "16", "--batch-size",
+               "20", "--iters", str(a.rounds), "--test-every", str(a.eval_every),
+               "--steps-per-eval", "0", "--no-keep-best", "--save-every", "0",
+               "--adapter-path", str(pooled_dir), log=out / "pooled.log")
+    ps = json.loads((pooled_dir / "summary.json").read_text())
+    curve = [(0, (ps["before"] or {}).get("accuracy"), 0.0)]
+    for line in (pooled_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m.get("test_accuracy") is not None and 0 < int(m["step"]) < a.rounds:
+            curve.append((int(m["step"]), float(m["test_accuracy"]), float(m.get("wall", 0.0))))
+    curve.append((a.rounds, (ps["after"] or {}).get("accuracy"), ps["train_seconds"]))
+    return {"curve": curve, "seconds": secs, "note": ""}
+
+
+ARMS = {"federated": run_federated, "pooled": run_pooled}
+TITLES = {"federated": "federated ZO", "pooled": "pooled ZO", "fedavg": "FedAvg LoRA"}
+
+
+def report(a, out: Path) -> None:
+    res = {arm: json.loads((out / f"{arm}.json").read_text())
+           for arm in TITLES if (out / f"{arm}.json").exists()}
+    if not res:
+        raise SystemExit(f"no arm saved in {out}: run with --arms first")
+    steps = sorted({int(p[0]) for r in res.values() for p in r["curve"]})
+    at = {arm: {int(p[0]): p for p in r["curve"]} for arm, r in res.items()}
+    head = " | ".join(f"{TITLES[arm]} dev acc | {TITLES[arm]} s" for arm in res)
+    rows = []
+    for s in steps:
+        cells = []
+        for arm in res:
+            p = at[arm].get(s)
+            cells.append(f"{p[1]:.1%} | {p[2]:.0f}" if p and p[1] is not None else "- | -")
+        rows.append(f"| {s} | " + " | ".join(cells) + " |")
+    runs = "\n".join(f"- {TITLES[arm]}: `{r['command']}` on {r['machine']}, {r['date']}, load "
+                     f"average {r['load_start']} at start, {r['load_end']} at the end; "
+                     f"{r['seconds']:.0f} s with its evaluations. {r['note']}".rstrip()
+                     for arm, r in res.items())
+    lines = ["# SST-2, 10 simulated devices (non-IID) beside pooled zeroth-order training "
+             "and FedAvg of LoRA deltas", "",
+             "smollm2-135m, LoRA r=8 q/v, SST-2 k=80 per class (160 examples, seed 42); dev "
+             "accuracy on the first N dev examples (the command's --eval-examples). Federated: "
+             "10 devices, Dirichlet(0.5) over the labels, prge (FZOO estimate) with 16 queries, "
+             "its default lr 1e-2, batch 2 each; pooled: one run on all 160, same method, batch "
+             "20, one step per round (the same forward passes over as many rows). Seconds are "
+             "training only (rounds / steps, evaluations excluded), each arm run on its own.", "",
+             "Runs (other jobs shared the 2 cores, so seconds compare only roughly):", "", runs,
+             "", "| round / step | " + head + " |", "|---|" + "---|---|" * len(res), *rows, ""]
+    if "federated" in res and "pooled" in res:
+        f, p = res["federated"]["curve"][-1], res["pooled"]["curve"][-1]
+        if f[0] == p[0]:
+            lines.append(f"Federated minus pooled after {f[0]} rounds: {(f[1] - p[1]) * 100:+.1f} "
+                         "points (target: within 2 points).")
+    (RESULTS / "federated_sst2.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-examples", type=int, default=300)
+    ap.add_argument("--arms", default="federated,pooled",
+                    help=f"comma-separated, run one after the other: {', '.join(ARMS)}")
+    ap.add_argument("--aggregate", default="mean", help="federated arm's --aggregate")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only write the table from the arms saved in --out")
     ap.add_argument("--out", default="runs/federated_sst2")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0, load0 = time.time(), load()
-    # what both runs share (the data sample, model, method)
+    # what every arm shares (the data sample, model)
     common = ["--task", "sst2", "--k", "80", "--eval-examples", str(a.eval_examples),
               "--model", "smollm2-135m", "--max-seq-length", "64", "--seed", "42",
               "--threads", "1"]
-    fed_dir, pooled_dir = out / "federated", out / "pooled"
-    fed_s = cli("federate", "simulate", *common, "--method", "prge", "--queries", "16",
-                "--clients", "10", "--partition", "dirichlet:0.5", "--batch-size", "2",
-                "--iters", str(a.rounds), "--adapter-path", str(fed_dir),
-                log=out / "federated.log")
-    summary = json.loads((fed_dir / "fed_summary.json").read_text())
-    pooled_s = cli("train", *common, "--method", "prge", "--queries", "16", "--batch-size",
-                   "20", "--iters", str(a.rounds), "--test-every", str(a.eval_every),
-                   "--steps-per-eval", "0", "--no-keep-best", "--save-every", "0",
-                   "--adapter-path", str(pooled_dir), log=out / "pooled.log")
-    fed = fed_curve(fed_dir, common, a.eval_every, a.rounds)
-    pooled = {0: None}
-    for line in (pooled_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if m.get("test_accuracy") is not None:
-            pooled[int(m["step"])] = (float(m["test_accuracy"]), float(m.get("wall", 0.0)))
-    ps = json.loads((pooled_dir / "summary.json").read_text())
-    fed_wall = [sum(summary["round_seconds"][:r]) for r in range(a.rounds + 1)]
-    rows = []
-    for r, acc in fed:
-        p = pooled.get(r) or (None, None)
-        if r == 0:
-            p = ((ps["before"] or {}).get("accuracy"), 0.0)
-        if r == a.rounds:
-            p = ((ps["after"] or {}).get("accuracy"), ps["train_seconds"])
-        rows.append(f"| {r} | {acc:.1%} | {fed_wall[r]:.0f} | "
-                    + (f"{p[0]:.1%} | {p[1]:.0f} |" if p[0] is not None else "- | - |"))
-    gap = (fed[-1][1] - (ps["after"] or {}).get("accuracy", float("nan"))) * 100
-    lines = ["# SST-2, 10 simulated devices (non-IID) beside pooled zeroth-order training", "",
-             f"Command: `python benchmarks/federated_sst2.py --rounds {a.rounds} --eval-every "
-             f"{a.eval_every} --eval-examples {a.eval_examples}`  ",
-             f"Machine: {machine()}  ",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
-             f"{load0} at start, {load()} at the end (other jobs on the machine); "
-             f"{time.time() - t0:.0f} s in all (federated {fed_s:.0f} s, pooled {pooled_s:.0f} s "
-             "with their evaluations)", "",
-             "smollm2-135m, LoRA r=8 q/v, prge (FZOO estimate) with 16 queries, its default "
-             "lr 1e-2; SST-2 k=80 per class (160 examples, seed 42); dev accuracy on the first "
-             f"{a.eval_examples} dev examples. Federated: 10 devices, Dirichlet(0.5) over the "
-             "labels, batch 2 each, mean aggregation; pooled: one run on all 160, batch 20, "
-             "one step per round (the same forward passes over as many rows).", "",
-             "| round / step | federated dev acc | federated s (rounds only) | pooled dev acc | "
-             "pooled s (steps only) |", "|---|---|---|---|---|", *rows, "",
-             f"Federated minus pooled after {a.rounds} rounds: {gap:+.1f} points (target: within "
-             f"2 points). Devices agreeing at the end: {summary['agree']}/10. "
-             "FedAvg of LoRA deltas on the same split was not run (not built here)."]
-    (RESULTS / "federated_sst2.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for arm in ([] if a.report_only else a.arms.split(",")):
+        if arm not in ARMS:
+            raise SystemExit(f"--arms: unknown arm {arm!r}; available: {', '.join(ARMS)}")
+        t0, load0 = time.time(), load()
+        res = ARMS[arm](a, out, common)
+        res.update(command=f"python benchmarks/federated_sst2.py --rounds {a.rounds} --eval-every "
+                           f"{a.eval_every} --eval-examples {a.eval_examples} --arms {arm}"
+                           + (f" --aggregate {a.aggregate}" if arm == "federated" else ""),
+                   machine=machine(), load_start=load0, load_end=load(),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)))
+        (out / f"{arm}.json").write_text(json.dumps(res, indent=1))
+    report(a, out)
 
 
 if __name__ == "__main__":
