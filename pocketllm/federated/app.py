@@ -27,8 +27,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..schedules import lr_at
 from . import build, wire
-from .log import FedLog
-from .server import Coordinator
 
 CONFIG_KEY = "pocketllm-config"
 STATE_W, STATE_META = "fed.weights", "fed.meta"  # a node's Context.state entries
@@ -137,8 +135,7 @@ def run_server(grid: Grid, args, settings: dict, tap: Callable | None = None,
     """Rounds until --iters (resuming the log in --adapter-path), then the closing sync.
     `tap(direction, message)` sees every message sent and received. Returns the summary."""
     cls, cfg = build.resolve(args, settings)
-    coord = Coordinator(FedLog(args.adapter_path, build.header(args, cfg)), args.aggregate,
-                        args.trim, args.grad_bound)
+    coord = build.coordinator(args, cfg)
     if coord.round:
         say(f"resuming the federation log at round {coord.round}")
     want = min(args.clients_per_round or args.clients, args.clients)
