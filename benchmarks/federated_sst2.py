@@ -12,12 +12,15 @@ first r rounds are the shared model after round r (replayed here at each --eval-
 on the same dev examples as the pooled run's --test-every evaluations. Needs
 /work/shared/data/sst2 (or $POCKETLLM_DATA/sst2).
 
+FedAvg of LoRA deltas (benchmarks/fedavg_lora.py): the same 10-device split, each device a
+few lora-adam steps of batch 2 a round from the global adapter, averaged by examples.
+
 Each arm (--arms, comma-separated: federated, pooled, fedavg) saves its curve to
 OUT/<arm>.json, so the arms can run one at a time (in separate invocations); the table in
 benchmarks/results/federated_sst2.md is written from every arm saved in OUT.
 
     python benchmarks/federated_sst2.py [--rounds 40] [--eval-every 10] [--eval-examples 300]
-        [--arms federated,pooled,fedavg] [--report-only]
+        [--arms federated,pooled,fedavg] [--aggregate pooled] [--local-steps 4] [--report-only]
 """
 
 from __future__ import annotations
@@ -87,13 +90,17 @@ def run_federated(a, out: Path, common: list[str]) -> dict:
     wall = [sum(summary["round_seconds"][:r]) for r in range(a.rounds + 1)]
     curve = [(r, acc, wall[r]) for r, acc in fed_curve(fed_dir, common, a.eval_every, a.rounds)]
     return {"curve": curve, "seconds": secs, "aggregate": a.aggregate,
-            "note": f"devices agreeing at the end: {summary['agree']}/10"}
+            "note": f"--aggregate {a.aggregate}; devices agreeing at the end: "
+                    f"{summary['agree']}/10."}
 
 
 def run_pooled(a, out: Path, common: list[str]) -> dict:
     pooled_dir = out / "pooled"
+    # --max-replicas 2: forwards of 2 replicas x 20 rows, about a device's 17 x 2 (one forward
+    # of all 17 x 20 rows is the same losses, nearly twice as slow on this CPU)
     secs = cli("train", *common, "--method", "prge", "--queries", "16", "--batch-size",
-               "20", "--iters", str(a.rounds), "--test-every", str(a.eval_every),
+               "20", "--max-replicas", "2", "--iters", str(a.rounds), "--test-every",
+               str(a.eval_every),
                "--steps-per-eval", "0", "--no-keep-best", "--save-every", "0",
                "--adapter-path", str(pooled_dir), log=out / "pooled.log")
     ps = json.loads((pooled_dir / "summary.json").read_text())
@@ -106,7 +113,22 @@ def run_pooled(a, out: Path, common: list[str]) -> dict:
     return {"curve": curve, "seconds": secs, "note": ""}
 
 
-ARMS = {"federated": run_federated, "pooled": run_pooled}
+def run_fedavg(a, out: Path, common: list[str]) -> dict:
+    import fedavg_lora
+
+    from pocketllm.config import FederateArgs
+    args = FederateArgs(**_flags_to_kw(common), method="lora-adam", clients=10,
+                        partition="dirichlet:0.5", batch_size=2, learning_rate=a.fedavg_lr,
+                        adapter_path=str(out / "fedavg"))
+    t0 = time.perf_counter()
+    curve = fedavg_lora.run(args, a.rounds, a.local_steps, a.eval_every)
+    return {"curve": curve, "seconds": time.perf_counter() - t0,
+            "note": f"lora-adam, lr {args.learning_rate:g}, {a.local_steps} local steps of "
+                    "batch 2 a device a round, a fresh AdamW each round, adapters averaged "
+                    "weighted by the devices' examples (benchmarks/fedavg_lora.py)."}
+
+
+ARMS = {"federated": run_federated, "pooled": run_pooled, "fedavg": run_fedavg}
 TITLES = {"federated": "federated ZO", "pooled": "pooled ZO", "fedavg": "FedAvg LoRA"}
 
 
@@ -155,7 +177,11 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=300)
     ap.add_argument("--arms", default="federated,pooled",
                     help=f"comma-separated, run one after the other: {', '.join(ARMS)}")
-    ap.add_argument("--aggregate", default="mean", help="federated arm's --aggregate")
+    ap.add_argument("--aggregate", default="pooled", help="federated arm's --aggregate")
+    ap.add_argument("--local-steps", type=int, default=4, help="fedavg arm: a device's "
+                    "lora-adam steps a round")
+    ap.add_argument("--fedavg-lr", type=float, default=0.0,
+                    help="fedavg arm: lora-adam's learning rate (0: its default)")
     ap.add_argument("--report-only", action="store_true",
                     help="only write the table from the arms saved in --out")
     ap.add_argument("--out", default="runs/federated_sst2")
@@ -173,7 +199,10 @@ def main() -> None:
         res = ARMS[arm](a, out, common)
         res.update(command=f"python benchmarks/federated_sst2.py --rounds {a.rounds} --eval-every "
                            f"{a.eval_every} --eval-examples {a.eval_examples} --arms {arm}"
-                           + (f" --aggregate {a.aggregate}" if arm == "federated" else ""),
+                           + (f" --aggregate {a.aggregate}" if arm == "federated" else "")
+                           + (f" --local-steps {a.local_steps}" + (f" --fedavg-lr {a.fedavg_lr}"
+                                                                   if a.fedavg_lr else "")
+                              if arm == "fedavg" else ""),
                    machine=machine(), load_start=load0, load_end=load(),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)))
         (out / f"{arm}.json").write_text(json.dumps(res, indent=1))
