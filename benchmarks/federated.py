@@ -2,8 +2,9 @@
 
 1. Bytes per device per round, measured on the messages of a simulated federation of the
    default model (every message captured as it is sent and received, serialised as Flower
-   serialises it): a steady round's request (the round's seeds and the previous round's
-   update) and reply (the scalars and a weights hash), for --queries 16. Beside them, FedAvg of
+   serialises it): a steady round's request (the previous round's update; the round's seeds
+   are drawn on the device) and reply (the device's losses under the default --aggregate
+   pooled, and a weights hash), for --queries 16. Beside them, FedAvg of
    LoRA deltas of the same model (the adapter down and the updated adapter up each round: its
    tensors counted on the model, and serialised as a Flower ArrayRecord) and split mode
    (the per-step upload measured in benchmarks/results/split.md).
