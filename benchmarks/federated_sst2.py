@@ -129,6 +129,54 @@ def run_fedavg(a, out: Path, common: list[str]) -> dict:
 
 
 ARMS = {"federated": run_federated, "pooled": run_pooled, "fedavg": run_fedavg}
+
+
+# ---- --stop-at N: an arm stopped (killed) after round N, its curve read from what it left ----
+def stopped_pooled(a, out: Path, common: list[str]) -> dict:
+    """From the pooled run's metrics.jsonl: its --test-every evaluations up to step N (with
+    the training seconds it logs)."""
+    curve = []
+    for line in (out / "pooled" / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m.get("test_accuracy") is not None and int(m["step"]) <= a.stop_at:
+            curve.append((int(m["step"]), float(m["test_accuracy"]), float(m.get("wall", 0))))
+    if curve[-1][0] != a.stop_at:
+        raise SystemExit(f"--stop-at {a.stop_at}: the pooled run has no evaluation there")
+    start = out / "pooled_start.txt"  # (written by hand when it started; else unknown)
+    return {"curve": curve, "seconds": curve[-1][2],
+            **({"t0": float(start.read_text())} if start.exists() else {}),
+            "note": f"Stopped after step {a.stop_at} of --rounds {a.rounds} (the session's "
+                    "deadline); seconds are its steps (evaluations excluded)."}
+
+
+def stopped_federated(a, out: Path, common: list[str]) -> dict:
+    """The log's first N rounds replayed; a round's wall-clock from OUT/fed_watch.txt (the
+    log's line count sampled every 5 s: the first sample holding the round) since the
+    simulate process started (OUT/fed_start.txt: Ray's and the model's start included)."""
+    start = float((out / "fed_start.txt").read_text())
+    seen = [tuple(map(float, ln.split())) for ln in (out / "fed_watch.txt").read_text()
+            .splitlines() if len(ln.split()) == 2]
+
+    def wall(r):  # round r-1 done: the header and r records
+        return next((t - start for t, n in seen if n >= r + 1), float("nan")) if r else 0.0
+    curve = [(r, acc, wall(r)) for r, acc in
+             fed_curve(out / "federated", common, a.eval_every, a.stop_at)]
+    return {"curve": curve, "seconds": curve[-1][2], "aggregate": a.aggregate, "t0": start,
+            "note": f"--aggregate {a.aggregate}. Stopped after round {a.stop_at} of --rounds "
+                    f"{a.rounds} (the session's deadline); seconds from the simulate process's "
+                    "start (Ray's and the model's start included) to the round's record in "
+                    "the log (sampled every 5 s)."}
+
+
+STOPPED = {"federated": stopped_federated, "pooled": stopped_pooled}
+
+
+def sampled_load(out: Path) -> str:
+    """The 1-minute load averages OUT/load.txt sampled each minute while the arms ran."""
+    path = out / "load.txt"
+    vals = [float(ln.split()[1]) for ln in path.read_text().splitlines()] if path.exists() else []
+    return (f"{min(vals):.1f} to {max(vals):.1f} (1-minute load average sampled each minute "
+            f"while the arms ran, median {sorted(vals)[len(vals) // 2]:.1f})" if vals else "?")
 TITLES = {"federated": "federated ZO", "pooled": "pooled ZO", "fedavg": "FedAvg LoRA"}
 
 
@@ -148,8 +196,8 @@ def report(a, out: Path) -> None:
             cells.append(f"{p[1]:.1%} | {p[2]:.0f}" if p and p[1] is not None else "- | -")
         rows.append(f"| {s} | " + " | ".join(cells) + " |")
     runs = "\n".join(f"- {TITLES[arm]}: `{r['command']}` on {r['machine']}, {r['date']}, load "
-                     f"average {r['load_start']} at start, {r['load_end']} at the end; "
-                     f"{r['seconds']:.0f} s with its evaluations. {r['note']}".rstrip()
+                     f"average {r['load_start']} at start, {r['load_end']} at the end, "
+                     f"{r.get('load_during', '?')}; {r['seconds']:.0f} s. {r['note']}".rstrip()
                      for arm, r in res.items())
     lines = ["# SST-2, 10 simulated devices (non-IID) beside pooled zeroth-order training "
              "and FedAvg of LoRA deltas", "",
@@ -182,6 +230,9 @@ def main() -> None:
                     "lora-adam steps a round")
     ap.add_argument("--fedavg-lr", type=float, default=0.0,
                     help="fedavg arm: lora-adam's learning rate (0: its default)")
+    ap.add_argument("--stop-at", type=int, default=0,
+                    help="the arms were stopped after this round: read their curves from "
+                         "what they left in --out instead of running them")
     ap.add_argument("--report-only", action="store_true",
                     help="only write the table from the arms saved in --out")
     ap.add_argument("--out", default="runs/federated_sst2")
@@ -196,7 +247,7 @@ def main() -> None:
         if arm not in ARMS:
             raise SystemExit(f"--arms: unknown arm {arm!r}; available: {', '.join(ARMS)}")
         t0, load0 = time.time(), load()
-        res = ARMS[arm](a, out, common)
+        res = (STOPPED if a.stop_at else ARMS)[arm](a, out, common)
         res.update(command=f"python benchmarks/federated_sst2.py --rounds {a.rounds} --eval-every "
                            f"{a.eval_every} --eval-examples {a.eval_examples} --arms {arm}"
                            + (f" --aggregate {a.aggregate}" if arm == "federated" else "")
@@ -204,7 +255,8 @@ def main() -> None:
                                                                    if a.fedavg_lr else "")
                               if arm == "fedavg" else ""),
                    machine=machine(), load_start=load0, load_end=load(),
-                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)))
+                   load_during=sampled_load(out),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(res.pop("t0", t0))))
         (out / f"{arm}.json").write_text(json.dumps(res, indent=1))
     report(a, out)
 
