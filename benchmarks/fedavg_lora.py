@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import torch
 
 
-def run(args, rounds: int, local_steps: int, eval_every: int,
-        say=print) -> list[tuple[int, float, float]]:
+def run(args, rounds: int, local_steps: int, eval_every: int, say=print,
+        on_point=None) -> list[tuple[int, float, float]]:
     """(round, dev accuracy, training seconds so far) every `eval_every` rounds. `args`: a
     FederateArgs with --method lora-adam (its --learning-rate, --batch-size, --clients,
-    --partition, --eval-examples ...)."""
+    --partition, --eval-examples ...). `on_point(curve)`: called after each evaluation."""
     from pocketllm.data.source import load_run_data
     from pocketllm.evaluate import evaluate
     from pocketllm.federated import build
@@ -58,9 +58,12 @@ def run(args, rounds: int, local_steps: int, eval_every: int,
             res = evaluate(model, enc["test"].items, 16, tok.pad_token_id, -1,
                            objective=objective)
         say(f"fedavg round {r}: dev accuracy {res.accuracy:.1%} ({secs:.0f} s training)")
-        return (r, res.accuracy, secs)
+        curve.append((r, res.accuracy, secs))
+        if on_point:
+            on_point(curve)
 
-    curve, secs = [score(0, 0.0)], 0.0
+    curve, secs = [], 0.0
+    score(0, 0.0)
     for r in range(rounds):
         t0 = time.perf_counter()
         start = [t.detach().clone() for t in tensors]
@@ -81,5 +84,5 @@ def run(args, rounds: int, local_steps: int, eval_every: int,
                 t.copy_(acc / sum(sizes))
         secs += time.perf_counter() - t0
         if (r + 1) % eval_every == 0 or r + 1 == rounds:
-            curve.append(score(r + 1, secs))
+            score(r + 1, secs)
     return curve

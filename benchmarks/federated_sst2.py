@@ -121,11 +121,20 @@ def run_fedavg(a, out: Path, common: list[str]) -> dict:
                         partition="dirichlet:0.5", batch_size=2, learning_rate=a.fedavg_lr,
                         adapter_path=str(out / "fedavg"))
     t0 = time.perf_counter()
-    curve = fedavg_lora.run(args, a.rounds, a.local_steps, a.eval_every)
+
+    def note(curve):  # what a stopped run leaves (--stop-at reads it); the lr run resolved
+        (out / "fedavg_partial.json").write_text(json.dumps(
+            {"curve": curve, "t0": time.time() - (time.perf_counter() - t0),
+             "lr": args.learning_rate}))
+    curve = fedavg_lora.run(args, a.rounds, a.local_steps, a.eval_every, on_point=note)
     return {"curve": curve, "seconds": time.perf_counter() - t0,
-            "note": f"lora-adam, lr {args.learning_rate:g}, {a.local_steps} local steps of "
-                    "batch 2 a device a round, a fresh AdamW each round, adapters averaged "
-                    "weighted by the devices' examples (benchmarks/fedavg_lora.py)."}
+            "note": fedavg_note(args.learning_rate, a.local_steps)}
+
+
+def fedavg_note(lr: float, local_steps: int) -> str:
+    return (f"lora-adam, lr {lr:g}, {local_steps} local steps of batch 2 a device a round, a "
+            "fresh AdamW each round, adapters averaged weighted by the devices' examples "
+            "(benchmarks/fedavg_lora.py); seconds are training (evaluations excluded).")
 
 
 ARMS = {"federated": run_federated, "pooled": run_pooled, "fedavg": run_fedavg}
@@ -168,7 +177,18 @@ def stopped_federated(a, out: Path, common: list[str]) -> dict:
                     "the log (sampled every 5 s)."}
 
 
-STOPPED = {"federated": stopped_federated, "pooled": stopped_pooled}
+def stopped_fedavg(a, out: Path, common: list[str]) -> dict:
+    """The evaluations the FedAvg run saved as it went (OUT/fedavg_partial.json), to round N."""
+    got = json.loads((out / "fedavg_partial.json").read_text())
+    curve = [p for p in got["curve"] if p[0] <= a.stop_at]
+    if curve[-1][0] != a.stop_at:
+        raise SystemExit(f"--stop-at {a.stop_at}: the fedavg run has no evaluation there")
+    return {"curve": curve, "seconds": curve[-1][2], "t0": got["t0"],
+            "note": f"Stopped after round {a.stop_at} of --rounds {a.rounds} (the session's "
+                    "deadline). " + fedavg_note(got["lr"], a.local_steps)}
+
+
+STOPPED = {"federated": stopped_federated, "pooled": stopped_pooled, "fedavg": stopped_fedavg}
 
 
 def sampled_load(out: Path) -> str:
