@@ -420,8 +420,8 @@ class FederateArgs(TrainArgs):
                          "per query over their own estimates: mean, median, trimmed "
                          "(tolerate outliers)", choices=lambda: _aggregates())
     trim: float = opt(0.1, "--aggregate trimmed: fraction dropped at each end", ge=0, lt=0.5)
-    grad_bound: float = opt(1e3, "a device's projected gradient beyond this magnitude "
-                            "excludes its reply from the round", gt=0)
+    grad_bound: float = opt(1e3, "a device's projected gradient (--aggregate pooled: loss) "
+                            "beyond this magnitude excludes its reply from the round", gt=0)
     round_timeout: float = opt(600.0, "seconds the server waits for a round's replies (the "
                                "late ones are left out of that round)", gt=0)
     sim_cpus: int = opt(1, "simulate: CPUs Ray may use; one simulated device runs on each "

@@ -15,8 +15,9 @@ up, holds the right count of finite numbers within `--grad-bound` and reports th
 weights' hash as the majority; any other is excluded with its reason, and the round completes
 with the rest (with none left: its scalars are 0, a no-op every device applies alike). The
 coefficients and learning rate are stored rounded to float32, the precision they cross the
-wire in (wire.py): the log holds exactly what every device applies. The update itself reaches each device with its next request
-(`catchup`), or with the closing sync that follows the last round.
+wire in (wire.py): the log holds exactly what every device applies. The update itself
+reaches each device with its next request (`catchup`), or with the closing sync that follows
+the last round.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def draw_seeds(seed: int, rnd: int, pool: int, queries: int) -> list[int]:
 
 
 def f32(xs: list[float]) -> list[float]:
-    """The values rounded to float32 (as Python floats: exact, and what the wire carries)."""
-    return np.asarray(xs, dtype=np.float32).astype(np.float64).tolist()
+    """The values rounded to float32 (as Python floats: exact, and what the wire carries);
+    beyond float32's range: inf (a round's coefficients then make it a no-op: `close`)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(xs, dtype=np.float32).astype(np.float64).tolist()
 
 
 def check_reply(reply, rnd: int, queries: int, bound: float, sends: str = "grads",

@@ -139,3 +139,15 @@ def test_pooled_applies_the_estimator_to_the_token_weighted_losses(tmp_path):
     assert max(abs(g - (x + y) / 2) for g, x, y in zip(rec["grads"], *own)) > 0.1
     with pytest.raises(ValueError, match="needs the run's estimator"):
         server.Coordinator(FedLog(tmp_path / "x", HEAD), "pooled")
+
+
+def test_coefficients_beyond_float32_make_the_round_a_no_op(tmp_path):
+    class Huge:  # an estimator whose step overflows float32
+        def replicas(self):
+            return [None] * 4
+
+        def projected(self, losses, eps):
+            return [1e39, 0.0, 0.0]
+    c = server.Coordinator(FedLog(tmp_path, HEAD), "pooled", estimator=(Huge(), lambda r: 1e-3))
+    rec = c.close(0, {0: losses_reply(0, [1.0] * 4, 2)}, lr=0.1)
+    assert rec["grads"] == [0.0, 0.0, 0.0] and "not finite in float32" in rec["excluded"]["*"]
