@@ -163,7 +163,7 @@ def main() -> None:
              "sampled every round) is its request and its reply.", "",
              "| what crosses the wire | down (B) | up (B) | per device per round | vs ZO |",
              "|---|---|---|---|---|",
-             f"| federated ZO, records only (seeds, scalars, hash, round metadata) | "
+             f"| federated ZO, records only (one packed field: coefficients or losses, hash, round metadata) | "
              f"{wire['request_content']} | {wire['reply_content']} | "
              f"{wire['request_content'] + wire['reply_content']} B | |",
              f"| federated ZO, whole Flower messages (with Flower's metadata) | "
