@@ -215,9 +215,12 @@ def report(a, out: Path) -> None:
             p = at[arm].get(s)
             cells.append(f"{p[1]:.1%} | {p[2]:.0f}" if p and p[1] is not None else "- | -")
         rows.append(f"| {s} | " + " | ".join(cells) + " |")
-    runs = "\n".join(f"- {TITLES[arm]}: `{r['command']}` on {r['machine']}, {r['date']}, load "
-                     f"average {r['load_start']} at start, {r['load_end']} at the end, "
-                     f"{r.get('load_during', '?')}; {r['seconds']:.0f} s. {r['note']}".rstrip()
+    def load_of(r):  # a stopped arm's start / end load are those of reading it back
+        ends = ("" if r.get("stopped") else f"{r['load_start']} at start, {r['load_end']} at "
+                "the end, ")
+        return f"load average {ends}{r.get('load_during', '?')}"
+    runs = "\n".join(f"- {TITLES[arm]}: `{r['command']}` on {r['machine']}, started "
+                     f"{r['date']}, {load_of(r)}; {r['seconds']:.0f} s. {r['note']}".rstrip()
                      for arm, r in res.items())
     lines = ["# SST-2, 10 simulated devices (non-IID) beside pooled zeroth-order training "
              "and FedAvg of LoRA deltas", "",
@@ -225,15 +228,18 @@ def report(a, out: Path) -> None:
              "accuracy on the first N dev examples (the command's --eval-examples). Federated: "
              "10 devices, Dirichlet(0.5) over the labels, prge (FZOO estimate) with 16 queries, "
              "its default lr 1e-2, batch 2 each; pooled: one run on all 160, same method, batch "
-             "20, one step per round (the same forward passes over as many rows). Seconds are "
-             "training only (rounds / steps, evaluations excluded), each arm run on its own.", "",
-             "Runs (other jobs shared the 2 cores, so seconds compare only roughly):", "", runs,
+             "20, one step per round (the same forward passes over as many rows). Seconds: as "
+             "each run's line says.", "",
+             "Runs (each one process at nice 10, side by side with each other and with other "
+             "jobs on the 2 cores, so seconds compare only roughly):", "", runs,
              "", "| round / step | " + head + " |", "|---|" + "---|---|" * len(res), *rows, ""]
     if "federated" in res and "pooled" in res:
         f, p = res["federated"]["curve"][-1], res["pooled"]["curve"][-1]
         if f[0] == p[0]:
             lines.append(f"Federated minus pooled after {f[0]} rounds: {(f[1] - p[1]) * 100:+.1f} "
                          "points (target: within 2 points).")
+    if a.remark:
+        lines += ["", a.remark]
     (RESULTS / "federated_sst2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -253,6 +259,8 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int, default=0,
                     help="the arms were stopped after this round: read their curves from "
                          "what they left in --out instead of running them")
+    ap.add_argument("--remark", default="", help="a note added under the table (what the "
+                    "runs' conditions were that the figures do not show)")
     ap.add_argument("--report-only", action="store_true",
                     help="only write the table from the arms saved in --out")
     ap.add_argument("--out", default="runs/federated_sst2")
@@ -268,6 +276,7 @@ def main() -> None:
             raise SystemExit(f"--arms: unknown arm {arm!r}; available: {', '.join(ARMS)}")
         t0, load0 = time.time(), load()
         res = (STOPPED if a.stop_at else ARMS)[arm](a, out, common)
+        res["stopped"] = bool(a.stop_at)
         res.update(command=f"python benchmarks/federated_sst2.py --rounds {a.rounds} --eval-every "
                            f"{a.eval_every} --eval-examples {a.eval_examples} --arms {arm}"
                            + (f" --aggregate {a.aggregate}" if arm == "federated" else "")
