@@ -1,8 +1,9 @@
 """The Flower app: a `ServerApp` that runs the round protocol (server.py) over Flower's
 Message API and a `ClientApp` that answers it as a device (device.py).
 
-Each round the server sends every sampled node one "train" message (the round's seeds and the
-log's rounds that node lacks) and collects the replies (scalars, a hash of its weights);
+Each round the server sends every sampled node one "train" message (the log's rounds that node
+lacks; it draws the round's seeds itself) and collects the replies (losses or projected
+gradients, a hash of its weights);
 after the last round one "query" message brings every node up to date and checks that all
 hold the same weights. Only `wire.py`'s ConfigRecord crosses the wire. A node keeps its
 trainable tensors and the rounds it has applied in its `Context.state` (never sent), so a
