@@ -2,8 +2,9 @@
 
 1. Bytes per device per round, measured on the messages of a simulated federation of the
    default model (every message captured as it is sent and received, serialised as Flower
-   serialises it): a steady round's request (the round's seeds and the previous round's
-   update) and reply (the scalars and a weights hash), for --queries 16. Beside them, FedAvg of
+   serialises it): a steady round's request (the previous round's update; the round's seeds
+   are drawn on the device) and reply (the device's losses under the default --aggregate
+   pooled, and a weights hash), for --queries 16. Beside them, FedAvg of
    LoRA deltas of the same model (the adapter down and the updated adapter up each round: its
    tensors counted on the model, and serialised as a Flower ArrayRecord) and split mode
    (the per-step upload measured in benchmarks/results/split.md).
@@ -48,13 +49,15 @@ def measure_bytes(model: str, queries: int, rounds: int, out: Path) -> dict:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     from pocketllm.config import FederateArgs
+    from pocketllm.federated import wire
     from pocketllm.federated.simulate import simulate
     sizes = []
 
     def tap(direction, msg):
         content = sum(len(msg.content[k].deflate()) for k in msg.content)
         whole = sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
-        rnd = msg.content["fed"].get("round") if "fed" in msg.content else None
+        rnd = (wire.unpack_request(msg.content, queries) if direction == "out"
+               else wire.unpack_reply(msg.content)).get("round")
         sizes.append({"dir": direction, "type": msg.metadata.message_type, "round": rnd,
                       "content": content, "message": whole})
     args = FederateArgs(model=model, clients=3, iters=rounds, batch_size=2,
@@ -160,7 +163,7 @@ def main() -> None:
              "sampled every round) is its request and its reply.", "",
              "| what crosses the wire | down (B) | up (B) | per device per round | vs ZO |",
              "|---|---|---|---|---|",
-             f"| federated ZO, records only (seeds, scalars, hash, round metadata) | "
+             f"| federated ZO, records only (one packed field: coefficients or losses, hash, round metadata) | "
              f"{wire['request_content']} | {wire['reply_content']} | "
              f"{wire['request_content'] + wire['reply_content']} B | |",
              f"| federated ZO, whole Flower messages (with Flower's metadata) | "
@@ -174,11 +177,17 @@ def main() -> None:
                      f"benchmarks/results/split.md) | | {mb} MB | {mb} MB | "
                      f"{mb * 1e6 / per_round:,.0f}x |")
     target = "met" if per_round < 1024 else "MISSED"
-    lines += ["", f"Target under 1 KB per device per round of 16 queries: **{target}** "
-              f"({per_round} B with Flower's message metadata, "
-              f"{wire['request_content'] + wire['reply_content']} B of records). A device that "
-              "missed rounds is sent each missed round as well: 16 seeds, 16 scalars, a "
-              "learning rate and a 64-hex-digit hash, about 250 B a round.", "",
+    from pocketllm.federated import wire as w
+    catch = w.REQ_ROUND.size + 4 * 16
+    lines += ["", f"Target under 1 KB per device per round of 16 queries, Flower's envelope "
+              f"included: **{target}** ({per_round} B whole messages, "
+              f"{wire['request_content'] + wire['reply_content']} B of records; "
+              "--aggregate pooled, the default: the reply carries 17 float32 losses). Each "
+              "message is one ConfigRecord with one packed bytes field (docs/federated.md "
+              "lists it byte by byte); the round's seeds are not sent (a device draws them "
+              "from the run seed and the round). A device that missed rounds is sent each "
+              f"missed round as well: 16 float32 coefficients, a float32 learning rate and "
+              f"a 32-byte hash, {catch} B a round.", "",
               "## Scale (tiny-llama devices, LoRA r=4, --queries 16, one Ray CPU)", "",
               "| simulated devices | s / round | rounds / min | server's own work / round (ms) "
               "| driver RSS before -> peak (MB) | devices agreeing at the end |",

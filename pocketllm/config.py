@@ -414,11 +414,14 @@ class FederateArgs(TrainArgs):
     clients_per_round: int = opt(0, "devices asked each round (0: all connected)", ge=0)
     seed_pool: int = opt(4096, "candidate seeds a round's seeds are drawn from (a device may "
                          "precompute their z)", ge=1, le=2**31 - 1)
-    aggregate: str = opt("mean", "how each query's scalars from the devices are combined",
-                         choices=lambda: _aggregates())
+    aggregate: str = opt("pooled", "how the devices' replies become a round's coefficients "
+                         "(federated/aggregate.py): pooled (they send their losses; the "
+                         "estimator applied once to the union's: pooled training's step), or "
+                         "per query over their own estimates: mean, median, trimmed "
+                         "(tolerate outliers)", choices=lambda: _aggregates())
     trim: float = opt(0.1, "--aggregate trimmed: fraction dropped at each end", ge=0, lt=0.5)
-    grad_bound: float = opt(1e3, "a device's projected gradient beyond this magnitude "
-                            "excludes its reply from the round", gt=0)
+    grad_bound: float = opt(1e3, "a device's projected gradient (--aggregate pooled: loss) "
+                            "beyond this magnitude excludes its reply from the round", gt=0)
     round_timeout: float = opt(600.0, "seconds the server waits for a round's replies (the "
                                "late ones are left out of that round)", gt=0)
     sim_cpus: int = opt(1, "simulate: CPUs Ray may use; one simulated device runs on each "

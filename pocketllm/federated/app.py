@@ -1,8 +1,9 @@
 """The Flower app: a `ServerApp` that runs the round protocol (server.py) over Flower's
 Message API and a `ClientApp` that answers it as a device (device.py).
 
-Each round the server sends every sampled node one "train" message (the round's seeds and the
-log's rounds that node lacks) and collects the replies (scalars, a hash of its weights);
+Each round the server sends every sampled node one "train" message (the log's rounds that node
+lacks; it draws the round's seeds itself) and collects the replies (losses or projected
+gradients, a hash of its weights);
 after the last round one "query" message brings every node up to date and checks that all
 hold the same weights. Only `wire.py`'s ConfigRecord crosses the wire. A node keeps its
 trainable tensors and the rounds it has applied in its `Context.state` (never sent), so a
@@ -27,8 +28,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..schedules import lr_at
 from . import build, wire
-from .log import FedLog
-from .server import Coordinator
 
 CONFIG_KEY = "pocketllm-config"
 STATE_W, STATE_META = "fed.weights", "fed.meta"  # a node's Context.state entries
@@ -137,8 +136,7 @@ def run_server(grid: Grid, args, settings: dict, tap: Callable | None = None,
     """Rounds until --iters (resuming the log in --adapter-path), then the closing sync.
     `tap(direction, message)` sees every message sent and received. Returns the summary."""
     cls, cfg = build.resolve(args, settings)
-    coord = Coordinator(FedLog(args.adapter_path, build.header(args, cfg)), args.aggregate,
-                        args.trim, args.grad_bound)
+    coord = build.coordinator(args, cfg)
     if coord.round:
         say(f"resuming the federation log at round {coord.round}")
     want = min(args.clients_per_round or args.clients, args.clients)

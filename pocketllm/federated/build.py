@@ -36,6 +36,23 @@ def header(args, cfg) -> dict:
             "run": run_digest(args, cfg, args.seed_pool, queries)}
 
 
+def estimator(args, cfg):
+    """(the run's estimator, round -> its eps): what the server needs to apply it to the
+    devices' pooled losses (`--aggregate pooled`), without a model."""
+    from ..schedules import eps_at
+    from ..zo import estimators
+    return (estimators.build(cfg, getattr(cfg, "queries", 1)),
+            lambda rnd: eps_at(cfg, rnd, args.iters))
+
+
+def coordinator(args, cfg):
+    """The server's state for these settings: its log in --adapter-path (resumed if there)."""
+    from .log import FedLog
+    from .server import Coordinator
+    return Coordinator(FedLog(args.adapter_path, header(args, cfg)), args.aggregate, args.trim,
+                       args.grad_bound, estimator(args, cfg))
+
+
 def label_of(rec):
     """A training example's label for a non-IID split (a task's class, a record's completion;
     None: unlabelled)."""
@@ -67,7 +84,8 @@ def load(args, settings: dict) -> Shared:
     spec, params = cls.trainable(model, args)
     method = cls(model, params, cfg, args, objective)
     h = header(args, cfg)
-    return Shared(args, data, tok, Device(method, None, h["run"], args.iters), spec, enc)
+    return Shared(args, data, tok, Device(method, None, h["run"], args.iters, h["pool"]),
+                  spec, enc)
 
 
 def batches_for(shared: Shared, part: int, parts: int) -> StepBatches:

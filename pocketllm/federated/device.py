@@ -24,11 +24,15 @@ from ..finite import NonFiniteError
 from ..schedules import eps_at
 from ..zo import optim
 from ..zo.log import KeySpace
+from .server import draw_seeds
 
 POOL_RUN = 1  # the key space's run index for a federation's pool (0: a run on its own)
 # ZO optimizers whose update is a function of the round's estimate alone: a device that
 # rejoins needs no optimizer state, only the log (momentum / adam would carry theirs)
 STATELESS = ("sgd", "sign-sgd")
+# what a probe replies, by the server's rule (`aggregate.Rule.sends`): the ZOMethod's probe
+# returning it (projected gradients, or the replicas' losses the server pools)
+PROBES = {"grads": "probe", "losses": "probe_losses"}
 # the run settings every device of a federation must share (the data and batch are its own)
 SHARED = ("model", "dtype", "seed", "method", "trainable", "lora_rank", "lora_alpha",
           "lora_targets", "lora_layers", "num_virtual_tokens", "lora_fa")
@@ -69,9 +73,10 @@ class Device:
     """One device: a ZO method over its model's trainable tensors, its data (`batch_at`:
     round -> micro-batches; None: it only follows the log) and the rounds it has applied."""
 
-    def __init__(self, method, batch_at, run: str, iters: int = 1):
+    def __init__(self, method, batch_at, run: str, iters: int = 1, pool: int = 4096):
         check_method(method)
         self.method, self.batch_at, self.run, self.iters = method, batch_at, run, iters
+        self.pool = pool  # --seed-pool: a round's seeds are drawn from it here, never sent
         self.params = method.params
         self.tensors = [p for _, p in self.params]
         self.space = KeySpace(method.run.seed, run=POOL_RUN)
@@ -83,13 +88,18 @@ class Device:
         pert, n = self.method.perturbation, len(self.tensors)
         return [pert.keys(self.space, int(k), 1, n)[0] for k in seeds]
 
+    def seeds(self, rnd: int) -> list[int]:
+        """Round `rnd`'s seeds, drawn as the server draws them."""
+        return draw_seeds(self.method.run.seed, rnd, self.pool, self.method.queries)
+
     def hash(self) -> str:
         return weights_hash(self.params)
 
     def apply(self, rec: dict) -> None:
         """Apply round `rec` (its seeds, aggregated scalars, lr) as replay applies a step."""
         m = self.method
-        est = optim.Estimate(self.keys(rec["seeds"]), [float(g) for g in rec["grads"]],
+        seeds = rec["seeds"] if "seeds" in rec else self.seeds(rec["round"])  # (a log's: kept)
+        est = optim.Estimate(self.keys(seeds), [float(g) for g in rec["grads"]],
                              m.cfg.perturbation, m.perturbation)
         target = optim.immediate(self.tensors, m.cfg.perturbation, m.perturbation)
         m.opt.apply(est, float(rec["lr"]), target, logged=rec)
@@ -129,18 +139,23 @@ class Device:
         why = self.catch_up(int(req["from"]), list(req["catchup"]))
         if why is not None:
             return {"error": why, "have": self.have}
-        rnd, seeds = int(req["round"]), list(req["seeds"])
+        rnd = int(req["round"])
         reply = {"round": rnd, "have": self.have, "hash": self.hash()}
-        if not seeds:  # a sync: up to date, nothing to probe
+        if not req["probe"]:  # a sync: up to date, nothing to probe
             return reply
         if self.batch_at is None:
             return {"error": "this device holds no training data", "have": self.have}
+        sends = req.get("sends", "grads")
+        if sends not in PROBES:
+            return {"error": f"asked for {sends!r}; this device sends {', '.join(PROBES)}",
+                    "have": self.have}
         eps = eps_at(self.method.cfg, rnd, self.iters)
+        probe = getattr(self.method, PROBES[sends])
         try:
-            grads, loss, tokens = self.method.probe(self.batch_at(rnd), self.keys(seeds), eps)
+            values, loss, tokens = probe(self.batch_at(rnd), self.keys(self.seeds(rnd)), eps)
         except NonFiniteError as e:
             return {"error": f"round {rnd}: {e.what}", "have": self.have}
-        return {**reply, "grads": grads, "loss": loss, "tokens": tokens}
+        return {**reply, sends: values, "loss": loss, "tokens": tokens}
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

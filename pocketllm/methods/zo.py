@@ -222,6 +222,25 @@ class ZOMethod(Method):
         figures, loss, tokens = self._evaluate(batches, plan, self.estimator.projected, 0)
         return figures["projected_grads"], loss, tokens
 
+    def probe_losses(self, batches, keys, eps: float) -> tuple[list[float], float, int]:
+        """The replicas' losses along `keys` on `batches` (each the token-weighted mean over
+        all their rows), the loss at the current weights and the tokens scored: what the
+        estimator's `projected` turns into a step. A federated device sends these when the
+        server pools every device's losses before applying the estimator once (`--aggregate
+        pooled`): with all devices, the step of pooled training on their union."""
+        plan = Plan(keys, eps, self.replicas, self.passes)
+        here = torch.tensor([not r.anchor for r in plan.replicas])
+        total, tokens = torch.zeros(len(plan.replicas), dtype=torch.float64), 0
+        for b in batches:
+            L = self.engine.losses(b, plan)
+            if not torch.isfinite(L).all():
+                raise NonFiniteError(1, f"the loss at the perturbed weights is {L.tolist()}")
+            n = self.objective.n_scored(b)
+            total += n * L
+            tokens += n
+        L = total / max(tokens, 1)
+        return L.tolist(), L[here].mean().item(), tokens
+
     def _evaluate(self, batches, plan, projected, step) -> tuple[dict, float, int]:
         """The step's per-query figures (its projected grads and what the estimator
         `reports`), each averaged over the micro-batches, which share the step's

@@ -14,24 +14,28 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 # every field a message may carry (wire.py), and nothing else
-REQUEST = {"round", "run", "seeds", "from", "c.seeds", "c.grads", "c.lr", "c.hash"}
-REPLY = {"round", "have", "grads", "hash", "loss", "tokens", "error"}
+REQUEST = {"round", "run", "probe", "sends", "from", "catchup"}
+CATCHUP = {"round", "grads", "lr", "hash"}
+REPLY = {"round", "have", "grads", "losses", "hash", "loss", "tokens", "error"}
 
 
 @pytest.fixture(scope="module")
 def simulated(fed_data, tmp_path_factory):
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+    from pocketllm.federated import wire
     from pocketllm.federated.simulate import simulate
     out = tmp_path_factory.mktemp("sim")
-    seen = []  # (direction, message type, content fields, every byte Flower serialises)
+    seen = []  # (direction, message type, its records, what they decode to, every byte
+    #            Flower serialises of the message)
 
     def tap(direction, msg):
         objs = get_all_nested_objects(msg).values()
+        decoded = (wire.unpack_request(msg.content, SETTINGS["queries"]) if direction == "out"
+                   else wire.unpack_reply(msg.content))
         seen.append((direction, msg.metadata.message_type,
-                     {k: dict(v) for k, v in msg.content.items()},
-                     [o.deflate() for o in objs],
-                     sum(len(msg.content[k].deflate()) for k in msg.content)))
+                     {k: dict(v) for k, v in msg.content.items()}, decoded,
+                     [o.deflate() for o in objs]))
     args = fed_args(fed_data, out, iters=3, partition="dirichlet:1.0")
     summary = simulate(args, dict(SETTINGS), tap=tap)
     return out, summary, seen
@@ -48,6 +52,8 @@ def test_the_devices_agree_and_the_log_rebuilds_their_weights(simulated):
 
 
 def test_only_seeds_scalars_hashes_and_round_metadata_cross_the_wire(simulated, fed_data):
+    import struct
+
     from pocketllm.models import load_model
     _, _, seen = simulated
     assert {(d, t) for d, t, *_ in seen} == {("out", "train"), ("in", "train"),
@@ -56,24 +62,26 @@ def test_only_seeds_scalars_hashes_and_round_metadata_cross_the_wire(simulated, 
     texts = [s for t, c in RECORDS for s in (t, c.strip())]
     ids = [tok(f"Note: {t}\nCategory:{c}")["input_ids"] for t, c in RECORDS]
     runs = {tuple(x[i:i + 3]) for x in ids for i in range(len(x) - 2)}  # any 3 token ids
-    for direction, kind, content, blobs, _ in seen:
+    # ... as any fixed-width integers would carry them
+    packed = {struct.pack(f"<3{c}", *r) for r in runs for c in "HIQ"}
+    for direction, kind, content, decoded, blobs in seen:
         assert set(content) == {"fed"}, content.keys()  # one ConfigRecord, no ArrayRecord
-        fields = set(content["fed"])
-        assert fields <= (REQUEST if direction == "out" else REPLY), fields
+        assert set(content["fed"]) == {"b"}  # one packed field
+        assert "malformed" not in decoded and "error" not in decoded, decoded
+        assert set(decoded) <= (REQUEST if direction == "out" else REPLY), decoded.keys()
+        for r in decoded.get("catchup", []):
+            assert set(r) == CATCHUP
         for blob in blobs:
             for text in texts:
                 assert text.encode() not in blob, (kind, text)
-        for v in content["fed"].values():
-            if isinstance(v, list) and v and isinstance(v[0], int):
-                assert not {tuple(v[i:i + 3]) for i in range(len(v) - 2)} & runs
+            assert not any(p in blob for p in packed), kind
 
 
-def test_a_rounds_records_cost_under_a_kilobyte_per_device(simulated):
+def test_a_round_costs_under_a_kilobyte_per_device_with_flowers_envelope(simulated):
     _, _, seen = simulated
-    # a device sampled every round: its request holds the round's seeds and the last round's
-    # update, its reply the scalars and the hash (the records' bytes as Flower serialises
-    # them; Flower's own message metadata comes on top, benchmarks/results/federated.md)
+    # a device sampled every round: its request holds the last round's update, its reply its
+    # losses and the hash; every byte Flower serialises of both messages (its metadata too)
     def largest(direction):
-        return max(n for d, t, c, _, n in seen
-                   if d == direction and t == "train" and c["fed"].get("round", 0) >= 1)
+        return max(sum(map(len, blobs)) for d, t, _, m, blobs in seen
+                   if d == direction and t == "train" and m["round"] >= 1)
     assert largest("out") + largest("in") < 1024, (largest("out"), largest("in"))

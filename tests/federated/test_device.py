@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from pocketllm.federated import build, server
-from pocketllm.federated.log import FedLog
 from tests.federated.conftest import N, SETTINGS, fed_args
 
 
 def coordinator(fed_data, out, **kw) -> server.Coordinator:
-    args = fed_args(fed_data, out)
+    args = fed_args(fed_data, out, **kw)
     _, cfg = build.resolve(args, dict(SETTINGS))
-    return server.Coordinator(FedLog(out, build.header(args, cfg)), **kw)
+    return build.coordinator(args, cfg)
 
 
 def run_round(c, devices, lr=1e-2):
@@ -38,8 +37,8 @@ def test_every_device_holds_the_same_weights_after_every_round(fresh, fed_data, 
     for r in range(3):
         rec, replies = run_round(c, trainers)
         assert rec["clients"] == list(range(N)), rec["excluded"]
-        # each device probed its own data: different scalars, one shared update
-        assert len({tuple(replies[n]["grads"]) for n in trainers}) == N
+        # each device probed its own data: different losses, one shared update
+        assert len({tuple(replies[n]["losses"]) for n in trainers}) == N
         assert len({fresh[n].hash() for n in trainers}) == 1  # (applied at the next request)
     final = sync(c, fresh)  # the one without data follows the log alone
     assert final["agree"] == list(range(N + 1)) and not final["differ"]
@@ -83,20 +82,26 @@ def test_a_device_out_of_step_is_excluded_then_starts_over(fresh, fed_data, tmp_
     assert sync(c, trainers)["agree"] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("bad", [[math.nan] * 4, [1.0, math.inf, 0.0, 0.0], [1e9, 0, 0, 0],
-                                 [0.5] * 3, [0.5] * 5])
+@pytest.mark.parametrize("rule", ["pooled", "mean"])
+@pytest.mark.parametrize("bad,why", [
+    (lambda n: [math.nan] * n, "non-finite"),
+    (lambda n: [1.0, math.inf] + [0.0] * (n - 2), "non-finite"),
+    (lambda n: [1e9] + [0.0] * (n - 1), "out of range"),
+    (lambda n: [0.5] * (n - 1), "wrong length"), (lambda n: [0.5] * (n + 1), "wrong length")])
 def test_malformed_scalars_are_excluded_without_touching_the_aggregate(fresh, fed_data,
-                                                                      tmp_path, bad):
+                                                                      tmp_path, bad, why, rule):
     honest = {n: fresh[n] for n in range(2)}
-    ref, _ = run_round(coordinator(fed_data, tmp_path / "ref"), honest)
+    ref, _ = run_round(coordinator(fed_data, tmp_path / "ref", aggregate=rule), honest)
     for d in fresh.values():
         d.reset()
 
     def liar(req):
         reply = fresh[2].handle(req)
-        return {**reply, "grads": bad}
-    rec, _ = run_round(coordinator(fed_data, tmp_path / "bad"), {**honest, 2: liar})
-    assert rec["clients"] == [0, 1] and "2" in rec["excluded"]
+        key = req["sends"]
+        return {**reply, key: bad(len(reply[key]))}
+    rec, _ = run_round(coordinator(fed_data, tmp_path / "bad", aggregate=rule),
+                       {**honest, 2: liar})
+    assert rec["clients"] == [0, 1] and why in rec["excluded"]["2"]
     assert rec["grads"] == ref["grads"]  # the honest devices' aggregate, bit for bit
 
 
@@ -128,3 +133,41 @@ def test_a_device_with_other_settings_is_refused(fresh, fed_data, tmp_path):
     assert "settings differ" in reply["error"]
     rec, _ = run_round(c, {0: fresh[0], 7: other})
     assert rec["clients"] == [0] and "settings differ" in rec["excluded"]["7"]
+
+
+def test_pooled_with_every_device_is_pooled_training_on_their_union(fresh, fed_data, tmp_path):
+    """--aggregate pooled: each round's update is the one a single run takes on the union of
+    the devices' batches (same seeds, same rows): the pooled losses are the union's to float32
+    rounding, and the estimate from them differs from pooled training's only by that rounding
+    divided by the losses' spread; the mean of the devices' own fzoo estimates is far off."""
+    from pocketllm.federated.aggregate import pooled_losses
+    c = coordinator(fed_data, tmp_path, aggregate="pooled")
+    trainers = {n: fresh[n] for n in range(N)}
+    ref = fresh[N]  # the pooled run: one model, the union's batch each round
+    est, eps = ref.method.estimator, ref.method.cfg.eps
+    assert type(est).__name__ == "FZOO"
+    for r in range(3):
+        bts = [trainers[n].batch_at.batcher for n in range(N)]
+        union = bts[0].collate([b.encoded[i] for b in bts for i in b.indices(r)],
+                               bts[0].pad_id)
+        assert union["input_ids"].shape[0] == 2 * N
+        keys = ref.keys(ref.seeds(r))
+        want, _, _ = ref.method.probe([union], keys, eps)  # pooled training's estimate
+        lu, _, _ = ref.method.probe_losses([union], keys, eps)  # ... from these losses
+        assert want == est.projected(torch.tensor(lu, dtype=torch.float64), eps)
+        rec, replies = run_round(c, trainers)
+        assert rec["clients"] == list(range(N)), rec["excluded"]
+        got = pooled_losses([replies[n]["losses"] for n in trainers],
+                            [replies[n]["tokens"] for n in trainers])
+        assert got == pytest.approx(lu, rel=1e-6)
+        # fzoo: g = (l_j - l_0) / std(l): an error d in the losses moves g by ~2 d / std
+        d, sd = max(abs(a - b) for a, b in zip(got, lu)), torch.tensor(lu[1:]).std().item()
+        assert rec["grads"] == pytest.approx(want, abs=4 * d / sd + 1e-6)
+        own = [est.projected(torch.tensor(replies[n]["losses"], dtype=torch.float64), eps)
+               for n in trainers]
+        mean = [sum(g) / N for g in zip(*own)]
+        assert max(abs(a - b) for a, b in zip(mean, want)) > 20 * (4 * d / sd)
+        ref.apply(rec)  # the pooled run's step: its estimate applied as a training step's
+    assert sync(c, trainers)["agree"] == list(range(N))
+    for a, b in zip(fresh[0].tensors, ref.tensors):
+        assert torch.equal(a, b)  # (ref applied the log's coefficients: the same weights)

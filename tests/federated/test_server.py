@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from pocketllm.federated import aggregate, server
@@ -30,7 +31,7 @@ def test_seeds_are_a_function_of_seed_and_round_within_the_pool():
     ({"error": "disk full"}, "device error: disk full"),
     (good(1, [0.1, 0.2, 0.3]), "answers round 1"),
     ({**good(0, [0.1, 0.2, 0.3]), "have": 2}, "not caught up"),
-    (good(0, [0.1, 0.2]), "wrong length: 2 scalars for 3 queries"),
+    (good(0, [0.1, 0.2]), "wrong length: 2 grads for 3 queries"),
     (good(0, [0.1, 0.2, 0.3, 0.4]), "wrong length: 4"),
     (good(0, "0.1,0.2,0.3"), "wrong length"),
     (good(0, [0.1, "x", 0.3]), "not numbers"),
@@ -40,6 +41,7 @@ def test_seeds_are_a_function_of_seed_and_round_within_the_pool():
     (good(0, [0.1, 1e9, 0.3]), "out of range"),
     (good(0, [0.1, 0.2, 0.3], h="short"), "no weights hash"),
     ("garbage", "not a reply"),
+    ({"malformed": "7 bytes"}, "malformed reply: 7 bytes"),
 ])
 def test_a_malformed_reply_is_refused_with_its_reason(reply, why):
     got = server.check_reply(reply, 0, 3, 1e3)
@@ -79,10 +81,11 @@ def test_requests_carry_the_rounds_a_node_lacks(tmp_path):
         c.close(r, {0: good(r, [1.0, 1.0, 1.0])}, lr=0.1)
     req = c.request(0)
     assert req["round"] == 3 and req["from"] == 2 and [x["round"] for x in req["catchup"]] == [2]
-    assert req["seeds"] == server.draw_seeds(7, 3, 64, 3)
+    assert req["probe"] and "seeds" not in req  # the device draws them: these
+    assert c.log.records[2]["seeds"] == server.draw_seeds(7, 2, 64, 3)
     late = c.request(9)  # never heard from: the whole log
     assert late["from"] == 0 and len(late["catchup"]) == 3
-    assert c.request(0, probe=False)["seeds"] == []
+    assert not c.request(0, probe=False)["probe"]
     assert json.loads(json.dumps(req)) == req  # plain numbers and strings, nothing else
 
 
@@ -94,9 +97,57 @@ def test_a_restarted_server_resumes_from_its_log(tmp_path):
     assert len(lines) == 3 and not (tmp_path / (NAME + ".tmp")).exists()
     again = server.Coordinator(FedLog(tmp_path, HEAD))
     assert again.round == 2 and again.log.records == c.log.records
-    assert again.request(0)["seeds"] == c.request(0)["seeds"]
+    assert again.seeds(2) == c.seeds(2)
     with pytest.raises(SystemExit, match="another federation .*pool"):
         FedLog(tmp_path, {**HEAD, "pool": 65})
     (tmp_path / NAME).write_text(lines[0] + "\n" + lines[2] + "\n")  # round 0 missing
     with pytest.raises(SystemExit, match=r":2: round record 0 malformed"):
         FedLog(tmp_path, HEAD)
+
+
+def test_the_log_holds_float32_coefficients_and_lr(tmp_path):
+    c = server.Coordinator(FedLog(tmp_path, HEAD))
+    rec = c.close(0, {0: good(0, [0.1, 0.2, 0.3]), 1: good(0, [0.2, 0.2, 0.2])}, lr=0.01)
+    # what crosses the wire (float32) is what the log says every device applies
+    assert rec["grads"] == server.f32([0.15, 0.2, 0.25]) and rec["lr"] == server.f32([0.01])[0]
+    assert all(float(np.float32(g)) == g for g in rec["grads"] + [rec["lr"]])
+
+
+def losses_reply(rnd, losses, tokens, h=H):
+    return {"round": rnd, "have": rnd, "losses": losses, "tokens": tokens, "hash": h,
+            "loss": losses[0]}
+
+
+def test_pooled_applies_the_estimator_to_the_token_weighted_losses(tmp_path):
+    import torch
+
+    from pocketllm.zo import estimators
+    fzoo = estimators.REGISTRY["fzoo"](3)
+    c = server.Coordinator(FedLog(tmp_path, HEAD), "pooled", estimator=(fzoo, lambda r: 1e-3))
+    assert c.request(0)["sends"] == "losses" and c.replicas == 4
+    a, b = [1.0, 1.2, 0.9, 1.1], [2.0, 2.5, 1.5, 2.0]
+    rec = c.close(0, {0: losses_reply(0, a, 1), 1: losses_reply(0, b, 3),
+                      2: losses_reply(0, a[:3], 1), 3: losses_reply(0, a, 0)}, lr=0.1)
+    assert rec["clients"] == [0, 1]
+    assert "wrong length: 3 losses for 4 replicas" in rec["excluded"]["2"]
+    assert "over 0 tokens" in rec["excluded"]["3"]
+    pooled = [(x + 3 * y) / 4 for x, y in zip(a, b)]  # the loss of the 4 rows together
+    assert rec["grads"] == server.f32(fzoo.projected(torch.tensor(pooled, dtype=torch.float64),
+                                                     1e-3))
+    # not the mean of the devices' own estimates: fzoo divides by each one's own spread
+    own = [fzoo.projected(torch.tensor(x, dtype=torch.float64), 1e-3) for x in (a, b)]
+    assert max(abs(g - (x + y) / 2) for g, x, y in zip(rec["grads"], *own)) > 0.1
+    with pytest.raises(ValueError, match="needs the run's estimator"):
+        server.Coordinator(FedLog(tmp_path / "x", HEAD), "pooled")
+
+
+def test_coefficients_beyond_float32_make_the_round_a_no_op(tmp_path):
+    class Huge:  # an estimator whose step overflows float32
+        def replicas(self):
+            return [None] * 4
+
+        def projected(self, losses, eps):
+            return [1e39, 0.0, 0.0]
+    c = server.Coordinator(FedLog(tmp_path, HEAD), "pooled", estimator=(Huge(), lambda r: 1e-3))
+    rec = c.close(0, {0: losses_reply(0, [1.0] * 4, 2)}, lr=0.1)
+    assert rec["grads"] == [0.0, 0.0, 0.0] and "not finite in float32" in rec["excluded"]["*"]
