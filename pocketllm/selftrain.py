@@ -22,7 +22,9 @@ step (`data.Batcher`), so the export writes the first `--steps` of them, padded 
 with the initial state, the per-step lr and eps, and the ZO log's header (manifest.json), and
 the run's config.yaml that `pocketllm replay` reads.
 
-A format is one entry of `WRITERS` (onnx: a pure function, state in and state out).
+A format is one entry of `WRITERS`: onnx, the pure function (the host holds the state); pte,
+one ExecuTorch program whose methods `step`, `eval`, `get_state`, `set_state` share the state
+as a mutable buffer (`examples/host/train_pte.py`).
 """
 
 from __future__ import annotations
