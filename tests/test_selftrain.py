@@ -111,8 +111,9 @@ def test_the_hosts_log_replays_in_torch_to_the_programs_state(hosted, tmp_path):
     assert (final - start).abs().max() > 1e-4  # it trained
     if CASES[case][1]:
         assert torch.equal(got, final)
-    else:  # gaussian z: float32 log/cos in the program, ~1e-6 per z
-        assert (got - final).abs().max() <= 1e-5 * STEPS
+    else:  # gaussian z: float32 log/cos in the program, ~2e-6 per z, times each update's
+        # coefficient lr * g / q (~1e-2 here): ~1e-8 a step (measured: 1.5e-8 after 4)
+        assert (got - final).abs().max() <= 1e-6
 
 
 def test_the_program_step_is_pocketllms_step(hosted):
