@@ -224,6 +224,13 @@ def cmd_generate(args: C.GenerateArgs) -> int:
 def cmd_export(args: C.ExportArgs) -> int:
     from .export import FORMATS, export
     t0 = time.time()
+    if args.trainable:  # the training step as a program (selftrain.py)
+        from .selftrain import export_trainable
+        out = export_trainable(args)
+        print(f"wrote {out}/ ({args.format} step program, manifest.json, batches, state) in "
+              f"{time.time() - t0:.0f}s; run it: python examples/host/train_{args.format}.py "
+              f"{out} RUN_DIR, then pocketllm replay --adapter-path RUN_DIR")
+        return 0
     out = export(args)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.format}, max length "
           f"{args.max_len}) in {time.time() - t0:.0f}s; run it: pocketllm generate --engine "

@@ -350,6 +350,11 @@ class ExportArgs(ModelArgs):
                    "beside it")
     max_len: int = opt(256, "the program's fixed length: prompt plus generated tokens (no KV "
                        "cache: every token recomputes the prefix)", ge=2)
+    trainable: str = opt("", "a zeroth-order run's settings (YAML, as train -c reads; or a "
+                         "run's config.yaml): write the whole training step as one program "
+                         "that trains itself, with its manifest, batches and initial state, "
+                         "to the folder --out (docs/engines.md; examples/host/ runs it)")
+    steps: int = opt(0, "--trainable: the training batches written (0: the run's iters)", ge=0)
 
 
 @dataclass

@@ -370,6 +370,22 @@ def program_inputs(model_batch: dict, kind_rows: bool, shapes: Shapes, pad_id: i
     return [input_ids, mask, pos, targets, cands, weight]
 
 
+def fixed_lora(model: nn.Module, trained: list[str]) -> list[torch.Tensor]:
+    """The LoRA tensors a program reads but does not train (LoRA-FA's A), in its order."""
+    lora = {f"{n}.{f}": getattr(m, f) for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) for f in ("lora_A", "lora_B")}
+    return [p for n, p in lora.items() if n not in trained]
+
+
+def flat_state(trained: list[torch.Tensor], fixed: list[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A program's `train` and `fixed` inputs: the tensors flat, float32, in order (fixed:
+    one 0 when there is none; an input is never empty)."""
+    train = torch.cat([p.data.reshape(-1) for p in trained]).float()
+    fixed = torch.cat([p.data.reshape(-1) for p in fixed]).float() if fixed else torch.zeros(1)
+    return train, fixed
+
+
 def scored(batch: dict, kind_rows: bool) -> int:
     if kind_rows:
         return batch["input_ids"].shape[0]
@@ -442,47 +458,14 @@ class ProgramEngine(Engine):
     def __init__(self, model, params, stats, dist="gaussian", perturbation=None,
                  program_cache=None, threads=0):
         super().__init__(model, params, stats, dist, perturbation)
-        flag = f"--engine {self.name}"
-        for mod in self.modules:
-            try:
-                __import__(mod)
-            except ImportError:
-                raise SystemExit(f"error: {flag} needs its runtime: "
-                                 f"pip install pocketllm[{self.extra}]") from None
-        arch = getattr(model.config, "model_type", "?")
-        if arch not in self.architectures:
-            raise ValueError(f"{flag} runs {', '.join(self.architectures)} models, not {arch}: "
-                             "use --engine torch")
-        if perturbation is not None and perturbation.spec().get("name") != "dense":
-            raise ValueError(f"{flag} draws dense noise only, not --zo-perturbation "
-                             f"{perturbation.spec().get('name')}: use --engine torch")
-        not_lora = [n for n, _ in params if not n.endswith((".lora_A", ".lora_B"))]
-        if not_lora:
-            raise ValueError(f"{flag} trains LoRA tensors only (--trainable lora), not "
-                             f"{not_lora[0]}: use --engine torch")
-        from ..quantize import quantized_layers
-        if quantized_layers(model):
-            raise ValueError(f"{flag} runs a float base: drop --quantize-base (a quantized base "
-                             "inside the engine's program is not built yet), or use --engine "
-                             "torch")
-        if any(p.dtype != torch.float32 for p in model.parameters()):
-            raise ValueError(f"{flag} runs a float32 model: use --dtype float32")
-        objective = getattr(stats, "__self__", None)
-        kind = getattr(objective, "name", "?")
-        if kind not in self.objectives:
-            raise ValueError(f"{flag} scores the {' and '.join(self.objectives)} objectives, "
-                             f"not {kind}: "
-                             "use --engine torch")
-        if any(p.numel() >= 2**32 for _, p in params):
-            raise ValueError(f"{flag}: a trainable tensor of 2**32 elements or more")
+        self.check(model, params, stats, perturbation, f"--engine {self.name}")
+        kind = getattr(getattr(stats, "__self__", None), "name", "?")
         self.rows_kind = kind == "classification"
         self.objective = objective
         self.cache = ProgramCache(program_cache)
         self.threads = threads or torch.get_num_threads()
         self.trained = [n for n, _ in params]
-        lora = {f"{n}.{f}": getattr(m, f) for n, m in model.named_modules()
-                if isinstance(m, LoRALinear) for f in ("lora_A", "lora_B")}
-        self.fixed_params = [p for n, p in lora.items() if n not in self.trained]
+        self.fixed_params = fixed_lora(model, self.trained)
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
         frozen = [t for n, t in model.state_dict().items() if ".lora_" not in n]
         self.model_key = {"config": model.config.to_json_string(use_diff=False),
@@ -498,6 +481,41 @@ class ProgramEngine(Engine):
         self.width = 1  # replicas per program call (`losses`)
         self.export_seconds = 0.0
         self.pending: list[tuple[list[int], float]] = []
+
+    @classmethod
+    def check(cls, model, params, stats, perturbation, flag: str,
+              instead: str = "use --engine torch") -> None:
+        """Refuse (ValueError naming `flag`, SystemExit for a missing runtime) what a
+        `StepProgram` cannot run: the engine's constructor, and `export --trainable`."""
+        for mod in cls.modules:
+            try:
+                __import__(mod)
+            except ImportError:
+                raise SystemExit(f"error: {flag} needs its runtime: "
+                                 f"pip install pocketllm[{cls.extra}]") from None
+        arch = getattr(model.config, "model_type", "?")
+        if arch not in cls.architectures:
+            raise ValueError(f"{flag} runs {', '.join(cls.architectures)} models, not {arch}: "
+                             f"{instead}")
+        if perturbation is not None and perturbation.spec().get("name") != "dense":
+            raise ValueError(f"{flag} draws dense noise only, not --zo-perturbation "
+                             f"{perturbation.spec().get('name')}: {instead}")
+        not_lora = [n for n, _ in params if not n.endswith((".lora_A", ".lora_B"))]
+        if not_lora:
+            raise ValueError(f"{flag} trains LoRA tensors only (--trainable lora), not "
+                             f"{not_lora[0]}: {instead}")
+        from ..quantize import quantized_layers
+        if quantized_layers(model):
+            raise ValueError(f"{flag} runs a float base: drop --quantize-base (a quantized base "
+                             f"inside the engine's program is not built yet), or {instead}")
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            raise ValueError(f"{flag} runs a float32 model: use --dtype float32")
+        kind = getattr(getattr(stats, "__self__", None), "name", "?")
+        if kind not in cls.objectives:
+            raise ValueError(f"{flag} scores the {' and '.join(cls.objectives)} objectives, "
+                             f"not {kind}: {instead}")
+        if any(p.numel() >= 2**32 for _, p in params):
+            raise ValueError(f"{flag}: a trainable tensor of 2**32 elements or more")
 
     # ---- the backend (class methods: they export and run any module, e.g. a test's) --------
     @classmethod
@@ -617,10 +635,7 @@ class ProgramEngine(Engine):
             self._release()
 
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        train = torch.cat([p.data.reshape(-1) for _, p in self.params]).float()
-        fixed = (torch.cat([p.data.reshape(-1) for p in self.fixed_params]).float()
-                 if self.fixed_params else torch.zeros(1))
-        return train, fixed
+        return flat_state([p for _, p in self.params], self.fixed_params)
 
     def _evaluate(self, batch, keys: list[list[int]], scales: list[float]) -> list[float]:
         if len(scales) > self.width:  # a pass wider than the program: in chunks

@@ -77,6 +77,12 @@ class Estimator(ABC):
     def projected(self, losses: torch.Tensor, eps: float) -> list[float]:
         """The q projected gradients from the replicas' losses (float64, one per replica)."""
 
+    def traced(self, losses: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """`projected` in tensor ops alone (float64 losses and eps in, (q,) float64 out, no
+        Python branch on a value), so an exported program can compute it
+        (`pocketllm.selftrain`: the step as one program); None where an estimator has none."""
+        raise NotImplementedError(f"--estimator {self.name} has no traced form")
+
     def refreshes(self, step: int) -> bool:
         """Whether `step` refreshes the anchor (an anchored estimator's steps 0, m, 2m, ...)."""
         return self.anchor_every > 0 and step % self.anchor_every == 0

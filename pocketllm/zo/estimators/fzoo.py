@@ -50,8 +50,12 @@ class FZOO(Estimator):
         return [Replica(-1, 0.0)] + [Replica(j, 1.0) for j in range(self.queries)]
 
     def projected(self, losses: torch.Tensor, eps: float) -> list[float]:
+        return self.traced(losses, eps).tolist()
+
+    def traced(self, losses, eps):
         l0, L = losses[0], losses[1:]
         sigma = L.std()  # sample standard deviation (N - 1), as the paper's sigma_t
-        if sigma <= SIGMA_FLOOR * max(1.0, abs(l0.item())):
-            return [0.0] * self.queries
-        return ((L - l0) / sigma).tolist()
+        # where, not an if: the same ops in an exported program (the other branch's 0/0 is
+        # computed and dropped)
+        flat = sigma <= SIGMA_FLOOR * torch.clamp(l0.abs(), min=1.0)
+        return torch.where(flat, torch.zeros_like(L), (L - l0) / sigma)
