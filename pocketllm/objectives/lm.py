@@ -79,10 +79,10 @@ class LanguageModeling(Objective):
             first = torch.ones_like(rows, dtype=torch.bool)
             first[1:] = rows[1:] != rows[:-1]
             hf, tf = h[first], tgt[first]
-            w = head.weight[self.choices]
+            (w,), (bc,) = PlainHead(head).rows(self.choices, 1)  # (an int8 head: those rows)
             cl = hf @ w.to(hf.dtype).T
-            if getattr(head, "bias", None) is not None:
-                cl = cl + head.bias[self.choices]
+            if bc is not None:
+                cl = cl + bc
             pred = self.choices[cl.argmax(1)]
             choice_correct = zeros.index_put((rows[first],), (pred == tf).float())
         return TokenStats(
