@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=500)
     ap.add_argument("--steps", type=int, default=0,
                     help="N steps per run instead of the CPU-time budget (0: the budget)")
+    ap.add_argument("--schemes", default=",".join(SCHEMES),
+                    help="the schemes to run, in this order (the table: those run so far)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "quant_sst2"))
     a = ap.parse_args()
     if a.steps:
@@ -45,7 +47,7 @@ def main() -> None:
     length = (["--iters", str(a.steps), "--lr-schedule", "constant"] if a.steps else
               ["--iters", "1000", "--time-budget", str(a.budget), "--budget-clock", "cpu"])
     rows, load = [], os.getloadavg()[0]
-    for scheme in SCHEMES:
+    for scheme in a.schemes.split(","):
         out = Path(a.runs) / scheme
         cmd = [sys.executable, "-m", "pocketllm.cli", "train", "--task", "sst2", "--k", "16",
                "--seed", "42", "--method", "prge", "--quantize-base", scheme, *length,
