@@ -19,10 +19,9 @@ import os
 import subprocess
 import sys
 
-from _run import ROOT, write_table
+from pathlib import Path
 
-sys.path.insert(0, str(ROOT))
-from pocketllm.bench.machine import describe  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # (a child imports nothing before its stage)
 
 STAGES = {  # name -> (what it does, extra environment)
     "python": ("the interpreter", {}),
@@ -68,6 +67,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return child(a.child, a.model, a.quantize_base)
+    from _run import write_table
+
+    from pocketllm.bench.machine import describe
     rows, load = [], os.getloadavg()[0]
     for stage, (what, env) in STAGES.items():
         out = subprocess.run([sys.executable, __file__, "--child", stage, "--model", a.model,
