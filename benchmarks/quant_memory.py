@@ -98,9 +98,10 @@ at a time from the file (smollm2-135m: its cached safetensors) or the seeded poo
 shapes), so no float copy of the model, nor of the table, is ever resident. smollm2-135m in
 float32 (`none`) keeps its weights in the file's mapping, which count as they are touched
 (hence "loaded" below the peak). What every row carries besides the model (measured, fresh
-processes): python + torch 218 MB; + transformers' Llama modeling 324 MB (381 before
-pocketllm kept transformers from importing torchao and scipy, pocketllm/lean_import.py); + the
-tokenizer (loaded with the model) ~380 MB. The two random:opt-1.3b `none` rows are
+processes, benchmarks/results/quant_memory_stages.md): python + torch 219 MB; + pocketllm and
+transformers' Llama modeling 341 MB (388 when transformers also imports torchao and scipy,
+which pocketllm/lean_import.py now keeps it from); + the tokenizer (loaded with the model)
+390 MB. The two random:opt-1.3b `none` rows are
 from an earlier run (20:38, the date in the load column), before the lean import: ~47 MB of
 each would go now. Step times are NOT comparable across rows: the
 machine was shared with other jobs (the load column: the 1-minute load average when the row
