@@ -68,6 +68,8 @@ def main() -> None:
     length_note = (f"{a.steps} steps per run at a constant learning rate (--iters {a.steps} "
                    "--lr-schedule constant)" if a.steps else
                    f"{a.budget:g} CPU-minutes of steps per run (--budget-clock cpu, --iters 1000)")
+    fair = ("the runs make the same steps" if a.steps else
+            "the CPU-time budget is what keeps the runs comparable")
     write_table("quant_sst2.md", "SST-2 k=16 seed 42: prge on a float / int8 / 4-bit base",
                 "python benchmarks/quant_sst2.py " + " ".join(sys.argv[1:]), describe(),
                 ["--quantize-base", "zero-shot dev acc %", "after dev acc %", "steps",
@@ -78,8 +80,8 @@ lr 1e-2), LoRA, one thread, {length_note}, dev accuracy on {a.eval_examples} dev
 it (the final adapter, not the kept best). int8 / int4: the base's Linears in 8 / 4 bits and
 its embedding table (the tied head) in int8 rows (pocketllm/quantize.py). One seed and a short budget: differences of a few points are within the run-to-run
 spread of this protocol (benchmarks/results/accuracy_protocol.md: +- 3.1 over five seeds).
-Load average at the start: {load:.1f} (other jobs shared the 2 cores; the CPU-time budget is
-what keeps the runs comparable).
+Load average when this table was written: {load:.1f} (a run measured before and kept in
+--runs may have run at another; other jobs shared the 2 cores: {fair}).
 """)
 
 
