@@ -7,10 +7,9 @@ Rows are kept in benchmarks/results/quant_memory.jsonl as they are measured (a r
 not run again), so an interrupted run continues.
 
 Models: the default model (smollm2-135m, its pretrained weights) and random:opt-1.3b (OPT-1.3B's
-published config with random weights, no download). A random: shape is quantized layer by
-layer as it is filled, so its load peak is what a real layer-by-layer load would hold; the
-default model is loaded in float and then quantized (its load peak is the float model's; the
-run peak after it is the quantized model's). Both peaks are reported: "peak" is the larger.
+published config with random weights, no download). Both are quantized layer by layer as they
+are read or filled (`models/stream.py`): the load peak is the quantized model's plus one layer.
+Both peaks are reported: "peak" is the larger.
 Writes benchmarks/results/quant_memory.md.
 """
 
@@ -90,18 +89,23 @@ zo-sgd, --trainable lora (rank 8 on q_proj/v_proj, float32 adapter), {a.threads}
 {a.steps} measured step(s) after one unmeasured, each row in a fresh process
 (`python -m pocketllm.workload --method zo-sgd --trainable lora --quantize-base S ...`).
 Peak load: VmHWM once the model is loaded (and quantized); loaded: RSS then; peak run: VmHWM
-over the steps (reset after loading); peak: the larger. What stays float in every scheme: the
-tied embedding / output head (stored once), norms, position embeddings, the adapter. int8:
-torchao Int8WeightOnlyConfig; int4: 4-bit packed, groups of 128 (64 where the width needs it),
-aten's CPU int4 kernel (pocketllm/quantize.py). The process's framework (python, torch,
-transformers, tokenizers) is ~340 MB of every figure (memory_estimate.FRAMEWORK_MB).
-smollm2-135m is read from its cached safetensors: in float32 the weights stay in the file's
-mapping and count as they are touched (hence "loaded" below the peak); quantized, it is loaded
-in float and quantized after (the load peak is the float model's: a layer-by-layer load of a
-safetensors file is not implemented). random:opt-1.3b is quantized layer by layer as its
-weights are filled (what a layer-by-layer load would hold). Step times are NOT comparable
-across rows: the machine was shared with other jobs (the load column: the 1-minute load
-average when the row started, 2 cores).
+over the steps (reset after loading); peak: the larger. int8: torchao Int8WeightOnlyConfig;
+int4: 4-bit packed, groups of 128 (64 where the width needs it), aten's CPU int4 kernel; with
+either, the embedding table (tied: the output head, stored once) in int8 rows with a float32
+scale each (pocketllm/quantize.py). Float in every scheme: norms, position embeddings, the
+adapter. Quantized loads are streamed: each Linear quantized as it is read, the table 1024 rows
+at a time from the file (smollm2-135m: its cached safetensors) or the seeded pool (random:
+shapes), so no float copy of the model, nor of the table, is ever resident. smollm2-135m in
+float32 (`none`) keeps its weights in the file's mapping, which count as they are touched
+(hence "loaded" below the peak). What every row carries besides the model (measured, fresh
+processes, benchmarks/results/quant_memory_stages.md): python + torch 219 MB; + pocketllm and
+transformers' Llama modeling 341 MB (388 when transformers also imports torchao and scipy,
+which pocketllm/lean_import.py now keeps it from); + the tokenizer (loaded with the model)
+390 MB. The two random:opt-1.3b `none` rows are
+from an earlier run (20:38, the date in the load column), before the lean import: ~47 MB of
+each would go now. Step times are NOT comparable across rows: the
+machine was shared with other jobs (the load column: the 1-minute load average when the row
+started, 2 cores).
 """
     write_table("quant_memory.md", "ZO-LoRA peak RSS with a quantized frozen base", cmd,
                 describe(), ["model", "dtype", "--quantize-base", "batch", "peak load MB",

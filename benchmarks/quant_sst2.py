@@ -2,10 +2,14 @@
 defaults) on a float, an int8 and a 4-bit frozen base, each on the same short CPU-time budget.
 
     python benchmarks/quant_sst2.py [--budget 3] [--eval-examples 500]
+    python benchmarks/quant_sst2.py --steps 40     # each scheme the same number of steps
 
 Each run is an ordinary `pocketllm train --task sst2 --k 16 --seed 42 --method prge
 --quantize-base S --time-budget B --budget-clock cpu --threads 1` in a fresh process, one after
-the other; the zero-shot figure ("before") is each base's own. A short budget, one seed: a
+the other; the zero-shot figure ("before") is each base's own. With --steps N, each run makes
+N steps instead (`--iters N --lr-schedule constant`, no budget): the 4-bit matmul is slower on
+this CPU, so on a CPU-time budget the 4-bit run makes fewer steps, which mixes the
+quantization error with a shorter run; equal steps compare the bases alone. A short budget, one seed: a
 smoke-level comparison, not the protocol's five seeds. Needs /work/shared/data/sst2 (or
 $POCKETLLM_DATA). Writes benchmarks/results/quant_sst2.md.
 """
@@ -32,15 +36,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--budget", type=float, default=3.0, help="CPU minutes of steps per run")
     ap.add_argument("--eval-examples", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="N steps per run instead of the CPU-time budget (0: the budget)")
+    ap.add_argument("--schemes", default=",".join(SCHEMES),
+                    help="the schemes to run, in this order (the table: those run so far)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "quant_sst2"))
     a = ap.parse_args()
+    if a.steps:
+        a.runs += f"_steps{a.steps}"
+    length = (["--iters", str(a.steps), "--lr-schedule", "constant"] if a.steps else
+              ["--iters", "1000", "--time-budget", str(a.budget), "--budget-clock", "cpu"])
     rows, load = [], os.getloadavg()[0]
-    for scheme in SCHEMES:
+    for scheme in a.schemes.split(","):
         out = Path(a.runs) / scheme
         cmd = [sys.executable, "-m", "pocketllm.cli", "train", "--task", "sst2", "--k", "16",
-               "--seed", "42", "--method", "prge", "--quantize-base", scheme, "--iters", "1000",
-               "--time-budget", str(a.budget), "--budget-clock", "cpu", "--threads", "1",
-               "--eval-examples", str(a.eval_examples), "--adapter-path", str(out)]
+               "--seed", "42", "--method", "prge", "--quantize-base", scheme, *length,
+               "--threads", "1", "--eval-examples", str(a.eval_examples),
+               "--adapter-path", str(out)]
         if not (out / "summary.json").exists():
             t0 = time.time()
             r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -53,18 +65,23 @@ def main() -> None:
         rows.append([scheme, acc(s["before"]), acc(s["after"]), s["steps"],
                      f"{s['train_seconds']:.0f}", f"{s['peak_rss_mb']:.0f}"])
         print(rows[-1], flush=True)
+    length_note = (f"{a.steps} steps per run at a constant learning rate (--iters {a.steps} "
+                   "--lr-schedule constant)" if a.steps else
+                   f"{a.budget:g} CPU-minutes of steps per run (--budget-clock cpu, --iters 1000)")
+    fair = ("the runs make the same steps" if a.steps else
+            "the CPU-time budget is what keeps the runs comparable")
     write_table("quant_sst2.md", "SST-2 k=16 seed 42: prge on a float / int8 / 4-bit base",
                 "python benchmarks/quant_sst2.py " + " ".join(sys.argv[1:]), describe(),
                 ["--quantize-base", "zero-shot dev acc %", "after dev acc %", "steps",
                  "train CPU s", "peak RSS MB"], rows,
                 f"""
 Default model (smollm2-135m), prge with its defaults (FZOO estimate, q=8, rademacher, eps 1e-3,
-lr 1e-2), LoRA, one thread, {a.budget:g} CPU-minutes of steps per run (--budget-clock cpu), dev
-accuracy on {a.eval_examples} dev examples after the budget (the final adapter, not the kept
-best). One seed and a short budget: differences of a few points are within the run-to-run
+lr 1e-2), LoRA, one thread, {length_note}, dev accuracy on {a.eval_examples} dev examples after
+it (the final adapter, not the kept best). int8 / int4: the base's Linears in 8 / 4 bits and
+its embedding table (the tied head) in int8 rows (pocketllm/quantize.py). One seed and a short budget: differences of a few points are within the run-to-run
 spread of this protocol (benchmarks/results/accuracy_protocol.md: +- 3.1 over five seeds).
-Load average at the start: {load:.1f} (other jobs shared the 2 cores; the CPU-time budget is
-what keeps the runs comparable).
+Load average when this table was written: {load:.1f} (a run measured before and kept in
+--runs may have run at another; other jobs shared the 2 cores: {fair}).
 """)
 
 

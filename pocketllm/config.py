@@ -144,8 +144,9 @@ class ModelArgs:
 
 @dataclass
 class QuantArgs:
-    quantize_base: str = opt("none", "store the frozen base's Linear weights quantized (the "
-                             "trained set stays float): int8, int8-dynamic, int4; zeroth-order "
+    quantize_base: str = opt("none", "store the frozen base's Linear weights quantized, and "
+                             "its embedding table (tied head) as int8 rows (the trained set "
+                             "stays float): int8, int8-dynamic, int4; zeroth-order "
                              "methods and split mode only (docs/quantization.md)",
                              choices=lambda: _quant_schemes())
 

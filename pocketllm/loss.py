@@ -111,18 +111,23 @@ class PlainHead:
 
     def chunks(self, groups: int) -> Iterator[HeadChunk]:
         """All rows, in VOCAB_CHUNK-row chunks: (v0, v1, weights per group, biases per group);
-        views of the head's rows, every group sharing them."""
-        w, b = self.head.weight, getattr(self.head, "bias", None)
+        views of the head's rows, every group sharing them (a quantized base's int8 head,
+        `quantize.Int8Head`: each chunk dequantized as it is read)."""
+        table = getattr(self.head, "table", None)  # int8 rows: read a block at a time
+        w, b = (table if table is not None else self.head.weight), getattr(self.head, "bias", None)
         for v0 in range(0, w.shape[0], VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, w.shape[0])
             bc = None if b is None else b[v0:v1]
-            yield v0, v1, [w[v0:v1]] * groups, [bc] * groups
+            wc = w[v0:v1] if table is None else table.block(v0, v1)
+            yield v0, v1, [wc] * groups, [bc] * groups
 
     def rows(self, ids: torch.Tensor, groups: int
              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Rows `ids` (weight, bias) per group: a classification loss needs the label words'."""
         b = getattr(self.head, "bias", None)
-        return [self.head.weight[ids]] * groups, [None if b is None else b[ids]] * groups
+        table = getattr(self.head, "table", None)
+        w = self.head.weight[ids] if table is None else table.rows(ids)
+        return [w] * groups, [None if b is None else b[ids]] * groups
 
 
 def stream_head(h: torch.Tensor, targets: torch.Tensor, chunks: Iterable[HeadChunk],

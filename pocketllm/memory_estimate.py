@@ -119,6 +119,8 @@ class Shape:
     norm_largest: int = 0
     # (out, in) of each Linear a quantized base stores quantized (`quantize.base_linears`)
     base_linears: tuple = ()
+    # (rows, cols) of the embedding table (and an untied head) it stores as int8 rows
+    base_tables: tuple = ()
 
 
 @dataclass
@@ -205,10 +207,10 @@ def _model_shape(config, dtype: str, lora_rank: int, lora_targets: list[str] | N
             for p in mod.parameters(recurse=False):
                 norm += p.numel()
                 norm_largest = max(norm_largest, p.numel())
-    from .quantize import base_linears
+    from .quantize import base_linears, base_tables
     quantizable = tuple((m.out_features, m.in_features) for _, m in base_linears(model))
     mt = config.model_type
-    return Shape(base_linears=quantizable,
+    return Shape(base_linears=quantizable, base_tables=tuple(base_tables(model)),
         family=FAMILY.get(mt, "gated"), masked=mt in MASKED_LM_TYPES, layers=layers,
         hidden=_get(config, "hidden_size", "n_embd"),
         ffn=_get(config, "intermediate_size", "ffn_dim", "n_inner", default=None)
@@ -542,6 +544,10 @@ def estimate(config, method, trainable: str, batch: int, seq: int,
         quant_b = sum(scheme.nbytes(o, i, bpe) for o, i in s.base_linears)
         c["weights"] = (s.param_bytes - float_b) / MB
         c[f"base Linear weights ({quantize})"] = quant_b / MB
+        if scheme.tables and s.base_tables:
+            c["weights"] -= sum(r * k * bpe for r, k in s.base_tables) / MB
+            c["embedding table (int8 rows)"] = sum(scheme.table_nbytes(r, k, bpe)
+                                                   for r, k in s.base_tables) / MB
     if lora:
         c[f"{'LoRA' if trainable == 'lora' else trainable} weights (float32)"] = \
             s.lora_params * 4 / MB

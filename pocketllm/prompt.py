@@ -117,12 +117,12 @@ def add_virtual_tokens(model: nn.Module, n: int, seed: int = 0) -> VirtualTokens
         raise ValueError("the model already has virtual tokens")
     base, emb = model.base_model, model.get_input_embeddings()
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, emb.weight.shape[0], (n,), generator=g)
+    ids = torch.randint(0, emb.num_embeddings, (n,), generator=g)  # (an int8 table too)
     with torch.no_grad():
         init = emb(ids)  # what the backbone takes as inputs_embeds (Gemma 3's are scaled)
     for p in model.parameters():
         p.requires_grad_(False)
-    vt = VirtualTokens(init).to(emb.weight.device)
+    vt = VirtualTokens(init).to(init.device)
     base.add_module("virtual_tokens", vt)
     base.register_forward_pre_hook(vt.before, with_kwargs=True)
     base.register_forward_hook(vt.after, with_kwargs=True)

@@ -18,9 +18,12 @@ package (plain format) or CUDA (tile-packed), and IntxWeightOnlyConfig(weight_dt
 but stores each 4-bit value in an int8 (IntxUnpackedToInt8Tensor: int8's memory); its packed
 formats need torchao's ARM kernel library. The aten kernel stores the packed nibbles.
 
-What stays float: the output head (the streamed loss reads its rows; with tied embeddings it is
-the embedding table, stored once), embeddings, norms, GPT-2's Conv1D layers, and any Linear
-whose weight is trained. A scheme is one entry of `SCHEMES`.
+Every scheme but `none` also stores the embedding table as int8 rows with a float32 scale each
+(`Int8Rows`), and the output head with it: a tied head is the same table (stored once), which
+the streamed loss reads a chunk of rows at a time, dequantizing each (SmolLM2-135M's 49152 x
+576 table: 27 MB instead of 113 MB in float32). What stays float: norms, position embeddings,
+an embedding that is not a plain nn.Embedding (Gemma's scaled one, and the head tied to it),
+GPT-2's Conv1D layers, and the trained set. A scheme is one entry of `SCHEMES`.
 """
 
 from __future__ import annotations
@@ -86,6 +89,170 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, 4-bit, group {self.group}"
 
 
+# ---- int8 rows: the embedding table and the output head -----------------------------------------
+TABLE_CHUNK = 1024  # rows quantized (and dequantized for a head's full logits) at a time
+
+
+class Int8Rows(nn.Module):
+    """A (rows, cols) table stored as int8 rows, each with its own float32 scale (symmetric:
+    max |row| -> 127), read a few rows or a block of rows at a time, dequantized to `dtype`.
+    The embedding table (and with tied embeddings the output head, the same table) of a
+    quantized base: SmolLM2-135M's 49152 x 576 takes 27 MB instead of 113 MB in float32."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype):
+        """An empty table (`set_rows` fills it); `Int8Rows.of(weight)` quantizes a weight."""
+        super().__init__()
+        self.dtype = dtype  # what reads return: the float model's dtype
+        self.register_buffer("q", torch.empty(rows, cols, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(rows, 1, dtype=torch.float32))
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Int8Rows":
+        table = cls(*weight.shape, weight.dtype)
+        for r0 in range(0, weight.shape[0], TABLE_CHUNK):  # no float copy of the whole table
+            table.set_rows(r0, weight[r0:r0 + TABLE_CHUNK])
+        return table
+
+    @torch.no_grad()
+    def set_rows(self, r0: int, w: torch.Tensor) -> None:
+        """Quantize the float rows `w` into rows r0:r0 + len(w)."""
+        w = w.detach().float()  # (a copy: w is not written)
+        sc = w.abs().amax(1, keepdim=True).clamp_(min=1e-12) / 127
+        self.q[r0:r0 + w.shape[0]] = w.div_(sc).round_().clamp_(-127, 127).to(torch.int8)
+        self.scale[r0:r0 + w.shape[0]] = sc
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) -> (*ids.shape, cols), dequantized."""
+        return (self.q[ids].to(torch.float32) * self.scale[ids]).to(self.dtype)
+
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1, dequantized (what the streamed head loss reads, chunk by chunk)."""
+        return self.q[r0:r1].to(torch.float32).mul_(self.scale[r0:r1]).to(self.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.block(0, self.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"{self.shape[0]} x {self.shape[1]}, int8 rows, a float32 scale each"
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding over an `Int8Rows` table: looks up int8 rows and dequantizes them."""
+
+    def __init__(self, table: Int8Rows, padding_idx: int | None = None):
+        super().__init__()
+        self.table, self.padding_idx = table, padding_idx
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.rows(ids)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table in float: a new copy each time, for readers that need one (the hot
+        paths read `table` a block at a time)."""
+        return self.table.dequantized()
+
+
+class Int8Head(nn.Module):
+    """The output head (logits = h W^T + b) over an `Int8Rows` table, which a tied head shares
+    with the embedding (stored once). `forward` (a model's full logits: eval, generate)
+    dequantizes TABLE_CHUNK rows at a time; the losses read `table` through `loss.PlainHead`."""
+
+    def __init__(self, table: Int8Rows, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.table = table
+        self.out_features, self.in_features = table.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = h.new_empty(*h.shape[:-1], self.out_features)
+        for r0 in range(0, self.out_features, TABLE_CHUNK):
+            r1 = min(r0 + TABLE_CHUNK, self.out_features)
+            out[..., r0:r1] = h @ self.table.block(r0, r1).to(h.dtype).T
+        return out if self.bias is None else out.add_(self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table in float (a new copy each time; see `Int8Embedding.weight`)."""
+        return self.table.dequantized()
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for name, m in list(model.named_modules()):
+        if m is old and name:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def is_table(model: nn.Module, module: nn.Module) -> bool:
+    """`module` is one `quantize_table` stores as int8 rows: the model's input embedding (a
+    plain nn.Embedding) or its untied output head (a plain nn.Linear); not a subclass (Gemma's
+    scaled embedding) nor a head tied to a table that stays float."""
+    emb, head = _tables(model)
+    return ((module is emb and type(emb) is nn.Embedding)
+            or (module is head and type(head) is nn.Linear and not _tied(emb, head)))
+
+
+def quantize_table(model: nn.Module, module: nn.Module,
+                   table: Int8Rows | None = None) -> bool:
+    """Store `module` as int8 rows in place, if `is_table` (else False, left float): its
+    weight's rows, or `table` if given (the streamed load fills it a chunk at a time, never
+    holding the float table); a tied head is replaced by a head over the same table."""
+    if not is_table(model, module):
+        return False
+    emb, head = _tables(model)
+    table = table if table is not None else Int8Rows.of(module.weight)
+    if module is emb:
+        tied = _tied(emb, head)
+        _replace(model, emb, Int8Embedding(table, emb.padding_idx))
+        if tied and type(head) is nn.Linear:
+            _replace(model, head, Int8Head(table, head.bias))
+    else:
+        _replace(model, head, Int8Head(table, head.bias))
+    return True
+
+
+def _tables(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return emb, head
+
+
+def _stored(m: nn.Module | None):
+    """What `m` stores its rows in: its int8 table or its weight (never the float copy an
+    int8 module's `weight` would make)."""
+    return m.table if isinstance(m, (Int8Embedding, Int8Head)) else getattr(m, "weight", None)
+
+
+def _tied(emb: nn.Module | None, head: nn.Module | None) -> bool:
+    return emb is not None and head is not None and _stored(head) is _stored(emb)
+
+
+def base_tables(model: nn.Module) -> list[tuple[int, int]]:
+    """(rows, cols) of the tables a scheme with `tables` stores as int8 rows (the embedding,
+    and an untied output head): what the memory estimate counts."""
+    emb, head = _tables(model)
+    tied = _tied(emb, head)
+    out = [tuple(emb.weight.shape)] if type(emb) is nn.Embedding else []
+    if type(head) is nn.Linear and not tied:
+        out.append(tuple(head.weight.shape))
+    return out
+
+
+def quantize_tables(model: nn.Module) -> int:
+    """`quantize_table` on the embedding and the output head (a tied head with its table)."""
+    emb, head = _tables(model)
+    n = quantize_table(model, emb) if emb is not None else False
+    head = _tables(model)[1]
+    return int(n) + int(type(head) is nn.Linear and quantize_table(model, head))
+
+
 def _int4(linears: list[nn.Linear]) -> list[nn.Module | None]:
     out: list[nn.Module | None] = []
     for m in linears:
@@ -134,6 +301,8 @@ class Scheme:
     # scale (and zero) numbers per weight row: per row (int8), per group (int4: 2 per group)
     scales: Callable[[int], float] = lambda in_features: 1
     scale_bytes: int = 0  # bytes per scale (0: the run's dtype's)
+    # the embedding table and the output head (tied: one table) stored as int8 rows
+    tables: bool = True
 
     def nbytes(self, out_features: int, in_features: int, bpe: int) -> int:
         """Bytes of an (out, in) Linear weight stored in this scheme (`bpe`: bytes of the run's
@@ -144,9 +313,13 @@ class Scheme:
         return int(out_features * (in_features * self.bits / 8
                                    + self.scales(in_features) * per_scale))
 
+    def table_nbytes(self, rows: int, cols: int, bpe: int) -> int:
+        """Bytes of an embedding table / output head (`Int8Rows` if the scheme has `tables`)."""
+        return rows * (cols + 4) if self.tables else rows * cols * bpe
+
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
-    Scheme(NONE, 32, "float weights", lambda linears: list(linears)),
+    Scheme(NONE, 32, "float weights", lambda linears: list(linears), tables=False),
     Scheme("int8", 8, "int8 weights per channel, float activations (torchao)",
            _torchao(_int8_weight_only)),
     Scheme("int8-dynamic", 8, "int8 weights, int8 activations per token (torchao)",
@@ -166,9 +339,8 @@ def base_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(name, module) of the Linears a quantized base stores quantized: every nn.Linear but the
     output head (and anything sharing the embedding's weight). Quantized at load, before the
     trained set is chosen: a run that trains these weights (--trainable full) is refused."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    keep = {id(getattr(head, "weight", None)), id(getattr(emb, "weight", None))}
+    emb, head = _tables(model)
+    keep = {id(_stored(head)), id(_stored(emb))}
     return [(n, m) for n, m in model.named_modules()
             if type(m) is nn.Linear and m is not head and id(m.weight) not in keep]
 
@@ -190,9 +362,12 @@ def quantize_modules(model: nn.Module, named: list[tuple[str, nn.Linear]], schem
 
 
 def quantize_base(model: nn.Module, scheme: str) -> int:
-    """Store `model`'s base Linear weights in `scheme` (see the module docstring); returns the
-    number of layers quantized (`models.load_model(..., quantize=)` calls it)."""
+    """Store `model`'s base Linear weights in `scheme` and, if the scheme says so, its embedding
+    table and output head as int8 rows (see the module docstring); returns the number of
+    layers quantized (`models.load_model(..., quantize=)` calls it)."""
     n = quantize_modules(model, base_linears(model), scheme)
+    if check_scheme(scheme).tables:
+        n += quantize_tables(model)
     _trim()  # the float weights just freed go back to the OS
     return n
 
@@ -200,8 +375,8 @@ def quantize_base(model: nn.Module, scheme: str) -> int:
 def quantized_layers(model: nn.Module) -> int:
     """How many of `model`'s layers hold quantized weights (of any scheme)."""
     return sum(1 for m in model.modules()
-               if isinstance(m, Int4Linear) or (type(m) is nn.Linear and type(m.weight)
-                                                not in (torch.Tensor, nn.Parameter)))
+               if isinstance(m, (Int4Linear, Int8Embedding, Int8Head))
+               or (type(m) is nn.Linear and type(m.weight) not in (torch.Tensor, nn.Parameter)))
 
 
 def own_memory(model: nn.Module) -> None:

@@ -589,3 +589,32 @@ def test_resolve_kinds_serialize():
         assert src.kind == "tiny" and json.loads(json.dumps(src.to_dict()))["name"] == name
     hub = resolve("someorg/some-model")
     assert hub.kind == "hub" and not hub.cached and hub.path is None
+
+
+def test_table_rows_read_in_chunks_equal_the_whole_read(tmp_path):
+    """A streamed quantized load reads the embedding table a chunk of rows at a time
+    (`fill.rows`): the same values as filling it whole, from a safetensors file (its own dtype,
+    or converted) and from a random: shape's seeded pool."""
+    from safetensors.torch import save_file
+
+    from pocketllm.models.random import _tile_
+    from pocketllm.models.stream import SafetensorsFill
+    w = torch.randn(37, 8)
+    save_file({"emb.weight": w, "half": w.to(torch.bfloat16)}, str(tmp_path / "m.safetensors"))
+    fill = SafetensorsFill(tmp_path)
+    for name, dtype in [("emb.weight", torch.float32), ("half", torch.float32),
+                        ("half", torch.bfloat16)]:
+        whole = torch.empty(37, 8, dtype=dtype)
+        fill(name, whole)
+        parts = [torch.empty(n, 8, dtype=dtype) for n in (10, 10, 17)]
+        for r0, t in zip((0, 10, 20), parts):
+            fill.rows(name, t, r0)
+        assert torch.equal(torch.cat(parts), whole), name
+    with pytest.raises(KeyError, match="rows 30:40"):
+        fill.rows("emb.weight", torch.empty(10, 8), 30)
+    pool = torch.arange(7.0)
+    whole = torch.empty(5, 4)
+    _tile_(whole.view(-1), pool)
+    part = torch.empty(3, 4)
+    _tile_(part.view(-1), pool, 2 * 4)
+    assert torch.equal(part, whole[2:])

@@ -35,9 +35,10 @@ def _logits(model, ids):
 @pytest.mark.parametrize("scheme", QUANTIZED)
 def test_quantized_forward_is_close_to_float(scheme, float_model):
     model, _ = load_model("tiny-llama", quantize=scheme)
-    # every Linear but the (tied) head: 2 layers x (q, k, v, o, gate, up, down)
-    assert quantized_layers(model) == 14
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # every Linear but the (tied) head: 2 layers x (q, k, v, o, gate, up, down), then the
+    # embedding and the head over its int8 table, stored once
+    assert quantized_layers(model) == 14 + 2
+    assert model.get_output_embeddings().table is model.get_input_embeddings().table
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     ref = _logits(float_model[0], ids)
     got = _logits(model, ids)
@@ -64,9 +65,9 @@ def test_random_model_quantized_as_it_loads():
     """random: shapes quantize each layer as it is filled: what a real layer-by-layer load
     holds (the memory benchmark's OPT-1.3B); the head stays the tied embedding."""
     model, _ = load_model("random:smollm2-135m", quantize="int4")
-    assert quantized_layers(model) == 30 * 7
-    assert not base_linears(model)  # no float Linear left but the head
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert quantized_layers(model) == 30 * 7 + 2  # and the embedding, the head over it
+    assert not base_linears(model)  # no float Linear left
+    assert model.get_output_embeddings().table is model.get_input_embeddings().table
 
 
 def _args(**kw):
@@ -121,7 +122,7 @@ def test_split_device_backbone_quantized(split_server, tmp_path):
         after = loss()
     finally:
         m.close()
-    assert quantized_layers(model) == 14 and after < before - 0.05
+    assert quantized_layers(model) == 14 + 2 and after < before - 0.05
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +171,12 @@ def test_memory_estimate_counts_the_quantized_base():
     q8 = estimate(cfg, zo, "lora", 1, 64, framework=300.0, quantize="int8")
     # OPT-1.3B: 1.21e9 Linear weights besides the tied head (4608 MiB in float32): 4 bytes
     # -> 1 (+ a scale per row) -> 0.5 (+ a bfloat16 scale and zero per 128)
-    assert 3440 < flt.total - q8.total < 3460
+    # and the tied 50272 x 2048 table in int8 rows: 4 bytes -> 1 + a float32 scale per row
+    table = 50272 * 2048 * 4 / 2**20 - 50272 * (2048 + 4) / 2**20
+    assert 3440 < flt.total - q8.total - table < 3460
     assert 530 < q8.total - q4.total < 545
     assert "base Linear weights (int4)" in q4.components
+    assert q4.components["embedding table (int8 rows)"] == pytest.approx(50272 * 2052 / 2**20)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -189,7 +193,12 @@ def test_directory_streamed_equals_loaded_then_quantized(scheme, tmp_path):
     src = resolve(str(tmp_path / "m"))
     whole, _ = Source.load_quantized(source_of(src.kind), src, torch.float32, scheme)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    assert quantized_layers(streamed) == 14
+    assert quantized_layers(streamed) == 14 + 2
+    for a, b in [(streamed.lm_head.table, whole.lm_head.table),
+                 (streamed.model.layers[1].mlp.down_proj, whole.model.layers[1].mlp.down_proj)]:
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x.dequantize() if hasattr(x, "dequantize") else x,
+                               y.dequantize() if hasattr(y, "dequantize") else y), name
     torch.testing.assert_close(_logits(streamed, ids), _logits(whole, ids), rtol=0, atol=0)
     # a name the model has and the file lacks: loaded whole, quantized after
     from safetensors.torch import load_file, save_file
@@ -198,4 +207,36 @@ def test_directory_streamed_equals_loaded_then_quantized(scheme, tmp_path):
     sd["renamed"] = sd.pop("model.norm.weight")
     save_file(sd, str(f), metadata={"format": "pt"})
     fallback, _ = load_model(str(tmp_path / "m"), quantize=scheme)
-    assert quantized_layers(fallback) == 14
+    assert quantized_layers(fallback) == 14 + 2
+
+
+def test_int8_table_losses_equal_the_dequantized_float_model(float_model, monkeypatch):
+    """The embedding table and the tied head in int8 rows (`Int8Rows`): the streamed LM loss
+    (read a chunk at a time), the label-word rows and the full logits equal those of the float
+    model whose table is the dequantized int8 one; each row within half a step of the float."""
+    import copy
+
+    from pocketllm import loss
+    from pocketllm import quantize as Q
+    monkeypatch.setattr(loss, "VOCAB_CHUNK", 64)  # several chunks of the 260-row table
+    monkeypatch.setattr(Q, "TABLE_CHUNK", 100)
+    f, tok = float_model
+    q = copy.deepcopy(f)
+    assert Q.quantize_tables(q) == 1  # one table: the head is tied to it
+    table = q.get_input_embeddings().table
+    assert table.q.dtype == torch.int8 and q.get_output_embeddings().table is table
+    w = f.get_input_embeddings().weight.detach()
+    assert ((table.dequantized() - w).abs() <= table.scale / 2 + 1e-7).all()
+    ref = copy.deepcopy(f)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight.copy_(table.dequantized())  # (tied: the head too)
+    b = tiny_batch(tok, TEXTS)
+    got = score(q, b).nll
+    torch.testing.assert_close(got, score(ref, b).nll, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, score(f, b).nll, rtol=1e-7, atol=0)  # int8 rows, not float
+    ids = torch.tensor([3, 70, 259, 3])
+    (wq,), _ = loss.PlainHead(q.get_output_embeddings()).rows(ids, 1)
+    (wr,), _ = loss.PlainHead(ref.get_output_embeddings()).rows(ids, 1)
+    torch.testing.assert_close(wq, wr, rtol=0, atol=1e-7)
+    torch.testing.assert_close(_logits(q, b["input_ids"]), _logits(ref, b["input_ids"]),
+                               rtol=1e-5, atol=1e-5)

@@ -45,23 +45,49 @@ def empty_model(config, dtype: torch.dtype) -> nn.Module:
 def fill_streamed(model: nn.Module, fill: Fill, scheme: str = "none") -> nn.Module:
     """Fill `model` (from `empty_model`) module by module with `fill`; with a quantization
     `scheme`, each base Linear is quantized right after it is filled and its float weight
-    returned to the OS. A tied weight is filled once."""
+    returned to the OS, and so is the embedding table (and an untied head) if the scheme
+    stores them as int8 rows. A tied weight is filled once."""
     from ..memory import trim_heap
-    from ..quantize import base_linears, quantize_modules
+    from ..quantize import (TABLE_CHUNK, Int8Rows, base_linears, check_scheme, is_table,
+                            quantize_modules, quantize_table)
     quantized = {id(m): (n, m) for n, m in base_linears(model)} if scheme != "none" else {}
+    tables = check_scheme(scheme).tables
     seen: set[int] = set()
     with torch.no_grad():
         # by name, not a list of modules: a quantized layer's float module must not stay alive
         for name in [n for n, _ in model.named_modules()]:
             mod = model.get_submodule(name)
-            for attr, p in mod.named_parameters(recurse=False):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    fill(f"{name}.{attr}" if name else attr, p, mod)
+            if tables and hasattr(fill, "rows") and is_table(model, mod):
+                # the table a chunk of rows at a time, each quantized as it is read: its float
+                # weight (allocated, never written) is never resident
+                w = mod.weight
+                seen.add(id(w))
+                table = Int8Rows(*w.shape, w.dtype)
+                for r0 in range(0, w.shape[0], TABLE_CHUNK):
+                    part = w.new_empty(min(TABLE_CHUNK, w.shape[0] - r0), w.shape[1])
+                    fill.rows(f"{name}.weight" if name else "weight", part, r0)
+                    table.set_rows(r0, part)
+                _fill_own(name, mod, fill, seen)  # (a bias)
+                quantize_table(model, mod, table)
+                del mod, w, table, part
+                trim_heap()
+                continue
+            _fill_own(name, mod, fill, seen)
             if id(mod) in quantized:  # (popped: no reference to its float weight is left)
                 quantize_modules(model, [quantized.pop(id(mod))], scheme)
                 trim_heap()
+            elif tables and quantize_table(model, mod):  # the embedding (a tied head with it)
+                del mod
+                trim_heap()
     return model
+
+
+def _fill_own(name: str, mod: nn.Module, fill: Fill, seen: set[int]) -> None:
+    # (a function: no loop variable keeps the last float weight alive once it is quantized)
+    for attr, p in mod.named_parameters(recurse=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            fill(f"{name}.{attr}" if name else attr, p, mod)
 
 
 class SafetensorsFill:
@@ -98,12 +124,30 @@ class SafetensorsFill:
         path, dtype, shape, offset, nbytes = self.index[self.key(name)]
         if list(shape) != list(t.shape):
             raise KeyError(f"{name}: shape {shape} in the file, {list(t.shape)} in the model")
-        raw = torch.empty(nbytes, dtype=torch.uint8)
+        self._read(path, name, offset, nbytes, dtype, t)
+
+    def rows(self, name: str, t: torch.Tensor, r0: int) -> None:
+        """Rows r0:r0 + len(t) of the 2-d tensor `name` into `t` (a table read in chunks)."""
+        path, dtype, shape, offset, nbytes = self.index[self.key(name)]
+        if len(shape) != 2 or shape[1] != t.shape[1] or r0 + t.shape[0] > shape[0]:
+            raise KeyError(f"{name}: shape {shape} in the file, rows {r0}:{r0 + t.shape[0]} "
+                           f"of {t.shape[1]} columns asked")
+        row = nbytes // shape[0]
+        self._read(path, name, offset + r0 * row, t.shape[0] * row, dtype, t)
+
+    @staticmethod
+    def _read(path: Path, name: str, offset: int, nbytes: int, dtype: torch.dtype,
+              t: torch.Tensor) -> None:
+        # straight into t when the file holds its dtype; else through one raw buffer
+        direct = t.dtype == dtype and t.is_contiguous()
+        raw = (t.detach().view(-1).view(torch.uint8) if direct
+               else torch.empty(nbytes, dtype=torch.uint8))
         with open(path, "rb") as f:
             f.seek(offset)
             if f.readinto(raw.numpy()) != nbytes:
                 raise KeyError(f"{path.name}: {name} is cut short")
-        t.copy_(raw.view(dtype).reshape(shape))
+        if not direct:
+            t.copy_(raw.view(dtype).reshape(t.shape))
 
 
 def load_dir_streamed(directory: str, dtype: torch.dtype, scheme: str) -> Any:

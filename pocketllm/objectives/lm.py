@@ -74,10 +74,9 @@ class LanguageModeling(Objective):
                         softcap=getattr(model.config, "final_logit_softcapping", None))
 
         def choice_logits(hf):
-            cl = hf @ head.weight[self.choices].to(hf.dtype).T
-            if getattr(head, "bias", None) is not None:
-                cl = cl + head.bias[self.choices]
-            return cl
+            (w,), (bc,) = PlainHead(head).rows(self.choices, 1)  # (an int8 head: those rows)
+            cl = hf @ w.to(hf.dtype).T
+            return cl if bc is None else cl + bc
         return self.row_stats(B, rows, p.nll, p.correct.detach(), h, tgt, choice_logits)
 
     def row_stats(self, B: int, rows, nll, correct, h, tgt, choice_logits) -> TokenStats:

@@ -144,9 +144,12 @@ class Perturber:
 
     def head_chunks(self, groups: int) -> Iterator[HeadChunk]:
         """The output head's rows in chunks, perturbed per group when the head is trained."""
-        w, b = self.head.weight, getattr(self.head, "bias", None)
         idx = self._head_index()
         bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
+        if idx is None and bias_idx is None:  # not trained: read as the plain loss reads it
+            yield from loss.PlainHead(self.head).chunks(groups)  # (an int8 head: dequantized)
+            return
+        w, b = self.head.weight, getattr(self.head, "bias", None)
         if bias_idx is not None:
             bias_groups = self.copies(bias_idx, fresh=True)
         else:
@@ -165,9 +168,12 @@ class Perturber:
     def head_rows(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Rows `ids` of the output head per group (weight, bias): a classification forward
         needs the label words' rows only, so only those rows of z are generated."""
-        w, b = self.head.weight, getattr(self.head, "bias", None)
         G = len(self.signs)
         idx = self._head_index()
+        bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
+        if idx is None and bias_idx is None:  # not trained: read as the plain loss reads it
+            return loss.PlainHead(self.head).rows(ids, G)
+        w, b = self.head.weight, getattr(self.head, "bias", None)
         if idx is None:
             ws = [w[ids]] * G
         else:
@@ -178,7 +184,6 @@ class Perturber:
                 o = torch.empty(ids.numel(), w.shape[1], dtype=w.dtype)
                 self.z.perturb_rows(idx, w.data, ids, keys[idx], s * self.eps, o)
                 ws.append(o)
-        bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
         if bias_idx is not None:
             bs = [c[ids] for c in self.copies(bias_idx, fresh=True)]
         else:
@@ -186,6 +191,8 @@ class Perturber:
         return ws, bs
 
     def _head_index(self) -> int | None:
+        if getattr(self.head, "table", None) is not None:
+            return None  # a quantized base's int8 head: frozen (its `weight` is a float copy)
         w = self.head.weight
         idx = next((i for a, i in self.owners.get(self.head, ()) if a == "weight"), None)
         if idx is None:
