@@ -39,6 +39,8 @@ def child(stage: str, model: str, scheme: str) -> None:
         import torch  # noqa: F401
     if stage not in ("python", "torch"):
         import pocketllm.workload  # noqa: F401  (what the workload imports)
+        from pocketllm import lean_import
+        lean_import.install()  # as the workload's main() does (off with POCKETLLM_LEAN_IMPORT=0)
         from pocketllm import memory
         from pocketllm.models import load_config
         memory.tune_allocator()

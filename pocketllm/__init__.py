@@ -9,8 +9,5 @@ __version__ = "0.1.0"
 # anything a user can act on. (Setting a logger's level imports nothing.)
 for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
-
-# ... and it need not import them at all: 47 MB of every process (lean_import.py)
-from . import lean_import as _lean_import  # noqa: E402
-
-_lean_import.install()
+# (pocketllm's own commands also keep transformers from importing them at all: 47 MB a
+# process, lean_import.py; a library import changes nothing in the caller's transformers.)

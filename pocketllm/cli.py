@@ -65,8 +65,9 @@ COMPUTES = ("train", "eval", "generate", "fuse", "replay", "export")
 def main(argv: list[str] | None = None) -> int:
     # before anything loads torch: OpenMP reads its settings once, when it starts. A caller
     # that loaded torch already (a test, a notebook) keeps its own threads.
-    from . import threads
+    from . import lean_import, threads
     ours = "torch" not in sys.modules
+    lean_import.install()  # this process is ours: transformers need not import torchao/scipy
     threads.set_env_defaults()
     ns = build_parser().parse_args(argv)
     if ns.command == "methods":

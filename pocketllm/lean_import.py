@@ -7,7 +7,9 @@ transformers (`--quantize-base` calls torchao itself), yet every process paid fo
 with transformers 5.24 / torch 2.13, `import transformers.models.llama.modeling_llama` peaks at
 381 MB against 334 MB when transformers sees neither (torch alone: 218 MB).
 
-`install()` (called when pocketllm is imported, before transformers is) adds an import hook that
+`install()` (called by pocketllm's own entry points, `cli.main` and `workload.main`, before
+transformers is imported; never by `import pocketllm`, so a program that uses pocketllm as a
+library keeps transformers' integrations as they are) adds an import hook that
 patches transformers' own availability check, once its module is loaded, to answer "not
 installed" for `HIDDEN`. Only transformers' check is changed: the packages stay importable by
 anyone else (pocketllm.quantize imports torchao when a torchao scheme runs). If transformers was

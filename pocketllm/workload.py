@@ -146,6 +146,8 @@ def train_args(name: str, trainable: str, dtype: str, model: str, **kw) -> Train
 
 def main() -> None:
     from . import config as C
+    from . import lean_import
+    lean_import.install()  # a measured process of its own: as lean as `pocketllm` commands
     from .methods import REGISTRY, setting_classes, settings_for
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--method", choices=names(), required=True)

@@ -28,6 +28,9 @@ def test_patch_answers_not_installed_for_the_hidden_packages_only():
 
 _PROBE = """
 import sys, pocketllm
+if sys.argv[2] == "entry":  # what `pocketllm ...` / `python -m pocketllm.workload` do first
+    from pocketllm import lean_import
+    lean_import.install()
 import transformers.modeling_utils
 from transformers.utils import import_utils
 print(sorted({'torchao', 'scipy'} & set(sys.modules)), import_utils.is_torchao_available(),
@@ -38,12 +41,23 @@ if sys.argv[1] == "ao":  # still importable by pocketllm (--quantize-base int8)
 """
 
 
-def test_transformers_imported_after_pocketllm_imports_neither():
+def _probe(mode: str) -> list[str]:
     has_ao = importlib.util.find_spec("torchao") is not None  # the [quant] extra
-    out = subprocess.run([sys.executable, "-c", _PROBE, "ao" if has_ao else "-"],
+    out = subprocess.run([sys.executable, "-c", _PROBE, "ao" if has_ao else "-", mode],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
+    return out.stdout.strip().splitlines()
+
+
+def test_transformers_imported_after_pocketllms_entry_point_imports_neither():
+    lines = _probe("entry")
     assert lines[0] == "[] False False"
-    if has_ao:
+    if importlib.util.find_spec("torchao") is not None:
         assert lines[1] == "torchao True"
+
+
+def test_a_library_import_of_pocketllm_leaves_transformers_as_it_is():
+    # a program that imports pocketllm and uses transformers' own torchao integration keeps it
+    lines = _probe("library")
+    installed = [str(importlib.util.find_spec(p) is not None) for p in ("torchao", "scipy")]
+    assert lines[0].split("] ")[1].split() == installed

@@ -459,8 +459,8 @@ class ProgramEngine(Engine):
                  program_cache=None, threads=0):
         super().__init__(model, params, stats, dist, perturbation)
         self.check(model, params, stats, perturbation, f"--engine {self.name}")
-        kind = getattr(getattr(stats, "__self__", None), "name", "?")
-        self.rows_kind = kind == "classification"
+        objective = getattr(stats, "__self__", None)
+        self.rows_kind = getattr(objective, "name", "?") == "classification"
         self.objective = objective
         self.cache = ProgramCache(program_cache)
         self.threads = threads or torch.get_num_threads()
