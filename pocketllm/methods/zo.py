@@ -231,15 +231,22 @@ class ZOMethod(Method):
         plan = Plan(keys, eps, self.replicas, self.passes)
         here = torch.tensor([not r.anchor for r in plan.replicas])
         total, tokens = torch.zeros(len(plan.replicas), dtype=torch.float64), 0
-        for b in batches:
-            L = self.engine.losses(b, plan)
-            if not torch.isfinite(L).all():
-                raise NonFiniteError(1, f"the loss at the perturbed weights is {L.tolist()}")
+        for b, L in self._losses(batches, plan, 0):
             n = self.objective.n_scored(b)
             total += n * L
             tokens += n
         L = total / max(tokens, 1)
         return L.tolist(), L[here].mean().item(), tokens
+
+    def _losses(self, batches, plan, step):
+        """Each micro-batch with its replicas' losses under `plan`; a non-finite loss stops
+        the run (as step `step` + 1) before anything is applied or logged."""
+        for b in batches:
+            L = self.engine.losses(b, plan)
+            if not torch.isfinite(L).all():
+                raise NonFiniteError(step + 1, f"the loss at the perturbed weights is "
+                                     f"{L.tolist()}")
+            yield b, L
 
     def _evaluate(self, batches, plan, projected, step) -> tuple[dict, float, int]:
         """The step's per-query figures (its projected grads and what the estimator
@@ -248,11 +255,7 @@ class ZOMethod(Method):
         or figure stops the run before anything is applied or logged."""
         here = torch.tensor([not r.anchor for r in plan.replicas])  # the loss reported: at w
         figures, losses, rows, tokens = [], [], [], 0
-        for b in batches:
-            L = self.engine.losses(b, plan)
-            if not torch.isfinite(L).all():
-                raise NonFiniteError(step + 1, f"the loss at the perturbed weights is "
-                                     f"{L.tolist()}")
+        for b, L in self._losses(batches, plan, step):
             got = {"projected_grads": projected(L, plan.eps),
                    **self.estimator.report(L, plan.eps)}
             if not all(math.isfinite(x) for v in got.values() for x in v):  # eps too small
