@@ -145,7 +145,7 @@ class Perturber:
     def head_chunks(self, groups: int) -> Iterator[HeadChunk]:
         """The output head's rows in chunks, perturbed per group when the head is trained."""
         idx = self._head_index()
-        bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
+        bias_idx = self._head_bias_index()
         if idx is None and bias_idx is None:  # not trained: read as the plain loss reads it
             yield from loss.PlainHead(self.head).chunks(groups)  # (an int8 head: dequantized)
             return
@@ -170,7 +170,7 @@ class Perturber:
         needs the label words' rows only, so only those rows of z are generated."""
         G = len(self.signs)
         idx = self._head_index()
-        bias_idx = next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
+        bias_idx = self._head_bias_index()
         if idx is None and bias_idx is None:  # not trained: read as the plain loss reads it
             return loss.PlainHead(self.head).rows(ids, G)
         w, b = self.head.weight, getattr(self.head, "bias", None)
@@ -189,6 +189,10 @@ class Perturber:
         else:
             bs = [None if b is None else b[ids]] * G
         return ws, bs
+
+    def _head_bias_index(self) -> int | None:
+        """The trained tensor index of the head's bias (None: not trained)."""
+        return next((i for a, i in self.owners.get(self.head, ()) if a == "bias"), None)
 
     def _head_index(self) -> int | None:
         if getattr(self.head, "table", None) is not None:
