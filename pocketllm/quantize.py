@@ -93,6 +93,15 @@ class Int4Linear(nn.Module):
 TABLE_CHUNK = 1024  # rows quantized (and dequantized for a head's full logits) at a time
 
 
+def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of a 2-D tensor: (q int8 in [-qmax, qmax], scale
+    (rows, 1) float32 with max |row| -> qmax); x ~ q * scale. The int8 table here and split
+    mode's activations on the wire (`split.quant`) both use it."""
+    x = x.detach().float()
+    scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax).to(torch.int8), scale
+
+
 class Int8Rows(nn.Module):
     """A (rows, cols) table stored as int8 rows, each with its own float32 scale (symmetric:
     max |row| -> 127), read a few rows or a block of rows at a time, dequantized to `dtype`.
@@ -116,9 +125,8 @@ class Int8Rows(nn.Module):
     @torch.no_grad()
     def set_rows(self, r0: int, w: torch.Tensor) -> None:
         """Quantize the float rows `w` into rows r0:r0 + len(w)."""
-        w = w.detach().float()  # (a copy: w is not written)
-        sc = w.abs().amax(1, keepdim=True).clamp_(min=1e-12) / 127
-        self.q[r0:r0 + w.shape[0]] = w.div_(sc).round_().clamp_(-127, 127).to(torch.int8)
+        q, sc = quantize_rows(w, 127)
+        self.q[r0:r0 + w.shape[0]] = q
         self.scale[r0:r0 + w.shape[0]] = sc
 
     @property

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..quantize import quantize_rows
+
 BITS = (32, 16, 8, 4)
 ACT_BITS = (16, 8, 4)  # what a device may stream its activations at (32: gradients only)
 _QMAX = {8: 127, 4: 7}
@@ -31,9 +33,8 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[bytes, bytes]:
     x = x.detach().float()
     if bits in _FLOAT:
         return x.numpy().astype(_FLOAT[bits]).tobytes(), b""
-    qmax = _QMAX[bits]
-    scale = x.abs().amax(dim=1).clamp(min=1e-12) / qmax            # (rows,)
-    q = torch.round(x / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
+    q, scale = quantize_rows(x, _QMAX[bits])
+    scale = scale[:, 0]                                             # (rows,)
     if bits == 4:
         if q.shape[1] % 2:
             q = torch.nn.functional.pad(q, (0, 1))
