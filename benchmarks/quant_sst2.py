@@ -3,6 +3,7 @@ defaults) on a float, an int8 and a 4-bit frozen base, each on the same short CP
 
     python benchmarks/quant_sst2.py [--budget 3] [--eval-examples 500]
     python benchmarks/quant_sst2.py --steps 40     # each scheme the same number of steps
+    python benchmarks/quant_sst2.py --steps 40 --engine onnxruntime   # the base in the program
 
 Each run is an ordinary `pocketllm train --task sst2 --k 16 --seed 42 --method prge
 --quantize-base S --time-budget B --budget-clock cpu --threads 1` in a fresh process, one after
@@ -30,6 +31,12 @@ sys.path.insert(0, str(ROOT))
 from pocketllm.bench.machine import describe  # noqa: E402
 
 SCHEMES = ("none", "int8", "int4")
+QUANT = ("int8 / int4 (torch): the base's Linears in 8 / 4 bits and its embedding table (the "
+         "tied head) in int8 rows (pocketllm/quantize.py; the 4-bit matmul in bfloat16).",
+         "int8 / int4 (a program engine): the base's Linears as ONNX Runtime MatMulNBits, 8 / "
+         "4 bits per weight, float32 activations; the embedding table and head stay float "
+         "(pocketllm/engines/onnxruntime_engine.py). Train s counts the steps only; the "
+         "programs' export is outside it.")
 
 
 def main() -> None:
@@ -41,9 +48,16 @@ def main() -> None:
     ap.add_argument("--schemes", default=",".join(SCHEMES),
                     help="the schemes to run, in this order (the table: those run so far)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "quant_sst2"))
+    ap.add_argument("--engine", default="torch",
+                    help="what runs the forwards (train --engine): torch quantizes the model at "
+                         "load, a program engine its exported programs")
     a = ap.parse_args()
     if a.steps:
         a.runs += f"_steps{a.steps}"
+    engine = []
+    if a.engine != "torch":
+        a.runs += f"_{a.engine}"
+        engine = ["--engine", a.engine, "--program-cache", str(Path(a.runs) / "programs")]
     length = (["--iters", str(a.steps), "--lr-schedule", "constant"] if a.steps else
               ["--iters", "1000", "--time-budget", str(a.budget), "--budget-clock", "cpu"])
     rows, load = [], os.getloadavg()[0]
@@ -52,7 +66,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "pocketllm.cli", "train", "--task", "sst2", "--k", "16",
                "--seed", "42", "--method", "prge", "--quantize-base", scheme, *length,
                "--threads", "1", "--eval-examples", str(a.eval_examples),
-               "--adapter-path", str(out)]
+               "--adapter-path", str(out), *engine]
         if not (out / "summary.json").exists():
             t0 = time.time()
             r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -70,15 +84,17 @@ def main() -> None:
                    f"{a.budget:g} CPU-minutes of steps per run (--budget-clock cpu, --iters 1000)")
     fair = ("the runs make the same steps" if a.steps else
             "the CPU-time budget is what keeps the runs comparable")
-    write_table("quant_sst2.md", "SST-2 k=16 seed 42: prge on a float / int8 / 4-bit base",
+    where = ("torch (the model quantized at load)" if a.engine == "torch" else
+             f"--engine {a.engine} (the float model exported, its program's base quantized)")
+    name = "quant_sst2.md" if a.engine == "torch" else f"quant_sst2_{a.engine}.md"
+    write_table(name, f"SST-2 k=16 seed 42: prge on a float / int8 / 4-bit base, {where}",
                 "python benchmarks/quant_sst2.py " + " ".join(sys.argv[1:]), describe(),
                 ["--quantize-base", "zero-shot dev acc %", "after dev acc %", "steps",
-                 "train CPU s", "peak RSS MB"], rows,
+                 "train s (steps only)", "peak RSS MB"], rows,
                 f"""
 Default model (smollm2-135m), prge with its defaults (FZOO estimate, q=8, rademacher, eps 1e-3,
 lr 1e-2), LoRA, one thread, {length_note}, dev accuracy on {a.eval_examples} dev examples after
-it (the final adapter, not the kept best). int8 / int4: the base's Linears in 8 / 4 bits and
-its embedding table (the tied head) in int8 rows (pocketllm/quantize.py). One seed and a short budget: differences of a few points are within the run-to-run
+it (the final adapter, not the kept best). {QUANT[a.engine != "torch"]} One seed and a short budget: differences of a few points are within the run-to-run
 spread of this protocol (benchmarks/results/accuracy_protocol.md: +- 3.1 over five seeds).
 Load average when this table was written: {load:.1f} (a run measured before and kept in
 --runs may have run at another; other jobs shared the 2 cores: {fair}).

@@ -11,6 +11,11 @@
    base model (zero-shot), on the first --eval-examples dev examples.
 
     python benchmarks/selftrain.py [--steps 400] [--threads 2] [--eval-examples 500]
+    python benchmarks/selftrain.py --quantize-base int4 --steps 20 --eval-examples 0
+
+--quantize-base S: the program's base Linears in S (ONNX Runtime MatMulNBits); --eval-examples
+0 skips step 4. The host reports its own peak RSS (VmHWM). Writes selftrain.md (float, with
+evaluation), else selftrain_<S or float>_<N>steps.md.
 
 Writes benchmarks/results/selftrain.md (commands, seconds, machine, load at each phase). Needs
 /work/shared/data/sst2 (or $POCKETLLM_DATA/sst2).
@@ -45,6 +50,7 @@ perturbation: rademacher
 eps: 1.0e-3
 learning-rate: 1.0e-2
 iters: {steps}
+quantize-base: {quantize}
 """
 
 
@@ -76,17 +82,23 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-examples", type=int, default=500)
     ap.add_argument("--work", default="/tmp/pocketllm-selftrain", help="bundle, run, adapter")
+    ap.add_argument("--quantize-base", default="none", help="the program's base: none, int8, "
+                    "int4 (MatMulNBits)")
     a = ap.parse_args()
+    if a.quantize_base != "none":
+        a.work += f"-{a.quantize_base}"  # (a bundle of its own)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg, bundle, run, adapter = (work / "run.yaml", work / "bundle", work / "run",
                                  work / "replayed")
-    cfg.write_text(RUN.format(steps=a.steps))
+    cfg.write_text(RUN.format(steps=a.steps, quantize=a.quantize_base))
     py = sys.executable
     cli = [py, "-m", "pocketllm.cli"]
     phases: list = []
     if not (bundle / "manifest.json").is_file() or \
-            json.loads((bundle / "manifest.json").read_text())["steps"] < a.steps:
+            json.loads((bundle / "manifest.json").read_text())["steps"] < a.steps or \
+            json.loads((bundle / "manifest.json").read_text()).get(
+                "quantize_base", "none") != a.quantize_base:
         timed([*cli, "export", "--format", "onnx", "--trainable", str(cfg), "--steps",
                str(a.steps), "--out", str(bundle)], phases,
               "export")
@@ -98,7 +110,7 @@ def main() -> int:
     gap = diff(run, adapter)
     evals = {}
     for name, extra in (("replayed adapter", ["--adapter-path", str(adapter)]),
-                        ("base (zero-shot)", [])):
+                        ("base (zero-shot)", [])) if a.eval_examples else ():
         out = work / f"eval-{name.split()[0]}.json"
         timed([*cli, "eval", "--model", "smollm2-135m", "--task", "sst2", "--split", "test",
                "--eval-examples", str(a.eval_examples), "--batch-size", "32", "--threads",
@@ -129,10 +141,14 @@ def diff(run: Path, adapter: Path) -> dict:
 def write(a, phases, host, gap, evals, manifest) -> None:
     times = sorted(host["step_seconds"])
     acc = {k: v.get("accuracy") for k, v in evals.items()}
+    quant = "" if a.quantize_base == "none" else f" --quantize-base {a.quantize_base}"
+    base = ("float32" if a.quantize_base == "none" else
+            f"{a.quantize_base} (the base Linears as ONNX Runtime MatMulNBits)")
+    peak = host.get("peak_rss_mb")
     lines = [
         "# A program that trains itself: SST-2 through the torch-free ONNX host", "",
         f"Command: `python benchmarks/selftrain.py --steps {a.steps} --threads {a.threads} "
-        f"--eval-examples {a.eval_examples}`  ",
+        f"--eval-examples {a.eval_examples}{quant}`  ",
         f"Machine: {machine()}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
         "Run: smollm2-135m, SST-2 k=16 seed 42, LoRA r=8 (q, v), batch 2, prge (fzoo, q=8, "
@@ -147,16 +163,24 @@ def write(a, phases, host, gap, evals, manifest) -> None:
         f"| replayed adapter vs the program's final state: max abs diff | {gap['max_abs']:.1e} "
         f"({'bit for bit equal' if gap['equal'] else 'not bit-equal'}, {gap['elements']} "
         "values) |",
-        f"| program file | {manifest['program_bytes'] / 2**20:.0f} MiB |",
-        f"| dev accuracy, replayed adapter ({a.eval_examples} dev examples) | "
-        f"{100 * acc['replayed adapter']:.1f}% |",
-        f"| dev accuracy, base model (zero-shot) | {100 * acc['base (zero-shot)']:.1f}% |",
+        f"| program (graph + weights file), base {base} | "
+        f"{manifest['program_bytes'] / 2**20:.0f} MiB |",
+        f"| host's peak RSS (VmHWM: python, numpy, the runtime, the program) | "
+        f"{'-' if peak is None else f'{peak:.0f} MB'} |"]
+    if evals:
+        lines += [
+            f"| dev accuracy, replayed adapter ({a.eval_examples} dev examples) | "
+            f"{100 * acc['replayed adapter']:.1f}% |",
+            f"| dev accuracy, base model (zero-shot) | {100 * acc['base (zero-shot)']:.1f}% |"]
+    lines += [
         "", "Phases (wall seconds; load average before / after):", "",
         "| phase | s | load before | load after | command |", "|---|---|---|---|---|"]
     lines += [f"| {w} | {s:.0f} | {b.split('load average:')[-1].strip()} | "
               f"{e.split('load average:')[-1].strip()} | `{c}` |" for w, c, s, b, e in phases]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "selftrain.md").write_text("\n".join(lines) + "\n")
+    name = ("selftrain.md" if a.quantize_base == "none" and evals else  # (the full run's)
+            f"selftrain_{a.quantize_base.replace('none', 'float')}_{a.steps}steps.md")
+    (RESULTS / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

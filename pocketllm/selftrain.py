@@ -140,13 +140,17 @@ def build(config: str, steps: int, engine_cls):
     args, cfg, method_cls = _run_settings(config)
     steps = steps or args.iters
     data = load_run_data(args)
-    model, tok = load_model(args.model, args.dtype, args.quantize_base)
+    where = f"export --trainable {config}"
+    try:  # a quantized base is the program's own (float model in, quantized program out)
+        scheme = engine_cls.load_scheme(args.quantize_base)
+    except ValueError as e:
+        raise SystemExit(f"error: {where}: {e}") from None
+    model, tok = load_model(args.model, args.dtype, scheme)
     enc = data.encode(tok, is_masked_lm(model), args.max_seq_length, args.mask_prompt)
     objective = data.objective(tok)
     spec, params = method_cls.trainable(model, args)
     cfg.engine = "torch"  # the method's own engine is not used: the program is the engine
     method = method_cls(model, params, cfg, args, objective)
-    where = f"export --trainable {config}"
     try:
         engine_cls.check(model, params, objective.stats, method.perturbation, where,
                          instead="train it with pocketllm train")
@@ -184,7 +188,8 @@ def build(config: str, steps: int, engine_cls):
     step = TrainStep(program, method.replicas, est).eval()
     header = method.header()
     manifest = {
-        "format": FORMAT, "model": args.model, "steps": steps,
+        "format": FORMAT, "model": args.model, "quantize_base": args.quantize_base,
+        "steps": steps,
         "shapes": dataclasses.asdict(shapes),
         "inputs": [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix(
             "torch.")} for n, v in example.items()],
@@ -205,9 +210,9 @@ def build(config: str, steps: int, engine_cls):
         settings
 
 
-def _write_onnx(step: TrainStep, example: dict, out: Path) -> str:
+def _write_onnx(step: TrainStep, example: dict, out: Path, quantize: str) -> str:
     from .engines.onnxruntime_engine import OnnxRuntimeEngine
-    OnnxRuntimeEngine.compile(step, example, out / "step.onnx")
+    OnnxRuntimeEngine.compile(step, example, out / "step.onnx", quantize)
     return "step.onnx"
 
 
@@ -283,8 +288,9 @@ METHODS = {"step": StepMethod, "eval": EvalMethod, "get_state": GetState,
            "set_state": SetState}
 
 
-def _write_pte(step: TrainStep, example: dict, out: Path) -> str:
-    """One ExecuTorch program, the methods of `METHODS` over one shared, initialised state."""
+def _write_pte(step: TrainStep, example: dict, out: Path, quantize: str) -> str:
+    """One ExecuTorch program, the methods of `METHODS` over one shared, initialised state
+    (a float base: `quantize` none, the executorch engine's `schemes`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -332,9 +338,11 @@ def export_trainable(args) -> Path:
         args.trainable, args.steps, engines.REGISTRY[engine])
     t0 = time.time()
     with torch.no_grad():
-        manifest["program"] = write(step, example, out)
+        manifest["program"] = write(step, example, out, manifest["quantize_base"])
     manifest["export_seconds"] = round(time.time() - t0, 1)
-    manifest["program_bytes"] = (out / manifest["program"]).stat().st_size
+    from .engines.onnxruntime_engine import DATA_SUFFIX  # (an ONNX graph's weights file)
+    manifest["program_bytes"] = sum(f.stat().st_size for f in (
+        out / manifest["program"], *out.glob("*" + DATA_SUFFIX)))
     np.savez(out / "batches.npz", **arrays)
     np.savez(out / "state.npz", **state)
     save_yaml(settings, out / "config.yaml")

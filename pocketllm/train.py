@@ -57,7 +57,7 @@ def train(args: TrainArgs, settings: dict | None = None) -> dict:
 
     # Data first: a malformed file must fail before minutes of model loading.
     data = load_run_data(args)
-    model, tok = load_model(args.model, args.dtype, args.quantize_base)
+    model, tok = load_model(args.model, args.dtype, method_cls.load_scheme(args, cfg))
     enc = data.encode(tok, is_masked_lm(model), args.max_seq_length, args.mask_prompt)
     for w in data.warnings:
         print(f"warning: {w}", flush=True)

@@ -178,7 +178,11 @@ def main() -> None:
     memory.tune_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, _ = load_model(a.model, a.dtype, a.quantize_base)
+    scheme = a.quantize_base
+    if settings.get("engine"):  # an engine that quantizes its own programs loads the float model
+        from .engines import REGISTRY as ENGINES
+        scheme = ENGINES.lookup(settings["engine"]).load_scheme(scheme)
+    model, _ = load_model(a.model, a.dtype, scheme)
     batch = fixed_batch(model.config.vocab_size, a.batch_size, a.seq, masked=is_masked_lm(model))
     args = train_args(a.method, trainable, a.dtype, a.model, batch_size=a.batch_size,
                       lora_rank=a.lora_rank, lora_layers=a.lora_layers, max_seq_length=a.seq,

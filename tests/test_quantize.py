@@ -150,14 +150,18 @@ def test_resume_equals_uninterrupted_on_a_quantized_base(tmp_path, data_dir, cap
 @pytest.mark.parametrize("argv,says", [
     (["--method", "lora-adam", "--trainable", "lora"], "backpropagates through the base"),
     (["--method", "zo-sgd", "--trainable", "full"], "--trainable full"),
-    (["--method", "zo-sgd", "--engine", "onnxruntime"], "runs a float base"),
-    (["--method", "prge", "--engine", "executorch"], "runs a float base"),
+    # an engine builds the schemes of its `schemes` into its programs and refuses the others
+    (["--method", "zo-sgd", "--engine", "onnxruntime", "--quantize-base", "int8-dynamic"],
+     "--engine onnxruntime builds int8 or int4 into its programs, not --quantize-base "
+     "int8-dynamic"),
+    (["--method", "prge", "--engine", "executorch"], "--engine executorch builds no quantized "
+                                                     "base into its programs"),
 ])
 def test_refused_where_it_makes_no_sense(argv, says, tmp_path, data_dir, capsys):
     from pocketllm.cli import main
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--model", "tiny-llama", "--data", str(data_dir), *argv,
-              "--quantize-base", "int4", "--adapter-path", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:  # (argv's own --quantize-base, last, wins)
+        main(["train", "--model", "tiny-llama", "--data", str(data_dir), "--quantize-base",
+              "int4", *argv, "--adapter-path", str(tmp_path / "out")])
     assert says in str(e.value) and "\n" not in str(e.value)
 
 

@@ -84,6 +84,16 @@ def parse(argv, doc: str) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux VmHWM; None elsewhere): what the phone's
+    host holds at most, program, runtime and all."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
 def train(a: argparse.Namespace, manifest: dict, runner: Runner) -> int:
     """Run the steps, write the log, the final state and host.json; the exit status."""
     steps = a.steps or manifest["steps"]
@@ -121,7 +131,7 @@ def train(a: argparse.Namespace, manifest: dict, runner: Runner) -> int:
     np.savez(a.run_dir / "state.npz", train=runner.state())
     report = {"steps": len(losses), "losses": losses, "replica_losses": replicas,
               "step_seconds": times, "threads": a.threads, "stopped": stopped,
-              "torch_imported": "torch" in sys.modules}
+              "torch_imported": "torch" in sys.modules, "peak_rss_mb": peak_rss_mb()}
     (a.run_dir / "host.json").write_text(json.dumps(report, indent=1))
     print(f"{len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, median step "
           f"{sorted(times)[len(times) // 2]:.3f}s; log {a.run_dir / 'zo_log.jsonl'}"

@@ -43,6 +43,10 @@ class Engine(ABC):
     architectures: tuple[str, ...] | None = None
     trainables: tuple[str, ...] | None = None
     objectives: tuple[str, ...] | None = None
+    # --quantize-base: None, the engine runs the torch model as loaded (quantized at load);
+    # a tuple, the schemes it builds into programs of its own from the float model (given
+    # to its constructor as `quantize`); it refuses the others
+    schemes: tuple[str, ...] | None = None
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], stats,
                  dist: str = "gaussian", perturbation=None):
@@ -65,6 +69,18 @@ class Engine(ABC):
     @abstractmethod
     def sync(self) -> None:
         """Apply every queued update now (before evaluation, saving, or the end)."""
+
+    @classmethod
+    def load_scheme(cls, scheme: str) -> str:
+        """The `--quantize-base` scheme the torch model is loaded in when this engine runs
+        `scheme`: the scheme itself, or none where the engine quantizes its own programs."""
+        if cls.schemes is None or scheme == "none":
+            return scheme
+        if scheme not in cls.schemes:
+            built = " or ".join(cls.schemes) if cls.schemes else "no quantized base"
+            raise ValueError(f"--engine {cls.name} builds {built} into its programs, not "
+                             f"--quantize-base {scheme}: use --engine torch for it")
+        return "none"
 
     def scorer(self):
         """What evaluation scores a batch with at the current weights, `(batch) ->

@@ -29,7 +29,9 @@ class ExecuTorchEngine(ProgramEngine):
         return {"executorch": version("executorch")}
 
     @classmethod
-    def compile(cls, module, inputs, path: Path) -> None:
+    def compile(cls, module, inputs, path: Path, quantize: str = "none") -> None:
+        if quantize != "none":  # (`schemes` is empty: refused before the model loads)
+            raise ValueError(f"--engine executorch exports a float base, not {quantize}")
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         exported = torch.export.export(module, tuple(inputs.values()), strict=False)

@@ -23,11 +23,53 @@ def _external(model):
     return [t for t in model.graph.initializer if uses_external_data(t)]
 
 
+def quantize_base(model, scheme: str):
+    """`model` (an ONNX ModelProto) with its frozen base Linears, the MatMuls whose weight is
+    an initializer, as ONNX Runtime's MatMulNBits: `scheme`'s bits (int8: 8, int4: 4) per
+    weight, symmetric, one float scale per block of 128 inputs (64, 32 where the layer's width
+    needs it: `quantize.int4_group`, as the torch int4 scheme groups), float32 activations.
+    The LoRA products (their weights are inputs) and the head (read from the embedding table)
+    stay float, as does the embedding table itself."""
+    import logging
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    # (importing the quantizer calls logging.basicConfig(level=INFO) on the root logger, which
+    # would make every library's INFO lines print in this process: undone here)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    from ..quantize import int4_group
+    bits = {"int8": 8, "int4": 4}[scheme]
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    by_block: dict[int, list[str]] = {}
+    for node in model.graph.node:
+        w = shapes.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is not None and len(w) == 2 and int4_group(w[0]):
+            by_block.setdefault(int4_group(w[0]), []).append(node.name)
+    if not by_block:
+        raise ValueError(f"--quantize-base {scheme}: the program has no Linear to quantize")
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # (it logs every node of the graph at INFO)
+    try:
+        for block, names in sorted(by_block.items()):
+            q = MatMulNBitsQuantizer(model, nodes_to_include=names, algo_config=
+                                     DefaultWeightOnlyQuantConfig(block_size=block, bits=bits,
+                                                                  is_symmetric=True))
+            q.process()
+            model = q.model.model
+    finally:
+        log.setLevel(level)
+    return model
+
+
 @register("onnxruntime")
 class OnnxRuntimeEngine(ProgramEngine):
     extra = "onnx"
     suffix = ".onnx"
     modules = ("onnxruntime", "onnx", "onnxscript")
+    schemes = ("int8", "int4")  # `quantize_base`
 
     @staticmethod
     def versions() -> dict[str, str]:
@@ -39,7 +81,7 @@ class OnnxRuntimeEngine(ProgramEngine):
                 "onnxscript": onnxscript.__version__, "layout": "external-data"}
 
     @classmethod
-    def compile(cls, module, inputs, path: Path) -> None:
+    def compile(cls, module, inputs, path: Path, quantize: str = "none") -> None:
         import onnx
         torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=True,
                           input_names=list(inputs), optimize=True,
@@ -50,6 +92,8 @@ class OnnxRuntimeEngine(ProgramEngine):
         # model: benchmarks/results/engine_memory.md). The file is named by its digest, which
         # `load` checks (the cache's record covers the graph only).
         model = onnx.load(str(path))
+        if quantize != "none":
+            model = quantize_base(model, quantize)
         data = path.with_name(path.name + ".data")
         onnx.save_model(model, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data.name, size_threshold=1024)

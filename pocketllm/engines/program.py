@@ -454,11 +454,14 @@ class ProgramEngine(Engine):
     architectures = ("llama",)  # the functional forward of `StepProgram`
     trainables = ("lora",)      # LoRA A and B, or B alone (LoRA-FA)
     objectives = ("classification", "lm")
+    schemes: tuple[str, ...] = ()  # quantized bases the backend's `compile` builds
 
     def __init__(self, model, params, stats, dist="gaussian", perturbation=None,
-                 program_cache=None, threads=0):
+                 program_cache=None, threads=0, quantize="none"):
         super().__init__(model, params, stats, dist, perturbation)
         self.check(model, params, stats, perturbation, f"--engine {self.name}")
+        self.load_scheme(quantize)  # refuses a scheme the backend does not build
+        self.quantize = quantize
         objective = getattr(stats, "__self__", None)
         self.rows_kind = getattr(objective, "name", "?") == "classification"
         self.objective = objective
@@ -505,9 +508,9 @@ class ProgramEngine(Engine):
             raise ValueError(f"{flag} trains LoRA tensors only (--trainable lora), not "
                              f"{not_lora[0]}: {instead}")
         from ..quantize import quantized_layers
-        if quantized_layers(model):
-            raise ValueError(f"{flag} runs a float base: drop --quantize-base (a quantized base "
-                             f"inside the engine's program is not built yet), or {instead}")
+        if quantized_layers(model):  # (a scheme of `schemes` is built from the float model)
+            raise ValueError(f"{flag} exports a float model: load it without --quantize-base "
+                             f"(the engine quantizes its programs itself), or {instead}")
         if any(p.dtype != torch.float32 for p in model.parameters()):
             raise ValueError(f"{flag} runs a float32 model: use --dtype float32")
         kind = getattr(getattr(stats, "__self__", None), "name", "?")
@@ -520,8 +523,10 @@ class ProgramEngine(Engine):
     # ---- the backend (class methods: they export and run any module, e.g. a test's) --------
     @classmethod
     @abstractmethod
-    def compile(cls, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
-        """Export `module` (traced at the named `inputs`, in its forward's order) to `path`."""
+    def compile(cls, module: nn.Module, inputs: dict[str, torch.Tensor], path: Path,
+                quantize: str = "none") -> None:
+        """Export `module` (traced at the named `inputs`, in its forward's order) to `path`,
+        its frozen base Linears stored in `quantize` (a scheme of `schemes`)."""
 
     @classmethod
     @abstractmethod
@@ -554,13 +559,15 @@ class ProgramEngine(Engine):
                    "torch": torch.__version__, "engine": self.name, **self.versions()}
             if kind != "step":  # (a step program's key is as it was: its cache stays valid)
                 key["kind"] = kind
+            if self.quantize != "none":
+                key["quantize"] = self.quantize
 
             def build(path):
                 with self._weights():
                     prog = PROGRAMS[kind](self.model, self.trained, self.dist, shapes,
                                           self.shr).eval()
                     with torch.no_grad():
-                        self.compile(prog, example, path)
+                        self.compile(prog, example, path, self.quantize)
                     del prog  # its buffers are the frozen weights: released below
             path, took = self.cache.get(key, self.suffix, build)
             self.export_seconds += took

@@ -108,6 +108,12 @@ class Method(ABC):
         return None
 
     @classmethod
+    def load_scheme(cls, run, cfg) -> str:
+        """The `--quantize-base` scheme the model is loaded in (`models.load_model`): the
+        run's, unless what runs the model quantizes it itself (an engine's programs)."""
+        return getattr(run, "quantize_base", "none")
+
+    @classmethod
     def trainable(cls, model: nn.Module, run) -> tuple:
         """(spec or None, [(name, parameter)] this method trains) on `model`
         (`pocketllm.trainable`)."""

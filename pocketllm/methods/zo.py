@@ -125,12 +125,18 @@ class ZOMethod(Method):
                                  f"and at the current weights, and --zo-perturbation "
                                  f"{pert.name} draws z from the weights (or from state they "
                                  f"move): use --zo-perturbation {' or '.join(fit)}")
+            cls.load_scheme(run, cfg)  # a --quantize-base the engine cannot build
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         if est.anchor_every and run.trainable == "full":
             raise SystemExit(f"error: --estimator {cfg.estimator} keeps a copy of the trainable "
                              "tensors at its anchor: with --trainable full that is a second copy "
                              "of the model. Use --trainable lora, norm or prefix")
+
+    @classmethod
+    def load_scheme(cls, run, cfg) -> str:
+        return engines.REGISTRY.lookup(cfg.engine).load_scheme(
+            getattr(run, "quantize_base", "none"))
 
     def __init__(self, model, params, cfg, run, objective):
         super().__init__(model, params, cfg, run, objective)
@@ -141,9 +147,12 @@ class ZOMethod(Method):
         self.perturbation = perturbations.build(perturbations.spec_from_args(cfg),
                                                 [p for _, p in params], cfg.perturbation)
         engine = engines.REGISTRY.lookup(cfg.engine)
+        quant = getattr(run, "quantize_base", "none")
+        # (an engine that quantizes its own programs is told the scheme: the model is float)
+        own = {"quantize": quant} if engine.schemes is not None and quant != "none" else {}
         try:  # an engine refuses what it cannot run (a model, trainable set, objective)
             self.engine = engine(model, params, objective.stats, dist=cfg.perturbation,
-                                 perturbation=self.perturbation,
+                                 perturbation=self.perturbation, **own,
                                  **{k: getattr(cfg, k) for k in engine.settings})
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None

@@ -321,3 +321,72 @@ def test_a_run_through_an_engine_evaluates_saves_and_generates(tmp_path, capsys)
     assert main(["generate", "--model", "tiny-llama", "--adapter-path", str(out),
                  "--prompt", "Category:", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+# ------------------------------------------------------------------------- a quantized base
+
+@pytest.mark.parametrize("scheme,rel", [("int8", 5e-3), ("int4", 3e-2)])
+def test_onnx_runtime_builds_a_quantized_base_into_its_program(scheme, rel, tmp_path):
+    """--quantize-base int8 / int4 with --engine onnxruntime: the float model's base Linears
+    become MatMulNBits in the program (7 a layer; LoRA and the head stay float); its losses are
+    the float reference's within the quantization's error, and not equal to them; its weights
+    file is smaller than the float program's."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model, params, obj, batch = _setup("tiny-llama", "lora", "classification")
+    keys = [_keys(j, len(params)) for j in range(3)]
+    plan = Plan(keys, EPS, REPLICAS, group_passes(REPLICAS, "both"))
+    ref = Reference(model, params, obj, batch, "rademacher").losses(keys)
+    sizes = {}
+    for q in ("none", scheme):
+        cache = tmp_path / q
+        engine = REGISTRY["onnxruntime"](model, params, obj.stats, dist="rademacher",
+                                         program_cache=str(cache), quantize=q)
+        got = engine.losses(batch, plan).tolist()
+        (graph,) = cache.glob("*.onnx")
+        (data,) = cache.glob("*.onnx.data")
+        sizes[q] = data.stat().st_size
+        ops = [n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node]
+        n_q = ops.count("MatMulNBits")
+        if q == "none":
+            assert got == pytest.approx(ref, rel=1e-4) and n_q == 0
+        else:
+            assert n_q == 7 * model.config.num_hidden_layers
+            assert got == pytest.approx(ref, rel=rel)
+            assert max(abs(a - b) for a, b in zip(got, ref)) > 1e-6  # really quantized
+    assert sizes[scheme] < sizes["none"]
+
+
+@pytest.mark.parametrize("engine_name,scheme", [("executorch", "int8"),
+                                                ("onnxruntime", "int8-dynamic")])
+def test_an_engine_refuses_a_quantized_base_it_does_not_build(engine_name, scheme):
+    cls = REGISTRY[engine_name]
+    with pytest.raises(ValueError, match=rf"--engine {engine_name} builds .* not "
+                                         rf"--quantize-base {scheme}: use --engine torch"):
+        cls.load_scheme(scheme)
+    assert REGISTRY["torch"].load_scheme(scheme) == scheme  # torch runs the model as loaded
+    assert cls.load_scheme("none") == "none"
+
+
+def test_a_run_through_onnx_runtime_on_a_4_bit_base(tmp_path, capsys):
+    """`pocketllm train --engine onnxruntime --quantize-base int4` loads the float model,
+    trains through 4-bit programs (its step losses near the float engine run's, not equal);
+    `--engine executorch --quantize-base int4` is refused before the model loads."""
+    pytest.importorskip("onnxruntime")
+    from pocketllm.cli import main
+    from tests.test_cli import FAST
+    losses = {}
+    for q in ("none", "int4"):
+        out = tmp_path / q
+        assert main(["train", *FAST, "--iters", "2", "--steps-per-eval", "0", "--no-eval-before",
+                     "--save-every", "0", "--method", "prge", "--queries", "2",
+                     "--engine", "onnxruntime", "--quantize-base", q,
+                     "--program-cache", str(tmp_path / "programs"),
+                     "--adapter-path", str(out)]) == 0
+        lines = (out / "zo_log.jsonl").read_text().splitlines()[1:]  # (after the header)
+        losses[q] = [json.loads(line)["loss"] for line in lines]
+    assert losses["int4"] == pytest.approx(losses["none"], rel=3e-2)
+    assert losses["int4"] != losses["none"]
+    with pytest.raises(SystemExit, match="--engine executorch builds no quantized base"):
+        main(["train", *FAST, "--iters", "1", "--method", "prge", "--engine", "executorch",
+              "--quantize-base", "int4", "--adapter-path", str(tmp_path / "et")])
