@@ -197,18 +197,22 @@ def test_a_run_with_an_engine_tracks_the_torch_run(tmp_path):
     """`pocketllm train --engine onnxruntime` (prge, 3 steps) logs the losses the torch run
     logs, within the engines' tolerance, and its log replays: the same seeds, the same z."""
     pytest.importorskip("onnxruntime")
+    torch_losses = _step_losses(tmp_path, "torch", 3)
+    assert _step_losses(tmp_path, "onnxruntime", 3) == pytest.approx(torch_losses, rel=1e-4)
+
+
+def _step_losses(tmp_path, engine: str, iters: int, quantize: str = "none") -> list[float]:
+    """The logged step losses of `pocketllm train` (prge, 2 queries) through `engine` on a
+    base stored as `quantize` (one program cache for the test)."""
     from pocketllm.cli import main
     from tests.test_cli import FAST
-    logs = {}
-    for engine in ("torch", "onnxruntime"):
-        out = tmp_path / engine
-        assert main(["train", *FAST, "--iters", "3", "--steps-per-eval", "0", "--no-eval-before",
-                     "--save-every", "0", "--method", "prge", "--queries", "2",
-                     "--engine", engine, "--program-cache", str(tmp_path / "programs"),
-                     "--adapter-path", str(out)]) == 0
-        logs[engine] = [json.loads(line) for line in (out / "zo_log.jsonl").open()][1:]
-    torch_losses = [r["loss"] for r in logs["torch"]]
-    assert [r["loss"] for r in logs["onnxruntime"]] == pytest.approx(torch_losses, rel=1e-4)
+    out = tmp_path / f"{engine}-{quantize}"
+    assert main(["train", *FAST, "--iters", str(iters), "--steps-per-eval", "0",
+                 "--no-eval-before", "--save-every", "0", "--method", "prge", "--queries", "2",
+                 "--engine", engine, "--quantize-base", quantize,
+                 "--program-cache", str(tmp_path / "programs"), "--adapter-path", str(out)]) == 0
+    lines = (out / "zo_log.jsonl").read_text().splitlines()[1:]  # (after the header)
+    return [json.loads(line)["loss"] for line in lines]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -375,16 +379,7 @@ def test_a_run_through_onnx_runtime_on_a_4_bit_base(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from pocketllm.cli import main
     from tests.test_cli import FAST
-    losses = {}
-    for q in ("none", "int4"):
-        out = tmp_path / q
-        assert main(["train", *FAST, "--iters", "2", "--steps-per-eval", "0", "--no-eval-before",
-                     "--save-every", "0", "--method", "prge", "--queries", "2",
-                     "--engine", "onnxruntime", "--quantize-base", q,
-                     "--program-cache", str(tmp_path / "programs"),
-                     "--adapter-path", str(out)]) == 0
-        lines = (out / "zo_log.jsonl").read_text().splitlines()[1:]  # (after the header)
-        losses[q] = [json.loads(line)["loss"] for line in lines]
+    losses = {q: _step_losses(tmp_path, "onnxruntime", 2, q) for q in ("none", "int4")}
     assert losses["int4"] == pytest.approx(losses["none"], rel=3e-2)
     assert losses["int4"] != losses["none"]
     with pytest.raises(SystemExit, match="--engine executorch builds no quantized base"):
