@@ -290,7 +290,7 @@ METHODS = {"step": StepMethod, "eval": EvalMethod, "get_state": GetState,
 
 def _write_pte(step: TrainStep, example: dict, out: Path, quantize: str) -> str:
     """One ExecuTorch program, the methods of `METHODS` over one shared, initialised state
-    (a float base: `quantize` none, the executorch engine's `schemes`)."""
+    (a float base: `export_trainable` refuses a quantized one)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -332,6 +332,11 @@ def export_trainable(args) -> Path:
                          f"{', '.join(moved) or 'the initial adapter (seed)'} there, not as "
                          "export flags")
     engine, write = WRITERS[args.format]
+    quant = _run_settings(args.trainable)[0].quantize_base
+    if args.format == "pte" and quant != "none":  # (before the model loads)
+        raise SystemExit(f"error: --format pte --trainable: the self-training .pte runs a float "
+                         f"base, not quantize-base {quant} (--format onnx builds int8 or int4 "
+                         "into its program)")
     out = Path(args.out or "selftrain")
     out.mkdir(parents=True, exist_ok=True)
     step, example, manifest, arrays, state, settings = build(

@@ -154,8 +154,9 @@ def test_resume_equals_uninterrupted_on_a_quantized_base(tmp_path, data_dir, cap
     (["--method", "zo-sgd", "--engine", "onnxruntime", "--quantize-base", "int8-dynamic"],
      "--engine onnxruntime builds int8 or int4 into its programs, not --quantize-base "
      "int8-dynamic"),
-    (["--method", "prge", "--engine", "executorch"], "--engine executorch builds no quantized "
-                                                     "base into its programs"),
+    (["--method", "prge", "--engine", "executorch"], "--engine executorch builds int8-dynamic "
+                                                     "into its programs, not --quantize-base "
+                                                     "int4"),
 ])
 def test_refused_where_it_makes_no_sense(argv, says, tmp_path, data_dir, capsys):
     from pocketllm.cli import main

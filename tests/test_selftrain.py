@@ -177,6 +177,12 @@ def test_what_the_program_cannot_run_is_one_line(tmp_path, capsys):
                   "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="set model there"):
         main(["export", "--format", "onnx", "--trainable", str(cfg), "--model", "tiny-gpt2"])
+    quantized = tmp_path / "q.yaml"
+    quantized.write_text(cfg.read_text() + "quantize-base: int4\n")
+    with pytest.raises(SystemExit, match="the self-training .pte runs a float base, not "
+                                         "quantize-base int4"):
+        main(["export", "--format", "pte", "--trainable", str(quantized),
+              "--out", str(tmp_path / "x")])
 
 
 def test_the_host_refuses_more_steps_than_the_bundle_holds(hosted, tmp_path):

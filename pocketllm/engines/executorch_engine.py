@@ -15,6 +15,32 @@ from .base import register
 from .program import ProgramEngine, shift_div
 
 
+def quantize_base(exported, inputs: dict[str, torch.Tensor], scheme: str):
+    """`exported` (a torch.export program) with its frozen base Linears, the linears whose
+    weight is a constant of the program, quantized for XNNPACK: int8 weights, one scale per
+    output channel, and activations quantized to int8 per row at run time (XNNPACK's qd8-f32-
+    qc8w kernels; `int8-dynamic`, as the torch scheme), through torch.export's pt2e flow with
+    ExecuTorch's XNNPACKQuantizer. The LoRA products (weights are program inputs), the noise's
+    integer ops and the head stay as they were. Returns the re-exported program."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    if scheme != "int8-dynamic":
+        raise ValueError(f"--engine executorch builds int8-dynamic, not {scheme}")
+    linear = torch.ops.aten.linear.default
+    q = XNNPACKQuantizer().set_operator_type(
+        linear, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+    q.set_filter_function(lambda n: n.target == linear and n.args[1].op == "get_attr")
+    # its default transform turns scalar operands into float tensors (for quantized add/mul),
+    # which breaks the noise's integer ops (bitwise_and on a float): only linears are wanted
+    q.transform_for_annotation = lambda gm: gm
+    gm = prepare_pt2e(exported.module(), q)
+    with torch.no_grad():
+        gm(*inputs.values())  # (dynamic: observes the weights only)
+    gm = convert_pt2e(gm)
+    return torch.export.export(gm, tuple(inputs.values()), strict=False)
+
+
 @register("executorch")
 class ExecuTorchEngine(ProgramEngine):
     extra = "executorch"
@@ -22,6 +48,7 @@ class ExecuTorchEngine(ProgramEngine):
     modules = ("executorch.runtime", "executorch.exir",
                "executorch.backends.xnnpack.partition.xnnpack_partitioner")
     shr = staticmethod(shift_div)
+    schemes = ("int8-dynamic",)  # `quantize_base`
 
     @staticmethod
     def versions() -> dict[str, str]:
@@ -30,11 +57,11 @@ class ExecuTorchEngine(ProgramEngine):
 
     @classmethod
     def compile(cls, module, inputs, path: Path, quantize: str = "none") -> None:
-        if quantize != "none":  # (`schemes` is empty: refused before the model loads)
-            raise ValueError(f"--engine executorch exports a float base, not {quantize}")
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         exported = torch.export.export(module, tuple(inputs.values()), strict=False)
+        if quantize != "none":
+            exported = quantize_base(exported, inputs, quantize)
         lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         path.write_bytes(lowered.to_executorch().buffer)
 
