@@ -1,0 +1,98 @@
+"""A quantized base inside an engine's program (`--engine E --quantize-base S`), default model:
+the program's size, a prge q=4 step through it (batch 2 x 64, every position scored: the
+workload's language-modelling loss) in a fresh process, and the program alone loaded and called
+twice in another (`engine_memory.py`'s child: torch imported, as a pocketllm host has it).
+
+    python benchmarks/engine_quant.py --cache DIR [--pairs executorch:int8-dynamic ...]
+
+A pair's first workload run exports its program into DIR (its wall time reported: the float
+model loaded, exported, quantized); the measured runs load it from there. Peak RSS of the
+workload's steps (`peak_run_mb`) starts from the float torch model's load, which the engine
+then releases; the program-alone column is what a host that never loads the torch model holds.
+Writes benchmarks/results/engine_quant.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._run import run_mode, write_table  # noqa: E402
+from benchmarks.engine_memory import measure  # noqa: E402
+from benchmarks.engines import machine  # noqa: E402
+
+PAIRS = ("executorch:int8-dynamic", "onnxruntime:int8", "onnxruntime:int4")
+SUFFIX = {"executorch": ".pte", "onnxruntime": ".onnx"}
+
+
+def cached(cache: Path, engine: str, scheme: str) -> tuple[Path, Path]:
+    """(program, its record) of the step program of `engine` with base `scheme` in `cache`."""
+    for rec in sorted(cache.glob("*.json")):
+        key = json.loads(rec.read_text()).get("key", {})
+        if (key.get("engine") == engine and key.get("quantize", "none") == scheme
+                and "kind" not in key):
+            return rec.with_suffix(SUFFIX[engine]), rec
+    raise SystemExit(f"no {engine} {scheme} step program in {cache}")
+
+
+def program_bytes(path: Path) -> int:
+    """The program file, and for ONNX the weights files its graph names."""
+    size = path.stat().st_size
+    if path.suffix == ".onnx":
+        import onnx
+        from pocketllm.engines.onnxruntime_engine import _external
+        graph = onnx.load(str(path), load_external_data=False)
+        size += sum((path.parent / name).stat().st_size for name in
+                    {e.value for t in _external(graph) for e in t.external_data
+                     if e.key == "location"})
+    return size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cache", required=True, help="the programs' cache")
+    ap.add_argument("--pairs", nargs="*", default=list(PAIRS), help="ENGINE:SCHEME")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    cache = Path(a.cache)
+    rows = []
+    for pair in a.pairs:
+        engine, scheme = pair.split(":")
+        kw = dict(trainable="lora", model="smollm2-135m", batch_size=2, seq=64, threads=a.threads,
+                  engine=engine, quantize_base=scheme, program_cache=str(cache), queries=4)
+        t0 = time.perf_counter()
+        run_mode("prge", **{**kw, "steps": 1, "warmup": 0})  # exports (or finds) the program
+        first = time.perf_counter() - t0
+        r = run_mode("prge", **{**kw, "steps": 3, "warmup": 1})
+        path, rec = cached(cache, engine, scheme)
+        size = program_bytes(path)
+        alone = measure({"engine": engine, "path": str(path), "record": str(rec),
+                         "threads": a.threads, "how": "path (mmap data loader)",
+                         "attrs": {}, "config": {}})
+        rows.append([engine, scheme, f"{size / 2**20:.0f}", f"{r['step_s_median']:.2f}",
+                     f"{r['peak_run_mb']:.0f}", f"{alone['loaded']:.0f}", f"{alone['run']:.0f}",
+                     f"{first:.0f}"])
+        print(rows[-1], flush=True)
+    end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    write_table("engine_quant.md", "A quantized base inside the engine programs, default model",
+                "python benchmarks/engine_quant.py " + " ".join(sys.argv[1:]),
+                f"{machine()}; at end: {end}",
+                ["engine", "--quantize-base", "program MiB", "prge q=4 step s",
+                 "peak RSS in steps MB", "program alone: after load MB",
+                 "program alone: after 2 calls MB", "first run (export) wall s"], rows,
+                f"""
+prge q=4 (FZOO: 5 replicas) at batch 2 x 64, {a.threads} thread(s). "Peak RSS in steps" is
+the workload's (`python -m pocketllm.workload`), whose torch model was loaded in float before
+the engine released it (the floor of that column). "Program alone" loads the cached program in
+a fresh process with torch imported and calls it twice (benchmarks/engine_memory.py's child).
+The ONNX program size is the graph and the weights file it names.
+""")
+
+
+if __name__ == "__main__":
+    main()
