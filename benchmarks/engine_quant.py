@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     cache = Path(a.cache)
+    where = machine()  # (the load at the start)
     rows = []
     for pair in a.pairs:
         engine, scheme = pair.split(":")
@@ -81,7 +82,7 @@ def main() -> None:
     end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     write_table("engine_quant.md", "A quantized base inside the engine programs, default model",
                 "python benchmarks/engine_quant.py " + " ".join(sys.argv[1:]),
-                f"{machine()}; at end: {end}",
+                f"{where}; at end: {end}",
                 ["engine", "--quantize-base", "program MiB", "prge q=4 step s",
                  "peak RSS in steps MB", "program alone: after load MB",
                  "program alone: after 2 calls MB", "first run (export) wall s"], rows,
