@@ -4,6 +4,9 @@ per option, its peak RSS (VmHWM) after the load and after the run. The process i
 torch first, as a pocketllm host does (the ExecuTorch pybinding imports it anyway).
 
     python benchmarks/engine_memory.py --cache DIR [--threads 2]
+    python benchmarks/engine_memory.py --cache DIR --W 5 --engines onnxruntime --options \
+        "defaults (before)" "no constant folding" "no memory pattern" \
+        "no constant folding + no memory pattern (the engine's load)"   # -> engine_memory_W5.md
 
 DIR holds the programs (`benchmarks/engines.py --cache DIR` fills it); `.onnx` variants with
 external data are written next to them (`*.ext.onnx` + `.data`)."""
@@ -22,7 +25,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._run import write_table  # noqa: E402
 from benchmarks.engines import machine  # noqa: E402
 
-# option name -> ONNX Runtime SessionOptions settings (attributes, then config entries)
+NO_FOLDING = {"disabled_optimizers": ["ConstantFolding"]}  # an InferenceSession argument
+# option name -> ONNX Runtime SessionOptions settings (attributes, then config entries, then
+# InferenceSession arguments)
 ORT_OPTIONS = {
     "defaults (before)": ({}, {}),
     "no CPU memory arena": ({"enable_cpu_mem_arena": False}, {}),
@@ -34,6 +39,9 @@ ORT_OPTIONS = {
                                                "enable_mem_pattern": False}, {}),
     "external data + no prepacking": ({}, {"session.disable_prepacking": "1"}),
     "int8 dynamic MatMul weights (quantize_dynamic)": ({}, {}),
+    "no constant folding": ({}, {}, NO_FOLDING),
+    "no constant folding + no memory pattern (the engine's load)": (
+        {"enable_mem_pattern": False}, {}, NO_FOLDING),
 }
 ET_OPTIONS = ("path (mmap data loader)", "bytes (read into memory)", "path, minimal verification")
 
@@ -65,7 +73,8 @@ if spec["engine"] == "onnxruntime":
         setattr(o, k, v)
     for k, v in spec["config"].items():
         o.add_session_config_entry(k, v)
-    sess = ort.InferenceSession(spec["path"], o, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(spec["path"], o, providers=["CPUExecutionProvider"],
+                                **spec.get("kwargs", {}))
     names = [i.name for i in sess.get_inputs()]
     run = lambda: sess.run(None, {k: inputs[k].numpy() for k in names})
 else:
@@ -128,9 +137,10 @@ def program(cache: Path, engine: str, W: int) -> tuple[Path, Path]:
     for rec in sorted(cache.glob("*.json")):
         key = json.loads(rec.read_text())["key"]
         if (key.get("engine") == engine and key["shapes"]["W"] == W and
-                key["shapes"]["C"] == 0 and "kind" not in key and "layout" not in key):
-            # (ONNX: the single-file program, as pocketllm wrote it before its weights moved
-            # to a data file; the options' rows convert it)
+                key["shapes"]["C"] == 0 and "kind" not in key and "quantize" not in key and
+                ("layout" not in key or W != 2)):
+            # (ONNX, W 2: the single-file program, as pocketllm wrote it before its weights
+            # moved to a data file, the options' rows convert it; else as the cache has it)
             return rec.with_suffix(".onnx" if engine == "onnxruntime" else ".pte"), rec
     raise SystemExit(f"no {engine} zo-sgd program (W={W}) in {cache}")
 
@@ -151,29 +161,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cache", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--W", type=int, default=2, help="the program's replicas (2: zo-sgd's; "
+                    "5: prge q=4's)")
+    ap.add_argument("--engines", nargs="*", default=["onnxruntime", "executorch"])
+    ap.add_argument("--options", nargs="*", default=None, help="these rows only (names)")
     a = ap.parse_args()
     cache = Path(a.cache)
     where = machine()
     rows = []
-    path, rec = program(cache, "onnxruntime", 2)
-    for name, (attrs, config) in ORT_OPTIONS.items():
-        p = (external(path) if name.startswith("external") else
-             quantized(path) if name.startswith("int8") else path)
-        rows.append(row("onnxruntime", name, measure(
-            {"engine": "onnxruntime", "path": str(p), "record": str(rec),
-             "threads": a.threads, "attrs": attrs, "config": config}), rows))
-    path, rec = program(cache, "executorch", 2)
-    for how in ET_OPTIONS:
-        rows.append(row("executorch", how, measure(
-            {"engine": "executorch", "path": str(path), "record": str(rec),
-             "threads": a.threads, "how": how}), rows))
+    keep = lambda name: a.options is None or name in a.options
+    if "onnxruntime" in a.engines:
+        path, rec = program(cache, "onnxruntime", a.W)
+        for name, (attrs, config, *kwargs) in ORT_OPTIONS.items():
+            if not keep(name):
+                continue
+            p = (external(path) if name.startswith("external") else
+                 quantized(path) if name.startswith("int8") else path)
+            rows.append(row("onnxruntime", name, measure(
+                {"engine": "onnxruntime", "path": str(p), "record": str(rec),
+                 "threads": a.threads, "attrs": attrs, "config": config,
+                 "kwargs": kwargs[0] if kwargs else {}}), rows))
+    if "executorch" in a.engines:
+        path, rec = program(cache, "executorch", a.W)
+        for how in filter(keep, ET_OPTIONS):
+            rows.append(row("executorch", how, measure(
+                {"engine": "executorch", "path": str(path), "record": str(rec),
+                 "threads": a.threads, "how": how}), rows))
     end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    write_table("engine_memory.md", "Engine runtime options: peak RSS of a program alone",
+    name = "engine_memory.md" if a.W == 2 else f"engine_memory_W{a.W}.md"
+    write_table(name, "Engine runtime options: peak RSS of a program alone",
                 "python benchmarks/engine_memory.py " + " ".join(sys.argv[1:]),
                 f"{where}; at end: {end}",
                 ["engine", "option", "peak after imports MB", "peak after load MB",
                  "peak after 2 calls MB", "load s", "call s",
-                 "loss rel. gap to the engine's first row"], rows, NOTES)
+                 "loss rel. gap to the engine's first row"], rows,
+                NOTES.replace("zo-sgd program (W 2", f"program (W {a.W}"))
 
 
 NOTES = """

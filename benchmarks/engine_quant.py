@@ -23,10 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._run import run_mode, write_table  # noqa: E402
-from benchmarks.engine_memory import measure  # noqa: E402
+from benchmarks.engine_memory import ORT_OPTIONS, measure  # noqa: E402
 from benchmarks.engines import machine  # noqa: E402
 
-PAIRS = ("executorch:int8-dynamic", "onnxruntime:int8", "onnxruntime:int4")
+PAIRS = ("torch:none", "onnxruntime:none", "onnxruntime:int4", "executorch:int8-dynamic")
+# how the program-alone child loads a program: as the engine does (engine_memory.ORT_OPTIONS)
+LOAD = {"onnxruntime": dict(zip(("attrs", "config", "kwargs"), ORT_OPTIONS[
+    "no constant folding + no memory pattern (the engine's load)"]))}
 SUFFIX = {"executorch": ".pte", "onnxruntime": ".onnx"}
 
 
@@ -65,16 +68,24 @@ def main() -> None:
     for pair in a.pairs:
         engine, scheme = pair.split(":")
         kw = dict(trainable="lora", model="smollm2-135m", batch_size=2, seq=64, threads=a.threads,
-                  engine=engine, quantize_base=scheme, program_cache=str(cache), queries=4)
+                  engine=engine, quantize_base=scheme, queries=4)
+        if engine != "torch":
+            kw["program_cache"] = str(cache)
         t0 = time.perf_counter()
-        run_mode("prge", **{**kw, "steps": 1, "warmup": 0})  # exports (or finds) the program
+        if engine != "torch":
+            run_mode("prge", **{**kw, "steps": 1, "warmup": 0})  # exports (or finds) it
         first = time.perf_counter() - t0
         r = run_mode("prge", **{**kw, "steps": 3, "warmup": 1})
+        if engine == "torch":  # the reference: no program
+            rows.append([engine, scheme, "-", f"{r['step_s_median']:.2f}",
+                         f"{r['peak_run_mb']:.0f}", "-", "-", "-"])
+            print(rows[-1], flush=True)
+            continue
         path, rec = cached(cache, engine, scheme)
         size = program_bytes(path)
         alone = measure({"engine": engine, "path": str(path), "record": str(rec),
                          "threads": a.threads, "how": "path (mmap data loader)",
-                         "attrs": {}, "config": {}})
+                         **LOAD.get(engine, {})})
         rows.append([engine, scheme, f"{size / 2**20:.0f}", f"{r['step_s_median']:.2f}",
                      f"{r['peak_run_mb']:.0f}", f"{alone['loaded']:.0f}", f"{alone['run']:.0f}",
                      f"{first:.0f}"])
@@ -90,7 +101,8 @@ def main() -> None:
 prge q=4 (FZOO: 5 replicas) at batch 2 x 64, {a.threads} thread(s). "Peak RSS in steps" is
 the workload's (`python -m pocketllm.workload`), whose torch model was loaded in float before
 the engine released it (the floor of that column). "Program alone" loads the cached program in
-a fresh process with torch imported and calls it twice (benchmarks/engine_memory.py's child).
+a fresh process with torch imported and calls it twice (benchmarks/engine_memory.py's child,
+ONNX Runtime with the engine's session options).
 The ONNX program size is the graph and the weights file it names.
 """)
 

@@ -24,8 +24,12 @@ class OnnxRunner(host.Runner):
         import onnxruntime as ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        # as pocketllm's engine loads its programs (less memory, the same speed): no planned
+        # memory pattern, no constant folding (it would copy the head's slices of the table)
+        opts.enable_mem_pattern = False
         self.sess = ort.InferenceSession(str(bundle / manifest["program"]), opts,
-                                         providers=["CPUExecutionProvider"])
+                                         providers=["CPUExecutionProvider"],
+                                         disabled_optimizers=["ConstantFolding"])
         self.names = [i.name for i in self.sess.get_inputs()]  # unread inputs are pruned
         state = np.load(bundle / "state.npz")
         self.train, self.fixed = state["train"], state["fixed"]

@@ -122,7 +122,13 @@ class OnnxRuntimeEngine(ProgramEngine):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        # Memory, at the same speed (benchmarks/results/engine_memory_W5.md, prge q=4 program
+        # alone: 1199 -> 1001 MB): no planned memory pattern (one block sized for every
+        # intermediate of the call), and no constant folding, which would fold the streamed
+        # head's slices of the embedding table into a second, transposed copy of it
+        opts.enable_mem_pattern = False
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=["ConstantFolding"])
         # an input the graph does not read (k2 under rademacher noise) may be pruned
         return sess, [i.name for i in sess.get_inputs()]
 
