@@ -215,7 +215,8 @@ class TrainArgs(ModelArgs, DataArgs, QuantArgs):
     adapter_path: str = opt("adapters", "output directory (adapter, logs, config)")
     time_budget: float = opt(0.0, "stop after this many minutes of training (steps only, "
                              "evaluation excluded; the whole run's, across --resume; 0: "
-                             "--iters alone); the schedules still run over --iters", ge=0)
+                             "--iters alone); the lr / eps schedules end with the budget where it "
+                             "stops the run first", ge=0)
     budget_clock: str = opt("wall", "what --time-budget and the step times count: wall "
                             "(seconds on the clock) or cpu (this process's CPU seconds: on a "
                             "machine shared with other jobs, the time the steps would take on "

@@ -31,7 +31,7 @@ from .loss import is_masked_lm
 from .methods import Method, StepResult, get_method
 from .models import load_model
 from .report import Reporter
-from .schedules import eps_at, lr_at
+from .schedules import budget_spent, eps_at, lr_at
 
 BEST_DIR = "best"
 
@@ -164,10 +164,11 @@ class Run:
         return summary
 
     def hyper(self, step: int) -> tuple[float, float | None]:
-        """The step's learning rate and (zeroth-order) eps, from their schedules."""
-        cfg = self.method.cfg
-        return lr_at(self.args, step), (eps_at(cfg, step, self.args.iters)
-                                        if hasattr(cfg, "eps") else None)
+        """The step's learning rate and (zeroth-order) eps, from their schedules (which end
+        with the time budget where it stops the run before --iters)."""
+        cfg, spent = self.method.cfg, budget_spent(self.args, self.clock)
+        return lr_at(self.args, step, spent), (eps_at(cfg, step, self.args.iters, spent)
+                                               if hasattr(cfg, "eps") else None)
 
     def diverged(self, e: NonFiniteError) -> NonFiniteError:
         """The error a run stops with on a non-finite value `e`, once its state on disk is

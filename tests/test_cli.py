@@ -259,3 +259,17 @@ def test_console_script_refuses_a_nan_rate_in_one_line(tmp_path):
     assert r.stderr.splitlines() == ["pocketllm train: error: argument --learning-rate: must be "
                                      "a finite number >= 0, got nan (see pocketllm train --help)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_lr_schedule_ends_with_the_time_budget(tmp_path, capsys, monkeypatch):
+    import itertools
+    from pocketllm import train as train_mod
+    ticks = itertools.count()  # a clock on which every step takes exactly one second
+    monkeypatch.setitem(train_mod.CLOCKS, "wall", lambda: float(next(ticks)))
+    out = tmp_path / "run"
+    # 6 s of budget, 5000 steps: the budget ends the run, so the linear decay must end there
+    assert main(["train", *FAST, "--iters", "5000", "--time-budget", "0.1", "--learning-rate",
+                 "1e-2", "--lr-schedule", "linear", "--steps-per-eval", "0",
+                 "--adapter-path", str(out)]) == 0
+    steps = [json.loads(line) for line in (out / "zo_log.jsonl").read_text().splitlines()[1:]]
+    assert [s["lr"] for s in steps] == pytest.approx([1e-2 * (1 - k / 6) for k in range(6)])
