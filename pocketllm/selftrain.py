@@ -335,8 +335,9 @@ def export_trainable(args) -> Path:
     quant = _run_settings(args.trainable)[0].quantize_base
     if args.format == "pte" and quant != "none":  # (before the model loads)
         raise SystemExit(f"error: --format pte --trainable: the self-training .pte runs a float "
-                         f"base, not quantize-base {quant} (--format onnx builds int8 or int4 "
-                         "into its program)")
+                         f"base, not quantize-base {quant} (--format onnx builds "
+                         f"{' / '.join(engines.REGISTRY['onnxruntime'].schemes)} into its "
+                         "program)")
     out = Path(args.out or "selftrain")
     out.mkdir(parents=True, exist_ok=True)
     step, example, manifest, arrays, state, settings = build(

@@ -23,39 +23,56 @@ def _external(model):
     return [t for t in model.graph.initializer if uses_external_data(t)]
 
 
-def quantize_base(model, scheme: str):
-    """`model` (an ONNX ModelProto) with its frozen base Linears, the MatMuls whose weight is
-    an initializer, as ONNX Runtime's MatMulNBits: `scheme`'s bits (int8: 8, int4: 4) per
-    weight, symmetric, one float scale per block of 128 inputs (64, 32 where the layer's width
-    needs it: `quantize.int4_group`, as the torch int4 scheme groups), float32 activations.
-    The LoRA products (their weights are inputs) and the head (read from the embedding table)
-    stay float, as does the embedding table itself."""
+def _quiet_quantizer(module: str):
+    """Import ONNX Runtime's quantizer `module` and return its logger. Importing it calls
+    logging.basicConfig(level=INFO) on the root logger, which would make every library's INFO
+    lines print in this process: undone here."""
+    import importlib
     import logging
     root = logging.getLogger()
     handlers, root_level = root.handlers[:], root.level
-    # (importing the quantizer calls logging.basicConfig(level=INFO) on the root logger, which
-    # would make every library's INFO lines print in this process: undone here)
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+    importlib.import_module(module)
     root.handlers[:] = handlers
     root.setLevel(root_level)
+    return logging.getLogger(module)
+
+
+def _base_matmuls(model, scheme: str) -> dict[str, int]:
+    """{node name: input width} of the frozen base Linears: the MatMuls whose weight is a 2-D
+    initializer. The LoRA products (their weights are inputs) and the head (slices of the
+    embedding table) are not, so they stay float, as does the embedding table itself."""
     from ..quantize import int4_group
-    bits = {"int8": 8, "int4": 4}[scheme]
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
-    by_block: dict[int, list[str]] = {}
-    for node in model.graph.node:
-        w = shapes.get(node.input[1]) if node.op_type == "MatMul" else None
-        if w is not None and len(w) == 2 and int4_group(w[0]):
-            by_block.setdefault(int4_group(w[0]), []).append(node.name)
-    if not by_block:
+    found = {node.name: w[0] for node in model.graph.node if node.op_type == "MatMul"
+             for w in [shapes.get(node.input[1])] if w is not None and len(w) == 2
+             and int4_group(w[0])}
+    if not found:
         raise ValueError(f"--quantize-base {scheme}: the program has no Linear to quantize")
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    return found
+
+
+def _weight_only(model, scheme: str, names: dict[str, int]):
+    """MatMulNBits (com.microsoft, in the stock CPU runtime): `scheme`'s bits (int8: 8, int4:
+    4) per weight, symmetric, one float scale per block of 128 inputs (64, 32 where the
+    layer's width needs it: `quantize.int4_group`, as the torch int4 scheme groups), float32
+    activations."""
+    import logging
+    from ..quantize import int4_group
+    module = "onnxruntime.quantization.matmul_nbits_quantizer"
+    log = _quiet_quantizer(module)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+    by_block: dict[int, list[str]] = {}
+    for name, width in names.items():
+        by_block.setdefault(int4_group(width), []).append(name)
     level = log.level
     log.setLevel(logging.WARNING)  # (it logs every node of the graph at INFO)
     try:
-        for block, names in sorted(by_block.items()):
-            q = MatMulNBitsQuantizer(model, nodes_to_include=names, algo_config=
-                                     DefaultWeightOnlyQuantConfig(block_size=block, bits=bits,
+        for block, group in sorted(by_block.items()):
+            q = MatMulNBitsQuantizer(model, nodes_to_include=group, algo_config=
+                                     DefaultWeightOnlyQuantConfig(block_size=block,
+                                                                  bits={"int8": 8,
+                                                                        "int4": 4}[scheme],
                                                                   is_symmetric=True))
             q.process()
             model = q.model.model
@@ -64,12 +81,40 @@ def quantize_base(model, scheme: str):
     return model
 
 
+def _dynamic(model, scheme: str, names: dict[str, int]):
+    """int8 weights per output channel, int8 activations quantized per call (ONNX Runtime's
+    dynamic quantization: DynamicQuantizeLinear + MatMulInteger, fused at load into
+    DynamicQuantizeMatMul / MatMulIntegerToFloat). Why this scheme is the fast one: its
+    integer GEMM runs on the CPU's int8 units (AVX512-VNNI / AMX in ONNX Runtime's MLAS),
+    where MatMulNBits here computes in float32 (benchmarks/results/engine_quant.md)."""
+    import tempfile
+    import onnx
+    _quiet_quantizer("onnxruntime.quantization.quantize")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=list(names),
+                         use_external_data_format=True)
+        return onnx.load(str(out))
+
+
+# scheme -> how the base Linears are rewritten (each scheme one entry)
+QUANTIZERS = {"int8": _weight_only, "int4": _weight_only, "int8-dynamic": _dynamic}
+
+
+def quantize_base(model, scheme: str):
+    """`model` (an ONNX ModelProto) with its frozen base Linears (`_base_matmuls`) stored in
+    `scheme` (a key of `QUANTIZERS`)."""
+    return QUANTIZERS[scheme](model, scheme, _base_matmuls(model, scheme))
+
+
 @register("onnxruntime")
 class OnnxRuntimeEngine(ProgramEngine):
     extra = "onnx"
     suffix = ".onnx"
     modules = ("onnxruntime", "onnx", "onnxscript")
-    schemes = ("int8", "int4")  # `quantize_base`
+    schemes = tuple(QUANTIZERS)  # `quantize_base`
 
     @staticmethod
     def versions() -> dict[str, str]:

@@ -331,13 +331,15 @@ def test_a_run_through_an_engine_evaluates_saves_and_generates(tmp_path, capsys)
 
 @pytest.mark.parametrize("engine_name,scheme,rel", [("onnxruntime", "int8", 5e-3),
                                                      ("onnxruntime", "int4", 3e-2),
+                                                     ("onnxruntime", "int8-dynamic", 5e-3),
                                                      ("executorch", "int8-dynamic", 5e-3)])
 def test_an_engine_builds_a_quantized_base_into_its_program(engine_name, scheme, rel,
                                                             tmp_path):
     """--quantize-base with an engine that builds it (`schemes`): the program's losses are the
     float reference's within the quantization's error, and not equal to them; the program is
-    smaller than the float one. ONNX Runtime: the base Linears are MatMulNBits (7 a layer;
-    LoRA and the head stay float). ExecuTorch: XNNPACK's dynamically quantized linears."""
+    smaller than the float one. ONNX Runtime: the base Linears are MatMulNBits, or MatMulInteger
+    for int8-dynamic (7 a layer; LoRA and the head stay float). ExecuTorch: XNNPACK's
+    dynamically quantized linears."""
     for mod in REGISTRY[engine_name].modules:
         pytest.importorskip(mod)
     model, params, obj, batch = _setup("tiny-llama", "lora", "classification")
@@ -360,13 +362,12 @@ def test_an_engine_builds_a_quantized_base_into_its_program(engine_name, scheme,
             import onnx
             (graph,) = cache.glob("*.onnx")
             ops = [n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node]
-            assert ops.count("MatMulNBits") == (0 if q == "none" else
-                                                7 * model.config.num_hidden_layers)
+            op = "MatMulInteger" if scheme == "int8-dynamic" else "MatMulNBits"
+            assert ops.count(op) == (0 if q == "none" else 7 * model.config.num_hidden_layers)
     assert sizes[scheme] < 0.8 * sizes["none"]
 
 
-@pytest.mark.parametrize("engine_name,scheme", [("executorch", "int4"),
-                                                ("onnxruntime", "int8-dynamic")])
+@pytest.mark.parametrize("engine_name,scheme", [("executorch", "int4"), ("executorch", "int8")])
 def test_an_engine_refuses_a_quantized_base_it_does_not_build(engine_name, scheme):
     cls = REGISTRY[engine_name]
     with pytest.raises(ValueError, match=rf"--engine {engine_name} builds .* not "
