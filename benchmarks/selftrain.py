@@ -42,16 +42,17 @@ seed: 42
 trainable: lora
 lora-rank: 8
 lora-alpha: 16
-batch-size: 2
-method: prge
-estimator: fzoo
-queries: 8
-perturbation: rademacher
-eps: 1.0e-3
-learning-rate: 1.0e-2
+batch-size: {batch}
 iters: {steps}
 quantize-base: {quantize}
 """
+# --method: its settings in RUN.yaml (zo-sgd: MeZO's SPSA on LoRA, the method's task defaults)
+METHODS = {"prge": ("method: prge\nestimator: fzoo\nqueries: 8\nperturbation: rademacher\n"
+                    "eps: 1.0e-3\nlearning-rate: 1.0e-2\n",
+                    "prge (fzoo, q=8, Rademacher z, eps 1e-3, lr 1e-2 constant): the settings "
+                    "of fzoo_sst2.md"),
+           "zo-sgd": ("method: zo-sgd\n", "zo-sgd (SPSA, Gaussian z, the method's task "
+                                          "defaults): ZO-LoRA, one +/- pair of forwards")}
 
 
 def load() -> str:
@@ -83,15 +84,20 @@ def main() -> int:
     ap.add_argument("--eval-examples", type=int, default=500)
     ap.add_argument("--work", default="/tmp/pocketllm-selftrain", help="bundle, run, adapter")
     ap.add_argument("--quantize-base", default="none", help="the program's base: none, int8, "
-                    "int4 (MatMulNBits)")
+                    "int4 (MatMulNBits), int8-dynamic (MatMulInteger)")
+    ap.add_argument("--method", default="prge", choices=list(METHODS))
+    ap.add_argument("--batch-size", type=int, default=2)
     a = ap.parse_args()
-    if a.quantize_base != "none":
-        a.work += f"-{a.quantize_base}"  # (a bundle of its own)
+    for flag, value, default in (("", a.quantize_base, "none"), ("", a.method, "prge"),
+                                 ("b", a.batch_size, 2)):
+        if value != default:
+            a.work += f"-{flag}{value}"  # (a bundle of its own)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg, bundle, run, adapter = (work / "run.yaml", work / "bundle", work / "run",
                                  work / "replayed")
-    cfg.write_text(RUN.format(steps=a.steps, quantize=a.quantize_base))
+    cfg.write_text(RUN.format(steps=a.steps, quantize=a.quantize_base, batch=a.batch_size)
+                   + METHODS[a.method][0])
     py = sys.executable
     cli = [py, "-m", "pocketllm.cli"]
     phases: list = []
@@ -142,8 +148,11 @@ def write(a, phases, host, gap, evals, manifest) -> None:
     times = sorted(host["step_seconds"])
     acc = {k: v.get("accuracy") for k, v in evals.items()}
     quant = "" if a.quantize_base == "none" else f" --quantize-base {a.quantize_base}"
+    quant += "" if a.method == "prge" else f" --method {a.method}"
+    quant += "" if a.batch_size == 2 else f" --batch-size {a.batch_size}"
     base = ("float32" if a.quantize_base == "none" else
-            f"{a.quantize_base} (the base Linears as ONNX Runtime MatMulNBits)")
+            f"{a.quantize_base} (the base Linears as ONNX Runtime "
+            f"{'MatMulInteger' if a.quantize_base == 'int8-dynamic' else 'MatMulNBits'})")
     peak = host.get("peak_rss_mb")
     lines = [
         "# A program that trains itself: SST-2 through the torch-free ONNX host", "",
@@ -151,12 +160,12 @@ def write(a, phases, host, gap, evals, manifest) -> None:
         f"--eval-examples {a.eval_examples}{quant}`  ",
         f"Machine: {machine()}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-        "Run: smollm2-135m, SST-2 k=16 seed 42, LoRA r=8 (q, v), batch 2, prge (fzoo, q=8, "
-        "Rademacher z, eps 1e-3, lr 1e-2 constant): the settings of fzoo_sst2.md.", "",
+        f"Run: smollm2-135m, SST-2 k=16 seed 42, LoRA r=8 (q, v), batch {a.batch_size}, "
+        f"{METHODS[a.method][1]}.", "",
         "| what | figure |", "|---|---|",
         f"| steps run by the host | {host['steps']} |",
         f"| host imported torch | {host['torch_imported']} |",
-        f"| loss (mean of the 9 replicas), first 10 / last 10 steps | "
+        f"| loss (mean of the replicas), first 10 / last 10 steps | "
         f"{sum(host['losses'][:10]) / 10:.4f} / {sum(host['losses'][-10:]) / 10:.4f} |",
         f"| step time, median (ONNX Runtime, {a.threads} threads) | "
         f"{times[len(times) // 2]:.3f} s |",
@@ -179,7 +188,9 @@ def write(a, phases, host, gap, evals, manifest) -> None:
               f"{e.split('load average:')[-1].strip()} | `{c}` |" for w, c, s, b, e in phases]
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = ("selftrain.md" if a.quantize_base == "none" and evals else  # (the full run's)
-            f"selftrain_{a.quantize_base.replace('none', 'float')}_{a.steps}steps.md")
+            f"selftrain_{a.quantize_base.replace('none', 'float')}"
+            f"{'' if a.method == 'prge' else '_' + a.method}"
+            f"{'' if a.batch_size == 2 else f'_b{a.batch_size}'}_{a.steps}steps.md")
     (RESULTS / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from .engines.program import (INPUTS, MIN_SEQ, Shapes, StepProgram, bucket, fixed_lora,
-                              flat_state, program_inputs, program_noise, scored)
+                              flat_state, program_inputs, program_noise, scored, stores_tables)
 
 FORMAT = "pocketllm-selftrain/1"
 STEP_INPUTS = (*INPUTS[:8], "k1", "k2", "lr", "eps")
@@ -184,7 +184,8 @@ def build(config: str, steps: int, engine_cls):
     example = dict(zip(STEP_INPUTS, [*per_step[0], train, fixed, k1, k2,
                                      torch.tensor([lr_at(args, 0)], **f64),
                                      torch.tensor([eps_at(cfg, 0, args.iters)], **f64)]))
-    program = StepProgram(model, trained, method.perturbation.dist, shapes, engine_cls.shr)
+    program = StepProgram(model, trained, method.perturbation.dist, shapes, engine_cls.shr,
+                          stores_tables(args.quantize_base))
     step = TrainStep(program, method.replicas, est).eval()
     header = method.header()
     manifest = {

@@ -151,9 +151,8 @@ def test_resume_equals_uninterrupted_on_a_quantized_base(tmp_path, data_dir, cap
     (["--method", "lora-adam", "--trainable", "lora"], "backpropagates through the base"),
     (["--method", "zo-sgd", "--trainable", "full"], "--trainable full"),
     # an engine builds the schemes of its `schemes` into its programs and refuses the others
-    (["--method", "zo-sgd", "--engine", "onnxruntime", "--quantize-base", "int8-dynamic"],
-     "--engine onnxruntime builds int8 or int4 into its programs, not --quantize-base "
-     "int8-dynamic"),
+    (["--method", "zo-sgd", "--engine", "executorch", "--quantize-base", "int8"],
+     "--engine executorch builds int8-dynamic into its programs, not --quantize-base int8"),
     (["--method", "prge", "--engine", "executorch"], "--engine executorch builds int8-dynamic "
                                                      "into its programs, not --quantize-base "
                                                      "int4"),

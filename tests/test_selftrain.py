@@ -153,6 +153,9 @@ def _torch_losses(cfg, manifest) -> torch.Tensor:
     args, zcfg, method_cls = _run_settings(str(cfg))
     data = load_run_data(args)
     model, tok = load_model(args.model, args.dtype)
+    if args.quantize_base != "none":  # the program's tables are int8 rows, as torch's scheme
+        from pocketllm.quantize import quantize_tables  # (its Linears are quantized later,
+        quantize_tables(model)                          # by the runtime's quantizer)
     enc = data.encode(tok, False, args.max_seq_length, args.mask_prompt)
     objective = data.objective(tok)
     _, params = method_cls.trainable(model, args)

@@ -44,6 +44,7 @@ from ..data.batching import IGNORE_INDEX
 from ..lora import LoRALinear
 from ..loss import TokenStats
 from ..objectives.classification import class_result
+from ..quantize import SCHEMES, Int8Rows
 from ..zo import noise
 from ..zo.plan import Plan
 from .base import Engine
@@ -120,24 +121,52 @@ class Shapes:
     C: int
 
 
+def stores_tables(scheme: str) -> bool:
+    """Whether a program on a `scheme` base stores its embedding table and head as int8 rows:
+    as the torch scheme of that name does (`quantize.Scheme.tables`)."""
+    return scheme != "none" and SCHEMES[scheme].tables
+
+
+class FloatRows(nn.Module):
+    """A float (rows, cols) table read as `quantize.Int8Rows` is (`rows`, `block`, `shape`):
+    the program's embedding table and head on a float base (the model's tensor, not a copy)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w", weight, persistent=False)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w.shape
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.w)
+
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        return self.w[r0:r1]
+
+
 class StepProgram(nn.Module):
     """The per-replica losses of a batch under perturbed LoRA adapters (see the module's
     docstring). Frozen weights are buffers (constants of the exported program); the tied
     embedding is stored once and serves as the head."""
 
     def __init__(self, model: nn.Module, trained: list[str], dist: str, shapes: Shapes,
-                 shr=shift_op):
+                 shr=shift_op, tables: bool = False):
+        """`tables`: the embedding table (the tied head) and an untied head stored as int8
+        rows (`quantize.Int8Rows`, as the torch schemes store them), for a quantized base."""
         super().__init__()
         cfg = model.config
         self.dist, self.shapes, self.shr = dist, shapes, shr
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         base = model.model
-        self.register_buffer("embed", base.embed_tokens.weight.detach().float(), persistent=False)
+        table = Int8Rows.of if tables else FloatRows
+        self.embed = table(base.embed_tokens.weight.detach().float())
         head = model.get_output_embeddings().weight
         self.tied = head is base.embed_tokens.weight
         if not self.tied:
-            self.register_buffer("head", head.detach().float(), persistent=False)
+            self.head = table(head.detach().float())
         self.eps = base.norm.variance_epsilon
         self.register_buffer("norm", base.norm.weight.detach().float(), persistent=False)
         # RoPE at positions 0..T-1, from the model's own rotary module (the same float32 values)
@@ -266,7 +295,7 @@ class StepProgram(nn.Module):
         else:  # the whole vocabulary, streamed: a running max and sum per row
             hf = h.reshape(W * h.shape[1], -1)
             run_max, run_sum, _ = self._streamed_head(hf, head)
-            tgt = (h * F.embedding(targets, head)[None]).sum(-1).reshape(-1)
+            tgt = (h * head.rows(targets)[None]).sum(-1).reshape(-1)
             nll = (run_max + torch.log(run_sum) - tgt).view(W, -1)
         return (nll * weight[None]).sum(1)
 
@@ -274,7 +303,7 @@ class StepProgram(nn.Module):
         """The final-normed hidden states (W, N, H) at the scored positions `pos` of the W
         replicas (replica r's LoRA tensors: row r of `flat`, and `fixed`)."""
         B, T = input_ids.shape
-        x = F.embedding(input_ids, self.embed)                       # (B, T, H)
+        x = self.embed.rows(input_ids)                               # (B, T, H)
         x = x[None].expand(W, B, T, x.shape[-1]).reshape(W * B, T, x.shape[-1])
         keep = self.causal[None] & attention_mask[:, None, :].bool()  # (B, T, T)
         mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
@@ -289,7 +318,7 @@ class StepProgram(nn.Module):
     @staticmethod
     def _label_logits(h, cands, head):
         """(N, W, C) logits of each scored position's candidate words `cands` (N, C)."""
-        rows = F.embedding(cands, head)                               # (N, C, H)
+        rows = head.rows(cands)                                       # (N, C, H)
         return torch.bmm(h.transpose(0, 1), rows.transpose(1, 2))
 
     @staticmethod
@@ -301,7 +330,7 @@ class StepProgram(nn.Module):
         run_sum = hf.new_zeros((hf.shape[0],))
         best = torch.zeros(hf.shape[0], dtype=torch.int64) if argmax else None
         for v0 in range(0, head.shape[0], VOCAB_CHUNK):
-            lg = hf @ head[v0:v0 + VOCAB_CHUNK].T
+            lg = hf @ head.block(v0, min(v0 + VOCAB_CHUNK, head.shape[0])).T
             top = lg.amax(1)
             if argmax:  # strictly larger: an earlier chunk keeps a tie, as torch.argmax
                 best = torch.where(top > run_max, lg.argmax(1) + v0, best)
@@ -331,7 +360,7 @@ class EvalProgram(StepProgram):
             return self._label_logits(h, cands, head)[:, 0]            # (N, C)
         hf = h[0]
         run_max, run_sum, best = self._streamed_head(hf, head, argmax=True)
-        nll = run_max + torch.log(run_sum) - (hf * F.embedding(targets, head)).sum(-1)
+        nll = run_max + torch.log(run_sum) - (hf * head.rows(targets)).sum(-1)
         return nll, best, hf
 
 
@@ -462,6 +491,7 @@ class ProgramEngine(Engine):
         self.check(model, params, stats, perturbation, f"--engine {self.name}")
         self.load_scheme(quantize)  # refuses a scheme the backend does not build
         self.quantize = quantize
+        self.tables = stores_tables(quantize)
         objective = getattr(stats, "__self__", None)
         self.rows_kind = getattr(objective, "name", "?") == "classification"
         self.objective = objective
@@ -476,8 +506,11 @@ class ProgramEngine(Engine):
         # a closed label set's head rows (language modelling): all evaluation needs of the
         # head outside the programs, kept before the frozen weights are released
         choices = getattr(objective, "choices", None)
-        self.choice_rows = (None if choices is None else
-                            model.get_output_embeddings().weight[choices].detach().clone())
+        rows = (None if choices is None else
+                model.get_output_embeddings().weight[choices].detach().clone())
+        # (rows quantize one by one: the programs' int8 head rows, dequantized, exactly)
+        self.choice_rows = Int8Rows.of(rows).dequantized() if self.tables and \
+            rows is not None else rows
         self.runners: dict[tuple[str, Shapes], object] = {}
         self.release = False       # release_model(): the frozen weights live in the programs
         self.frozen_file: Path | None = None  # where they are kept once released
@@ -561,11 +594,12 @@ class ProgramEngine(Engine):
                 key["kind"] = kind
             if self.quantize != "none":
                 key["quantize"] = self.quantize
+                key["tables"] = "int8-rows" if self.tables else "float"
 
             def build(path):
                 with self._weights():
                     prog = PROGRAMS[kind](self.model, self.trained, self.dist, shapes,
-                                          self.shr).eval()
+                                          self.shr, self.tables).eval()
                     with torch.no_grad():
                         self.compile(prog, example, path, self.quantize)
                     del prog  # its buffers are the frozen weights: released below
