@@ -3,7 +3,8 @@ the program's size, a prge q=4 step through it (batch 2 x 64, every position sco
 workload's language-modelling loss) in a fresh process, and the program alone loaded and called
 twice in another (`engine_memory.py`'s child: torch imported, as a pocketllm host has it).
 
-    python benchmarks/engine_quant.py --cache DIR [--pairs executorch:int8-dynamic ...]
+    python benchmarks/engine_quant.py --cache DIR [--pairs torch:none executorch:int8-dynamic ...]
+        [--rounds R]
 
 A pair's first workload run exports its program into DIR (its wall time reported: the float
 model loaded, exported, quantized); the measured runs load it from there. Peak RSS of the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +28,8 @@ from benchmarks._run import run_mode, write_table  # noqa: E402
 from benchmarks.engine_memory import ORT_OPTIONS, measure  # noqa: E402
 from benchmarks.engines import machine  # noqa: E402
 
-PAIRS = ("torch:none", "onnxruntime:none", "onnxruntime:int4", "executorch:int8-dynamic")
+PAIRS = ("torch:none", "torch:int8-dynamic", "onnxruntime:none", "onnxruntime:int4",
+         "onnxruntime:int8-dynamic", "executorch:int8-dynamic")
 # how the program-alone child loads a program: as the engine does (engine_memory.ORT_OPTIONS)
 LOAD = {"onnxruntime": dict(zip(("attrs", "config", "kwargs"), ORT_OPTIONS[
     "no constant folding + no memory pattern (the engine's load)"]))}
@@ -61,44 +64,63 @@ def main() -> None:
     ap.add_argument("--cache", required=True, help="the programs' cache")
     ap.add_argument("--pairs", nargs="*", default=list(PAIRS), help="ENGINE:SCHEME")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="the pairs in turn, this many times "
+                    "(each pair's step time: the median of its rounds)")
     a = ap.parse_args()
     cache = Path(a.cache)
     where = machine()  # (the load at the start)
+    steps: dict[str, list[float]] = {p: [] for p in a.pairs}
+    peaks: dict[str, list[float]] = {p: [] for p in a.pairs}
+    once: dict[str, list[str]] = {}
+    # the pairs in turn, --rounds times: on a shared machine each pair meets the same load
+    for rnd in range(a.rounds):
+        for pair in a.pairs:
+            engine, scheme = pair.split(":")
+            kw = dict(trainable="lora", model="smollm2-135m", batch_size=2, seq=64,
+                      threads=a.threads, engine=engine, quantize_base=scheme, queries=4)
+            if engine != "torch":
+                kw["program_cache"] = str(cache)
+            if rnd == 0:
+                t0 = time.perf_counter()
+                if engine != "torch":
+                    run_mode("prge", **{**kw, "steps": 1, "warmup": 0})  # exports (or finds)
+                first = time.perf_counter() - t0
+            r = run_mode("prge", **{**kw, "steps": 3, "warmup": 1})
+            steps[pair].append(r["step_s_median"])
+            peaks[pair].append(r["peak_run_mb"])
+            if rnd == 0:
+                if engine == "torch":  # the reference: no program
+                    once[pair] = ["-", "-", "-", "-"]
+                else:
+                    path, rec = cached(cache, engine, scheme)
+                    alone = measure({"engine": engine, "path": str(path), "record": str(rec),
+                                     "threads": a.threads, "how": "path (mmap data loader)",
+                                     **LOAD.get(engine, {})})
+                    once[pair] = [f"{program_bytes(path) / 2**20:.0f}", f"{alone['loaded']:.0f}",
+                                  f"{alone['run']:.0f}", f"{first:.0f}"]
+            print(rnd, pair, steps[pair][-1], peaks[pair][-1], flush=True)
+    ref = statistics.median(steps[a.pairs[0]])
     rows = []
     for pair in a.pairs:
         engine, scheme = pair.split(":")
-        kw = dict(trainable="lora", model="smollm2-135m", batch_size=2, seq=64, threads=a.threads,
-                  engine=engine, quantize_base=scheme, queries=4)
-        if engine != "torch":
-            kw["program_cache"] = str(cache)
-        t0 = time.perf_counter()
-        if engine != "torch":
-            run_mode("prge", **{**kw, "steps": 1, "warmup": 0})  # exports (or finds) it
-        first = time.perf_counter() - t0
-        r = run_mode("prge", **{**kw, "steps": 3, "warmup": 1})
-        if engine == "torch":  # the reference: no program
-            rows.append([engine, scheme, "-", f"{r['step_s_median']:.2f}",
-                         f"{r['peak_run_mb']:.0f}", "-", "-", "-"])
-            print(rows[-1], flush=True)
-            continue
-        path, rec = cached(cache, engine, scheme)
-        size = program_bytes(path)
-        alone = measure({"engine": engine, "path": str(path), "record": str(rec),
-                         "threads": a.threads, "how": "path (mmap data loader)",
-                         **LOAD.get(engine, {})})
-        rows.append([engine, scheme, f"{size / 2**20:.0f}", f"{r['step_s_median']:.2f}",
-                     f"{r['peak_run_mb']:.0f}", f"{alone['loaded']:.0f}", f"{alone['run']:.0f}",
-                     f"{first:.0f}"])
-        print(rows[-1], flush=True)
+        med = statistics.median(steps[pair])
+        size, loaded, run, first = once[pair]
+        rows.append([engine, scheme, size, f"{med:.2f} ({min(steps[pair]):.2f}-"
+                     f"{max(steps[pair]):.2f})", f"{ref / med:.2f}x",
+                     f"{max(peaks[pair]):.0f}", loaded, run, first])
     end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     write_table("engine_quant.md", "A quantized base inside the engine programs, default model",
                 "python benchmarks/engine_quant.py " + " ".join(sys.argv[1:]),
                 f"{where}; at end: {end}",
-                ["engine", "--quantize-base", "program MiB", "prge q=4 step s",
-                 "peak RSS in steps MB", "program alone: after load MB",
+                ["engine", "--quantize-base", "program MiB",
+                 f"prge q=4 step s, median of {a.rounds} (min-max)",
+                 f"speed vs {a.pairs[0].replace(':', ' ')}", "peak RSS in steps MB", "program alone: after load MB",
                  "program alone: after 2 calls MB", "first run (export) wall s"], rows,
                 f"""
-prge q=4 (FZOO: 5 replicas) at batch 2 x 64, {a.threads} thread(s). "Peak RSS in steps" is
+prge q=4 (FZOO: 5 replicas) at batch 2 x 64, {a.threads} thread(s); each pair's step time is
+the median of its rounds' step medians (3 timed steps after 1 untimed, in a fresh process; the
+pairs run in turn, round after round), its speed the first pair's median over its own. "Peak
+RSS in steps" (the largest of its rounds) is
 the workload's (`python -m pocketllm.workload`), whose torch model was loaded in float before
 the engine released it (the floor of that column). "Program alone" loads the cached program in
 a fresh process with torch imported and calls it twice (benchmarks/engine_memory.py's child,
