@@ -39,8 +39,8 @@ def _quiet_quantizer(module: str):
 
 def _base_matmuls(model, scheme: str) -> dict[str, int]:
     """{node name: input width} of the frozen base Linears: the MatMuls whose weight is a 2-D
-    initializer. The LoRA products (their weights are inputs) and the head (slices of the
-    embedding table) are not, so they stay float, as does the embedding table itself."""
+    initializer. The LoRA products (their weights are inputs) and the head (blocks of the
+    embedding table, int8 rows on a quantized base: `program.stores_tables`) are not."""
     from ..quantize import int4_group
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     found = {node.name: w[0] for node in model.graph.node if node.op_type == "MatMul"
