@@ -34,9 +34,10 @@ SCHEMES = ("none", "int8", "int4")
 QUANT = ("int8 / int4 (torch): the base's Linears in 8 / 4 bits and its embedding table (the "
          "tied head) in int8 rows (pocketllm/quantize.py; the 4-bit matmul in bfloat16).",
          "int8 / int4 (a program engine): the base's Linears as ONNX Runtime MatMulNBits, 8 / "
-         "4 bits per weight, float32 activations; the embedding table and head stay float "
-         "(pocketllm/engines/onnxruntime_engine.py). Train s counts the steps only; the "
-         "programs' export is outside it.")
+         "4 bits per weight, float32 activations; int8-dynamic: MatMulInteger, int8 weights "
+         "per channel and activations quantized to 8 bits per call; with each, the embedding "
+         "table (the tied head) in int8 rows (pocketllm/engines/onnxruntime_engine.py). Train s "
+         "counts the steps only; the programs' export is outside it.")
 
 
 def main() -> None:
