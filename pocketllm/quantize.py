@@ -148,6 +148,25 @@ class Int8Rows(nn.Module):
         return f"{self.shape[0]} x {self.shape[1]}, int8 rows, a float32 scale each"
 
 
+class FloatRows(nn.Module):
+    """A float (rows, cols) table read as `Int8Rows` is (`rows`, `block`, `shape`): an engine
+    program's embedding table and head on a float base (the model's tensor, not a copy)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w", weight, persistent=False)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w.shape
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.w)
+
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        return self.w[r0:r1]
+
+
 class Int8Embedding(nn.Module):
     """nn.Embedding over an `Int8Rows` table: looks up int8 rows and dequantizes them."""
 

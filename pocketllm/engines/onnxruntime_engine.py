@@ -62,6 +62,7 @@ def _weight_only(model, scheme: str, names: dict[str, int]):
     log = _quiet_quantizer(module)
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+    bits = {"int8": 8, "int4": 4}[scheme]
     by_block: dict[int, list[str]] = {}
     for name, width in names.items():
         by_block.setdefault(int4_group(width), []).append(name)
@@ -70,9 +71,7 @@ def _weight_only(model, scheme: str, names: dict[str, int]):
     try:
         for block, group in sorted(by_block.items()):
             q = MatMulNBitsQuantizer(model, nodes_to_include=group, algo_config=
-                                     DefaultWeightOnlyQuantConfig(block_size=block,
-                                                                  bits={"int8": 8,
-                                                                        "int4": 4}[scheme],
+                                     DefaultWeightOnlyQuantConfig(block_size=block, bits=bits,
                                                                   is_symmetric=True))
             q.process()
             model = q.model.model

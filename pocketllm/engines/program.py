@@ -44,7 +44,7 @@ from ..data.batching import IGNORE_INDEX
 from ..lora import LoRALinear
 from ..loss import TokenStats
 from ..objectives.classification import class_result
-from ..quantize import SCHEMES, Int8Rows
+from ..quantize import SCHEMES, FloatRows, Int8Rows
 from ..zo import noise
 from ..zo.plan import Plan
 from .base import Engine
@@ -125,25 +125,6 @@ def stores_tables(scheme: str) -> bool:
     """Whether a program on a `scheme` base stores its embedding table and head as int8 rows:
     as the torch scheme of that name does (`quantize.Scheme.tables`)."""
     return scheme != "none" and SCHEMES[scheme].tables
-
-
-class FloatRows(nn.Module):
-    """A float (rows, cols) table read as `quantize.Int8Rows` is (`rows`, `block`, `shape`):
-    the program's embedding table and head on a float base (the model's tensor, not a copy)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.register_buffer("w", weight, persistent=False)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.w.shape
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.w)
-
-    def block(self, r0: int, r1: int) -> torch.Tensor:
-        return self.w[r0:r1]
 
 
 class StepProgram(nn.Module):
