@@ -4,9 +4,14 @@ For the default model with LoRA r=16 on q/v (as in the P-RGE paper), every (per-
 queries q, parallel mode) configuration runs a few steps in a fresh process (so its peak RSS is
 its own). The machine is shared, so configurations are interleaved: each round runs every
 configuration once, the none/both pair of a (B, q) back to back, and the table reports medians
-over rounds. A step = 2q perturbed losses of a B x T batch; queries/s = q / step time.
+over rounds. A step = one prge step (its default estimator) on a B x T batch; queries/s = q / step time.
 
     python benchmarks/prge_step.py [--rounds 2] [--queries 1 2 4 8] [--batches 1 8] [--seq 64]
+
+A mode `M-unshared` is `--parallel M` with every layer run on every replica, as before
+`zo.shared`: with `--lora-layers` (LoRA on the top layers only) it times what running the
+frozen layers below once per pass saves. `--one-label` scores one position per row (a
+label-word or completion loss) instead of every position.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def child(a) -> list[dict]:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model)
     args = TrainArgs(model=a.model, method="prge", trainable="lora", lora_rank=a.rank,
-                     lora_alpha=2.0 * a.rank, learning_rate=1e-3, lora_fa=a.lora_fa)
+                     lora_alpha=2.0 * a.rank, learning_rate=1e-3, lora_fa=a.lora_fa,
+                     lora_layers=a.lora_layers, lora_targets=a.lora_targets.split(","))
     _, params = setup_trainable(model, args)
     out = []
     for c in a.configs.split(","):
@@ -57,9 +63,13 @@ def time_config(model, params, args, a, **settings) -> dict:
     from pocketllm.workload import fixed_batch
     from pocketllm.methods import build
 
+    parallel, _, unshared = settings.pop("parallel").partition("-")
     method = build("prge", model, params, args, eps=1e-2, max_replicas=a.max_replicas,
-                   **settings)
-    batch = fixed_batch(model.config.vocab_size, args.batch_size, a.seq)
+                   parallel=parallel, **settings)
+    if unshared:
+        method.engine.first = None  # every layer on every replica (no zo.shared)
+    # --one-label: one scored position a row, as a label-word or completion loss
+    batch = fixed_batch(model.config.vocab_size, args.batch_size, a.seq, masked=a.one_label)
     rss_loaded = memory.rss_mb()
     memory.reset_peak()
     times, cpu = [], []
@@ -82,7 +92,9 @@ def run_child(a, configs: list[tuple[int, int, str]]) -> list[dict]:
            "--configs", ",".join(f"{B}:{q}:{m}" for B, q, m in configs),
            "--seq", str(a.seq), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--rank", str(a.rank), "--threads", str(a.threads),
-           "--max-replicas", str(a.max_replicas)] + (["--lora-fa"] if a.lora_fa else [])
+           "--max-replicas", str(a.max_replicas), "--lora-layers", a.lora_layers,
+           "--lora-targets", a.lora_targets] + (["--lora-fa"] if a.lora_fa else []) + (
+           ["--one-label"] if a.one_label else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -104,6 +116,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-replicas", type=int, default=0)
     ap.add_argument("--lora-fa", action="store_true")
+    ap.add_argument("--lora-layers", default="", help="as `train --lora-layers` (empty: all)")
+    ap.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated")
+    ap.add_argument("--one-label", action="store_true",
+                    help="score one position a row (a label loss), not every position")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="prge_step.md", help="results file name")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -157,10 +173,12 @@ def main() -> None:
                              f"{runs[0]['rss_loaded_mb']:.0f}"])
     cmd = "python benchmarks/prge_step.py " + " ".join(sys.argv[1:])
     notes = f"""
-- step = 2q perturbed losses over a B x {a.seq} batch of random tokens (every position scored),
-  LoRA r={a.rank} alpha={2 * a.rank} on q_proj/v_proj{', LoRA-FA' if a.lora_fa else ''}, float32,
+- step = prge's default estimate (FZOO: q perturbed losses and one unperturbed) over a B x {a.seq}
+  batch of random tokens ({'one position a row scored' if a.one_label else 'every position scored'}),
+  LoRA r={a.rank} alpha={2 * a.rank} on {a.lora_targets}{f' of layers {a.lora_layers}' if a.lora_layers else ''}{', LoRA-FA' if a.lora_fa else ''}, float32,
   gaussian z (noise backend: {noise.backend()}), sgd update deferred into the next step.
-  `none`: 2q forwards of B rows; `both`: one forward of 2qB rows (P-RGE); forwards = passes.
+  `none`: a forward of B rows per replica; `both`: one forward of all replicas' rows (P-RGE);
+  `-unshared`: every layer on every replica (no `zo.shared`); forwards = passes.
 - queries/s = q / step s; speedup = median over rounds of (baseline step s / step s). The CPU
   columns use the process's CPU time (all its threads) instead of wall time: on a shared,
   oversubscribed machine a step's wall time includes waiting for a core, its CPU time much less.

@@ -77,6 +77,15 @@ def backbone(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The backbone's list of transformer blocks (llama, gpt2, opt, gemma, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for m in model.base_model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
 def is_masked_lm(model: nn.Module) -> bool:
     """Built as a masked LM by `models.load_model` (the same list of architectures)."""
     from .models import MASKED_LM_TYPES

@@ -17,9 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import opt
 from ..finite import NonFiniteError
-from ..loss import recomputed_head
+from ..loss import decoder_layers, recomputed_head
 from ..memory_estimate import Backprop
-from ..split.side import decoder_layers
 from .base import Method, StepResult
 
 CKPT = "checkpoint.pt"

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from ..loss import PlainHead, stream_head
+from ..loss import PlainHead, decoder_layers, stream_head
 from .quant import ACT_BITS, payload_bytes, roundtrip
 
 CANDIDATE_BLOCK = 1 << 20  # floats of gathered label-word head rows alive at a time (4 MB)
@@ -212,15 +212,6 @@ def head_loss_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 # Taps on the device
 # --------------------------------------------------------------------------------------------
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The backbone's list of transformer blocks (llama, gpt2, opt, gemma, ...)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for m in model.base_model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n:
-            return m
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
 @contextmanager
 def tapped(model: nn.Module, taps: list[int], keep: Callable[[torch.Tensor], object] | None = None
            ) -> Iterator[dict[int, object]]:

@@ -10,7 +10,7 @@ from pocketllm.memory_estimate import saved_activation_bytes
 from pocketllm.methods import build, get_method
 from pocketllm.methods.first_order import checkpointed
 from pocketllm.models import load_model
-from pocketllm.split.side import decoder_layers
+from pocketllm.loss import decoder_layers
 from pocketllm.workload import Scored, fixed_batch, masked_lm_stats
 from tests.helpers import TEXTS, score, tiny_batch
 from tests.methods.test_conformance import (ITERS, _same, _saved, _step_losses, _train,  # noqa: F401

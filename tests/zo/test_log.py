@@ -33,6 +33,15 @@ RUNS = {"zo-sgd-lora": ["--method", "zo-sgd", "--trainable", "lora", "--learning
                         "--seed", "11"]}
 
 
+# ZO-Adam's elementwise arithmetic (moments, bias correction, sqrt, division) does not round
+# the same on every x86 CPU: replayed on an AMD EPYC (Zen 5) the Intel Xeon's prge-q2-adam log
+# gave 367 of 3,584 LoRA values 1 ulp away (at most 3.7e-9 on weights up to 0.13); the plain
+# SGD logs replay bit for bit on both. So that fixture is held to 4 ulp of its largest weight,
+# not bit for bit; on one machine, replay and resume agree bit for bit
+# (`test_a_run_resumes_from_an_old_log`).
+ACROSS_CPUS = {"prge-q2-adam": 6e-8}
+
+
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -43,8 +52,9 @@ def _assert_trained_weights(name: str, weights: dict[str, torch.Tensor]) -> None
     if (fx / "adapter_model.safetensors").is_file():
         want = load_file(str(fx / "adapter_model.safetensors"))
         assert weights.keys() == want.keys()
+        tol = ACROSS_CPUS.get(name, 0.0)
         for k in want:
-            assert torch.equal(weights[k], want[k]), k
+            assert (weights[k] - want[k]).abs().max() <= tol, k
     else:  # full weights, kept as per-tensor digests
         want = json.loads((fx / "weights.sha256.json").read_text())
         assert weights.keys() == want.keys()

@@ -1,0 +1,88 @@
+"""Frozen bottom layers run once for all replicas of a zeroth-order pass.
+
+A batched ZO pass repeats the batch once per replica (P-RGE: 2q + 1 copies) and each replica
+sees its own perturbation of the trainable tensors. Below the first layer that holds a
+trainable tensor every replica computes exactly the same thing, so those layers can run on the
+batch once and their output be repeated per replica at the first trainable layer. With LoRA
+on the last L of N layers (`--lora-layers L`) a pass then costs about (N - L) / N of a forward
+of the batch plus L / N of a forward of all replicas, instead of a forward of all replicas:
+at q = 8, batch 2 (18 rows) and L = 4 of 30 layers, a quarter.
+
+`first_trained_layer` says where the shared part ends (None: nothing to share, e.g. a
+trainable embedding, prefix, or norm outside the numbered layers); `shared_prefix` runs a
+forward that way. The replicas' losses are those of the repeated batch up to the float
+rounding of matmuls over fewer rows (`tests/zo/test_shared.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from ..loss import decoder_layers
+from ..lora import layer_of
+
+
+def first_trained_layer(model: nn.Module, names: Sequence[str]) -> int | None:
+    """The index of the lowest decoder layer holding one of the trainable tensors `names`;
+    None when one of them sits outside the numbered layers (it may come before them: then
+    no layer is the same for every replica) or when the lowest is layer 0."""
+    layers = [layer_of(n) for n in names]
+    if not layers or any(i is None for i in layers):
+        return None
+    try:
+        decoder_layers(model)
+    except ValueError:
+        return None
+    first = min(layers)
+    return first if first > 0 else None
+
+
+@contextmanager
+def shared_prefix(model: nn.Module, first: int, groups: int) -> Iterator[None]:
+    """Within the block, a forward of `model.base_model` given a batch repeated `groups`
+    times along dim 0 runs layers below `first` on one copy of it, and repeats the hidden
+    states (and every per-row argument of the layers from `first` on: masks, positions,
+    rotary tables) `groups` times as they enter layer `first`."""
+    layers = decoder_layers(model)
+    state: dict = {"rows": 0, "cache": {}}
+
+    def cut(_mod, args, kwargs):
+        # the batch arrives repeated (the objectives' contract); keep its first copy
+        def first_copy(v):
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                if v.shape[0] % groups:
+                    raise RuntimeError(f"shared prefix: a batch of {v.shape[0]} rows is not "
+                                       f"{groups} equal groups")
+                return v[: v.shape[0] // groups]
+            return v
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state["rows"] = ids.shape[0] // groups
+        state["cache"] = {}
+        return tuple(first_copy(a) for a in args), {k: first_copy(v) for k, v in kwargs.items()}
+
+    def grow(v):
+        # per-row tensors of the one-copy batch (a broadcast row of 1 is grown too: harmless)
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == state["rows"]:
+            out = state["cache"].get(id(v))
+            if out is None:
+                out = state["cache"][id(v)] = v.repeat(groups, *([1] * (v.dim() - 1)))
+            return out
+        if isinstance(v, tuple):
+            return tuple(grow(x) for x in v)
+        return v
+
+    def widen(_mod, args, kwargs):
+        return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+    handles = [model.base_model.register_forward_pre_hook(cut, with_kwargs=True)]
+    handles += [layers[i].register_forward_pre_hook(widen, with_kwargs=True)
+                for i in range(first, len(layers))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        state["cache"] = {}
