@@ -3,6 +3,8 @@ replicas' losses are those of the repeated batch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -86,3 +88,28 @@ def test_one_replica_a_pass_shares_nothing():
 def test_first_trained_layer(kw, first):
     model, params, *_ = _setup("tiny-llama", "lm", **kw)
     assert first_trained_layer(model, [n for n, _ in params]) == first
+
+
+def test_a_prge_run_on_the_top_layer_trains_and_replays(tmp_path, monkeypatch):
+    """`train --lora-layers 1` end to end through the shared layers; its ZO log replays to the
+    weights it saved, bit for bit (replay applies the logged scalars, running no forward)."""
+    from pocketllm.cli import main
+    from pocketllm.zo import shared
+    from safetensors.torch import load_file
+
+    calls = []
+    real = shared.shared_prefix
+    monkeypatch.setattr("pocketllm.engines.torch_engine.shared_prefix",
+                        lambda *a: calls.append(a[1:]) or real(*a))
+    out = tmp_path / "run"
+    data = Path(__file__).resolve().parents[2] / "examples" / "personal"
+    assert main(["train", "--model", "tiny-llama", "--data", str(data),
+                 "--method", "prge", "--queries", "2", "--batch-size", "2", "--iters", "3",
+                 "--lora-layers", "1", "--max-seq-length", "128", "--steps-per-eval", "0",
+                 "--val-batches", "1", "--adapter-path", str(out)]) == 0
+    assert calls == [(1, 3)] * 3  # one pass a step: layer 1 on, 2 queries + the unperturbed
+    assert main(["replay", "--adapter-path", str(out), "--save-path", str(tmp_path / "re")]) == 0
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "re" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(".layers.0." not in k for k in a)  # the adapter is on the top layer only
