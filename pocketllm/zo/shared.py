@@ -1,8 +1,7 @@
 """Frozen bottom layers run once for all replicas of a zeroth-order pass.
 
 A batched ZO pass repeats the batch once per replica (prge: q + 1 copies with FZOO's estimate,
-2q with SPSA's) and each replica
-sees its own perturbation of the trainable tensors. Below the first layer that holds a
+2q with SPSA's) and each replica sees its own perturbation of the trainable tensors. Below the first layer that holds a
 trainable tensor every replica computes exactly the same thing, so those layers can run on the
 batch once and their output be repeated per replica at the first trainable layer. With LoRA
 on the last L of N layers (`--lora-layers L`) a pass then costs about (N - L) / N of a forward
