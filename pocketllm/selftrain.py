@@ -57,6 +57,7 @@ class TrainStep(nn.Module):
     def __init__(self, program: StepProgram, replicas, estimator):
         super().__init__()
         self.program, self.estimator, self.q = program, estimator, estimator.queries
+        self.first = program.first  # (a quantizer rounds activations below it only)
         # replica r reads key row rep_query[r] of [k; 0] (row q: the unperturbed replica's)
         self.register_buffer("rep_query", torch.tensor(
             [r.query if r.query >= 0 else self.q for r in replicas]), persistent=False)

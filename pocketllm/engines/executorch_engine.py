@@ -12,16 +12,18 @@ from pathlib import Path
 import torch
 
 from .base import register
-from .program import ProgramEngine, shift_div
+from .program import ProgramEngine, below, shift_div
 
 
-def quantize_base(exported, inputs: dict[str, torch.Tensor], scheme: str):
+def quantize_base(exported, inputs: dict[str, torch.Tensor], scheme: str,
+                  first: int = 0):
     """`exported` (a torch.export program) with its frozen base Linears, the linears whose
     weight is a constant of the program, quantized for XNNPACK: int8 weights, one scale per
     output channel, and activations quantized to int8 per row at run time (XNNPACK's qd8-f32-
     qc8w kernels; `int8-dynamic`, as the torch scheme), through torch.export's pt2e flow with
     ExecuTorch's XNNPACKQuantizer. The LoRA products (weights are program inputs), the noise's
-    integer ops and the head stay as they were. Returns the re-exported program."""
+    integer ops and the head stay as they were, and so do the linears of layer `first` (the
+    first with a trained tensor) and above. Returns the re-exported program."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer, get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -30,7 +32,11 @@ def quantize_base(exported, inputs: dict[str, torch.Tensor], scheme: str):
     linear = torch.ops.aten.linear.default
     q = XNNPACKQuantizer().set_operator_type(
         linear, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
-    q.set_filter_function(lambda n: n.target == linear and n.args[1].op == "get_attr")
+    # only below the first trained layer, where every replica's activations are the same:
+    # above it rounding them would swamp the finite differences (`program.below`); those
+    # linears stay float (XNNPACK has no int8-weight linear with float activations)
+    q.set_filter_function(lambda n: n.target == linear and n.args[1].op == "get_attr"
+                          and below(str(n.args[1].target), first))
     # its default transform turns scalar operands into float tensors (for quantized add/mul),
     # which breaks the noise's integer ops (bitwise_and on a float): only linears are wanted
     q.transform_for_annotation = lambda gm: gm
@@ -61,7 +67,8 @@ class ExecuTorchEngine(ProgramEngine):
         from executorch.exir import to_edge_transform_and_lower
         exported = torch.export.export(module, tuple(inputs.values()), strict=False)
         if quantize != "none":
-            exported = quantize_base(exported, inputs, quantize)
+            exported = quantize_base(exported, inputs, quantize,
+                                     getattr(module, "first", 0))
         lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         path.write_bytes(lowered.to_executorch().buffer)
 

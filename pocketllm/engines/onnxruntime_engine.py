@@ -6,12 +6,13 @@ thread count. The pip extra `pocketllm[onnx]` installs the runtime."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from .base import register
-from .program import ProgramEngine, file_digest
+from .program import ProgramEngine, below, file_digest
 
 DATA_SUFFIX = ".onnx.data"  # a program's weights: <digest>.onnx.data beside its graph
 
@@ -51,7 +52,17 @@ def _base_matmuls(model, scheme: str) -> dict[str, int]:
     return found
 
 
-def _weight_only(model, scheme: str, names: dict[str, int]):
+def _weight_name(node) -> str:
+    """The program buffer a MatMul's weight came from (`b_l3_q_proj`), as the exporter records
+    the traced node in the ONNX node's metadata ('' when it does not)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.fx_node":
+            m = re.search(r"args = \(%\w+, %(\w+)", p.value)
+            return m.group(1) if m else ""
+    return ""
+
+
+def _weight_only(model, scheme: str, names: dict[str, int], first: int = 0):
     """MatMulNBits (com.microsoft, in the stock CPU runtime): `scheme`'s bits (int8: 8, int4:
     4) per weight, symmetric, one float scale per block of 128 inputs (64, 32 where the
     layer's width needs it: `quantize.int4_group`, as the torch int4 scheme groups), float32
@@ -80,32 +91,41 @@ def _weight_only(model, scheme: str, names: dict[str, int]):
     return model
 
 
-def _dynamic(model, scheme: str, names: dict[str, int]):
-    """int8 weights per output channel, int8 activations quantized per call (ONNX Runtime's
-    dynamic quantization: DynamicQuantizeLinear + MatMulInteger, fused at load into
-    DynamicQuantizeMatMul / MatMulIntegerToFloat). Why this scheme is the fast one: its
-    integer GEMM runs on the CPU's int8 units (AVX512-VNNI / AMX in ONNX Runtime's MLAS),
-    where MatMulNBits here computes in float32 (benchmarks/results/engine_quant.md)."""
+def _dynamic(model, scheme: str, names: dict[str, int], first: int = 0):
+    """Below layer `first` (the first with a trained tensor, `program.below`): int8 weights per
+    output channel, int8 activations quantized per call (ONNX Runtime's dynamic quantization:
+    DynamicQuantizeLinear + MatMulInteger, fused at load into DynamicQuantizeMatMul /
+    MatMulIntegerToFloat). Why it is the fast scheme: its integer GEMM runs on the CPU's int8
+    units (AVX512-VNNI / AMX in ONNX Runtime's MLAS), where MatMulNBits here computes in
+    float32 (benchmarks/results/engine_quant.md). From layer `first` on, where the replicas'
+    activations differ by the perturbation, the weights are int8 with float activations
+    (`_weight_only`): rounding the activations there swamps the finite differences."""
     import tempfile
     import onnx
-    _quiet_quantizer("onnxruntime.quantization.quantize")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "q.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=list(names),
-                         use_external_data_format=True)
-        return onnx.load(str(out))
+    nodes = {n.name: n for n in model.graph.node}
+    steady = [n for n in names if below(_weight_name(nodes[n]), first)]
+    rest = {n: w for n, w in names.items() if n not in steady}
+    if steady:
+        _quiet_quantizer("onnxruntime.quantization.quantize")
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "q.onnx"
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_quantize=steady,
+                             use_external_data_format=True)
+            model = onnx.load(str(out))
+    return _weight_only(model, "int8", rest) if rest else model
 
 
 # scheme -> how the base Linears are rewritten (each scheme one entry)
 QUANTIZERS = {"int8": _weight_only, "int4": _weight_only, "int8-dynamic": _dynamic}
 
 
-def quantize_base(model, scheme: str):
+def quantize_base(model, scheme: str, first: int = 0):
     """`model` (an ONNX ModelProto) with its frozen base Linears (`_base_matmuls`) stored in
-    `scheme` (a key of `QUANTIZERS`)."""
-    return QUANTIZERS[scheme](model, scheme, _base_matmuls(model, scheme))
+    `scheme` (a key of `QUANTIZERS`); `first`: the program's first layer with a trained
+    tensor (`StepProgram.first`; the layers below it see no perturbation)."""
+    return QUANTIZERS[scheme](model, scheme, _base_matmuls(model, scheme), first)
 
 
 @register("onnxruntime")
@@ -137,7 +157,7 @@ class OnnxRuntimeEngine(ProgramEngine):
         # `load` checks (the cache's record covers the graph only).
         model = onnx.load(str(path))
         if quantize != "none":
-            model = quantize_base(model, quantize)
+            model = quantize_base(model, quantize, getattr(module, "first", 0))
         data = path.with_name(path.name + ".data")
         onnx.save_model(model, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data.name, size_threshold=1024)

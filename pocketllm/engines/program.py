@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from abc import abstractmethod
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from ..objectives.classification import class_result
 from ..quantize import SCHEMES, FloatRows, Int8Rows
 from ..zo import noise
 from ..zo.plan import Plan
+from ..zo.shared import first_trained_layer
 from .base import Engine
 
 MIN_SEQ = 16                # the smallest sequence bucket
@@ -127,6 +129,18 @@ def stores_tables(scheme: str) -> bool:
     return scheme != "none" and SCHEMES[scheme].tables
 
 
+def below(weight: str, first: int) -> bool:
+    """Whether the frozen Linear whose weight buffer is `weight` (a `StepProgram`'s
+    `l{i}_{proj}`, as an exporter names it: `b_l3_q_proj`, `l3_q_proj`) sits in a layer below
+    `first`, the first with a trained tensor. Its input is the same in every replica, so a
+    quantizer may round its activations there (a dynamic int8 scheme): a rounding step is the
+    base's own error, alike in every replica, while in a layer a perturbation reaches it moves
+    replicas' losses apart by far more than the eps-sized differences the estimate reads
+    (benchmarks/results/quant_fd_noise.md)."""
+    m = re.fullmatch(r"(?:b_)?l(\d+)_\w+", weight)
+    return m is not None and int(m.group(1)) < first
+
+
 class StepProgram(nn.Module):
     """The per-replica losses of a batch under perturbed LoRA adapters (see the module's
     docstring). Frozen weights are buffers (constants of the exported program); the tied
@@ -176,6 +190,8 @@ class StepProgram(nn.Module):
                 tid.append(torch.full((n,), len(tid), dtype=torch.int64))
                 idx.append(torch.arange(n, dtype=torch.int64))
         self.n_train, self.n_fixed = offsets["train"], offsets["fixed"]
+        # the layers below the first trained one run on the batch once, not per replica
+        self.first = first_trained_layer(model, trained) or 0
         self.register_buffer("tensor_id", torch.cat(tid), persistent=False)
         self.register_buffer("index", torch.cat(idx), persistent=False)
         # the layers' frozen weights, by module name
@@ -285,11 +301,13 @@ class StepProgram(nn.Module):
         replicas (replica r's LoRA tensors: row r of `flat`, and `fixed`)."""
         B, T = input_ids.shape
         x = self.embed.rows(input_ids)                               # (B, T, H)
-        x = x[None].expand(W, B, T, x.shape[-1]).reshape(W * B, T, x.shape[-1])
         keep = self.causal[None] & attention_mask[:, None, :].bool()  # (B, T, T)
-        mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
-        mask = mask[None, :, None].expand(W, B, 1, T, T).reshape(W * B, 1, T, T)
+        mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)[:, None]
         for i, spec in enumerate(self.layers):
+            if i == self.first:  # below it every replica computes the same: once (zo/shared.py)
+                H = x.shape[-1]
+                x = x[None].expand(W, B, T, H).reshape(W * B, T, H)
+                mask = mask[None].expand(W, B, 1, T, T).reshape(W * B, 1, T, T)
             x = x + self._attention(self._rms(x, getattr(self, f"l{i}_in")), spec, mask,
                                     flat, fixed, W)
             x = x + self._mlp(self._rms(x, getattr(self, f"l{i}_post")), spec, flat, fixed, W)
@@ -479,6 +497,7 @@ class ProgramEngine(Engine):
         self.cache = ProgramCache(program_cache)
         self.threads = threads or torch.get_num_threads()
         self.trained = [n for n, _ in params]
+        self.first = first_trained_layer(model, self.trained)  # (StepProgram shares below it)
         self.fixed_params = fixed_lora(model, self.trained)
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
         frozen = [t for n, t in model.state_dict().items() if ".lora_" not in n]
@@ -573,9 +592,13 @@ class ProgramEngine(Engine):
                    "torch": torch.__version__, "engine": self.name, **self.versions()}
             if kind != "step":  # (a step program's key is as it was: its cache stays valid)
                 key["kind"] = kind
+            if self.first:  # (programs that replicate every layer keep their keys)
+                key["shared"] = self.first
             if self.quantize != "none":
                 key["quantize"] = self.quantize
                 key["tables"] = "int8-rows" if self.tables else "float"
+                if self.quantize == "int8-dynamic":  # activations rounded below it only
+                    key["dynamic_below"] = self.first or 0
 
             def build(path):
                 with self._weights():

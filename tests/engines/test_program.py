@@ -193,6 +193,47 @@ def test_a_program_is_the_model():
     assert got == pytest.approx(ref.losses(keys), rel=1e-5)
 
 
+@pytest.mark.parametrize("objective_name", ["classification", "lm"])
+def test_a_program_runs_the_layers_below_the_adapter_once(objective_name, tmp_path):
+    """With LoRA on the top layer only (`--lora-layers 1`), the program runs layer 0 on the
+    batch once and repeats its output per replica (as `zo/shared.py` in torch); its losses
+    are the explicitly perturbed model's, eager and through ONNX Runtime, whose cache keys
+    the shared program apart from one that replicates every layer."""
+    from tests.zo.test_shared import _setup as shared_setup
+    from pocketllm.engines.program import Shapes, bucket, program_inputs, scored, INPUTS
+    model, params, obj, batch = shared_setup("tiny-llama", objective_name, lora_layers="1")
+    rows_kind = objective_name == "classification"
+    n = len(params)
+    keys = [_keys(j, n) for j in range(3)]
+    ref = Reference(model, params, obj, batch, "rademacher").losses(keys)
+    B = bucket(batch["input_ids"].shape[0])
+    C = batch["label_ids"].shape[1] if rows_kind else 0
+    shapes = Shapes(W=len(REPLICAS), B=B, T=64, N=bucket(scored(batch, rows_kind)), C=C)
+    prog = StepProgram(model, [m for m, _ in params], "rademacher", shapes)
+    assert prog.first == 1
+    seen = []  # the rows each layer's attention runs on
+    attention = prog._attention
+    prog._attention = lambda x, *a: seen.append(x.shape[0]) or attention(x, *a)
+    ks = [keys[r.query] if r.query >= 0 else [0] * n for r in REPLICAS]
+    k1, k2 = _key_words(ks)
+    scale = torch.tensor([r.sign * EPS for r in REPLICAS])
+    train = torch.cat([p.data.reshape(-1) for _, p in params])
+    inputs = program_inputs(batch, rows_kind, shapes) + [train, torch.zeros(1), k1, k2, scale]
+    assert len(inputs) == len(INPUTS)
+    with torch.no_grad():
+        got = prog(*inputs).tolist()
+    assert seen == [B, len(REPLICAS) * B]  # layer 0 once, layer 1 per replica
+    assert got == pytest.approx(ref, rel=1e-5)
+
+    pytest.importorskip("onnxruntime")
+    engine = REGISTRY["onnxruntime"](model, params, obj.stats, dist="rademacher",
+                                     program_cache=str(tmp_path))
+    plan = Plan(keys, EPS, REPLICAS, group_passes(REPLICAS, "both"))
+    assert engine.losses(batch, plan).tolist() == pytest.approx(ref, rel=1e-4)
+    (entry,) = tmp_path.glob("*.json")
+    assert json.loads(entry.read_text()).get("key", {}).get("shared") == 1
+
+
 def test_a_run_with_an_engine_tracks_the_torch_run(tmp_path):
     """`pocketllm train --engine onnxruntime` (prge, 3 steps) logs the losses the torch run
     logs, within the engines' tolerance, and its log replays: the same seeds, the same z."""
@@ -337,12 +378,17 @@ def test_an_engine_builds_a_quantized_base_into_its_program(engine_name, scheme,
                                                             tmp_path):
     """--quantize-base with an engine that builds it (`schemes`): the program's losses are the
     float reference's within the quantization's error, and not equal to them; the program is
-    smaller than the float one. ONNX Runtime: the base Linears are MatMulNBits, or MatMulInteger
-    for int8-dynamic (7 a layer; LoRA and the head stay float). ExecuTorch: XNNPACK's
-    dynamically quantized linears."""
+    smaller than the float one. ONNX Runtime: the base Linears are MatMulNBits (7 a layer; LoRA
+    and the head stay float). int8-dynamic, with LoRA on the top layer only: the layer below
+    it, whose input no perturbation reaches, rounds its activations (MatMulInteger, ExecuTorch:
+    XNNPACK's dynamically quantized linears); the top layer's weights are int8 with float
+    activations (ONNX Runtime's MatMulNBits; ExecuTorch: float)."""
+    from tests.zo.test_shared import _setup as shared_setup
     for mod in REGISTRY[engine_name].modules:
         pytest.importorskip(mod)
-    model, params, obj, batch = _setup("tiny-llama", "lora", "classification")
+    dynamic = scheme == "int8-dynamic"
+    model, params, obj, batch = (shared_setup("tiny-llama", "classification", lora_layers="1")
+                                 if dynamic else _setup("tiny-llama", "lora", "classification"))
     keys = [_keys(j, len(params)) for j in range(3)]
     plan = Plan(keys, EPS, REPLICAS, group_passes(REPLICAS, "both"))
     ref = Reference(model, params, obj, batch, "rademacher").losses(keys)
@@ -362,8 +408,9 @@ def test_an_engine_builds_a_quantized_base_into_its_program(engine_name, scheme,
             import onnx
             (graph,) = cache.glob("*.onnx")
             ops = [n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node]
-            op = "MatMulInteger" if scheme == "int8-dynamic" else "MatMulNBits"
-            assert ops.count(op) == (0 if q == "none" else 7 * model.config.num_hidden_layers)
+            layers = model.config.num_hidden_layers
+            want = {"none": (0, 0), "int8-dynamic": (7, 7 * (layers - 1))}.get(q, (0, 7 * layers))
+            assert (ops.count("MatMulInteger"), ops.count("MatMulNBits")) == want
     assert sizes[scheme] < 0.8 * sizes["none"]
 
 
