@@ -36,12 +36,13 @@ LOAD = {"onnxruntime": dict(zip(("attrs", "config", "kwargs"), ORT_OPTIONS[
 SUFFIX = {"executorch": ".pte", "onnxruntime": ".onnx"}
 
 
-def cached(cache: Path, engine: str, scheme: str) -> tuple[Path, Path]:
-    """(program, its record) of the step program of `engine` with base `scheme` in `cache`."""
+def cached(cache: Path, engine: str, scheme: str, shared: bool = False) -> tuple[Path, Path]:
+    """(program, its record) of the step program of `engine` with base `scheme` in `cache`
+    (`shared`: one that runs the layers below the adapter once, `--lora-layers`)."""
     for rec in sorted(cache.glob("*.json")):
         key = json.loads(rec.read_text()).get("key", {})
         if (key.get("engine") == engine and key.get("quantize", "none") == scheme
-                and "kind" not in key):
+                and "kind" not in key and ("shared" in key) == shared):
             return rec.with_suffix(SUFFIX[engine]), rec
     raise SystemExit(f"no {engine} {scheme} step program in {cache}")
 
@@ -66,6 +67,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="the pairs in turn, this many times "
                     "(each pair's step time: the median of its rounds)")
+    ap.add_argument("--lora-layers", default="", help="LoRA on the last N layers only (as "
+                    "train): the layers below run once a step, and int8-dynamic rounds "
+                    "activations there only")
+    ap.add_argument("--out", default="engine_quant.md")
     a = ap.parse_args()
     cache = Path(a.cache)
     where = machine()  # (the load at the start)
@@ -77,7 +82,8 @@ def main() -> None:
         for pair in a.pairs:
             engine, scheme = pair.split(":")
             kw = dict(trainable="lora", model="smollm2-135m", batch_size=2, seq=64,
-                      threads=a.threads, engine=engine, quantize_base=scheme, queries=4)
+                      threads=a.threads, engine=engine, quantize_base=scheme, queries=4,
+                      lora_layers=a.lora_layers)
             if engine != "torch":
                 kw["program_cache"] = str(cache)
             if rnd == 0:
@@ -92,7 +98,7 @@ def main() -> None:
                 if engine == "torch":  # the reference: no program
                     once[pair] = ["-", "-", "-", "-"]
                 else:
-                    path, rec = cached(cache, engine, scheme)
+                    path, rec = cached(cache, engine, scheme, bool(a.lora_layers))
                     alone = measure({"engine": engine, "path": str(path), "record": str(rec),
                                      "threads": a.threads, "how": "path (mmap data loader)",
                                      **LOAD.get(engine, {})})
@@ -109,7 +115,8 @@ def main() -> None:
                      f"{max(steps[pair]):.2f})", f"{ref / med:.2f}x",
                      f"{max(peaks[pair]):.0f}", loaded, run, first])
     end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    write_table("engine_quant.md", "A quantized base inside the engine programs, default model",
+    layers = f", LoRA on the last {a.lora_layers} layers" if a.lora_layers else ""
+    write_table(a.out, f"A quantized base inside the engine programs, default model{layers}",
                 "python benchmarks/engine_quant.py " + " ".join(sys.argv[1:]),
                 f"{where}; at end: {end}",
                 ["engine", "--quantize-base", "program MiB",

@@ -55,17 +55,18 @@ def build(flags: list[str]):
                            1, objective.collate)
 
 
-def derivatives(method, batches, steps: int, eps: float) -> torch.Tensor:
+def derivatives(method, batches, steps: int, eps: float) -> tuple[torch.Tensor, float]:
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # a trained-like point, the same for every case
         for name, p in method.params:
             if name.endswith(".lora_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    out = []
+    out, at = [], []
     for step in range(steps):
         L, _, _ = method.probe_losses([batches(step)], method.keys(step), eps)
         out += [(x - L[0]) / eps for x in L[1:]]  # fzoo: replica 0 is the unperturbed one
-    return torch.tensor(out, dtype=torch.float64)
+        at.append(L[0])
+    return torch.tensor(out, dtype=torch.float64), sum(at) / len(at)
 
 
 def main() -> None:
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--cache", default="", help="--program-cache for the engines")
     ap.add_argument("--out", default="fd_agreement.md")
     a = ap.parse_args()
-    rows, ref = [], None
+    rows, ref, above = [], None, None
     for case in a.cases:
         engine, scheme, eps = case.split(":")
         flags = shlex.split(BASE) + shlex.split(a.flags) + [
@@ -89,27 +90,32 @@ def main() -> None:
             flags += ["--program-cache", a.cache]
         t0 = time.time()
         method, batches = build(flags)
-        d = derivatives(method, batches, a.steps, float(eps))
+        d, loss = derivatives(method, batches, a.steps, float(eps))
         method.close()
         if ref is None:
-            ref = d  # the first case is the reference
-        corr = float(torch.corrcoef(torch.stack([ref, d]))[0, 1])
-        rows.append([engine, scheme, eps, len(d), f"{corr:+.3f}",
-                     f"{float(d.norm() / ref.norm()):.2f}", f"{float(d.mean()):+.3f}",
-                     f"{time.time() - t0:.0f}"])
+            ref = above = d  # the first case is the reference
+
+        def corr(x):
+            return f"{float(torch.corrcoef(torch.stack([x, d]))[0, 1]):+.3f}"
+        rows.append([engine, scheme, eps, len(d), f"{loss:.4f}", corr(ref),
+                     f"{float(d.norm() / ref.norm()):.2f}", corr(above),
+                     f"{float(d.mean()):+.3f}", f"{time.time() - t0:.0f}"])
+        above = d
         print(rows[-1], flush=True)
     write_table(a.out, "The zeroth-order estimate on a quantized base, against the float base's",
                 "python benchmarks/fd_agreement.py " + " ".join(shlex.quote(x)
                                                                for x in sys.argv[1:]),
-                describe(), ["engine", "--quantize-base", "eps", "directions",
+                describe(), ["engine", "--quantize-base", "eps", "directions", "loss L(w)",
                              "correlation with the first row", "size against the first row",
-                             "mean d_j", "s (with export)"], rows, f"""
+                             "correlation with the row above", "mean d_j", "s (with export)"],
+                rows, f"""
 d_j = (L(w + eps u_j) - L(w)) / eps, FZOO's one-sided differences, along the run's first
 {a.steps} steps' keys (8 Rademacher directions a step) on its first {a.steps} batches
 (`pocketllm train {BASE} {a.flags}`), LoRA B set to std-0.01 random values, the same for
 every case. "Correlation" and "size" (the ratio of the vectors' norms) are against the first
-row. A base that keeps the estimate has correlation near the float base's own at another eps
-and size near 1.
+row ("the row above": the same against the previous case, e.g. the same base at another eps:
+a smooth loss gives the same differences at two small eps, a rounded one does not). A base that
+keeps the estimate has correlation near the float base's own at another eps and size near 1.
 """)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -52,7 +53,12 @@ def main() -> None:
     ap.add_argument("--engine", default="torch",
                     help="what runs the forwards (train --engine): torch quantizes the model at "
                          "load, a program engine its exported programs")
+    ap.add_argument("--flags", default="", help="more `pocketllm train` flags for every run "
+                    "(e.g. '--lora-layers 4'); its runs and table get --tag in their names")
+    ap.add_argument("--tag", default="")
     a = ap.parse_args()
+    if a.tag:
+        a.runs += f"_{a.tag}"
     if a.steps:
         a.runs += f"_steps{a.steps}"
     engine = []
@@ -67,7 +73,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "pocketllm.cli", "train", "--task", "sst2", "--k", "16",
                "--seed", "42", "--method", "prge", "--quantize-base", scheme, *length,
                "--threads", "1", "--eval-examples", str(a.eval_examples),
-               "--adapter-path", str(out), *engine]
+               "--adapter-path", str(out), *engine, *shlex.split(a.flags)]
         if not (out / "summary.json").exists():
             t0 = time.time()
             r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -87,14 +93,15 @@ def main() -> None:
             "the CPU-time budget is what keeps the runs comparable")
     where = ("torch (the model quantized at load)" if a.engine == "torch" else
              f"--engine {a.engine} (the float model exported, its program's base quantized)")
-    name = "quant_sst2.md" if a.engine == "torch" else f"quant_sst2_{a.engine}.md"
+    name = ("quant_sst2" + ("" if a.engine == "torch" else f"_{a.engine}")
+            + (f"_{a.tag}" if a.tag else "") + ".md")
     write_table(name, f"SST-2 k=16 seed 42: prge on a float / int8 / 4-bit base, {where}",
                 "python benchmarks/quant_sst2.py " + " ".join(sys.argv[1:]), describe(),
                 ["--quantize-base", "zero-shot dev acc %", "after dev acc %", "steps",
                  "train s (steps only)", "peak RSS MB"], rows,
                 f"""
 Default model (smollm2-135m), prge with its defaults (FZOO estimate, q=8, rademacher, eps 1e-3,
-lr 1e-2), LoRA, one thread, {length_note}, dev accuracy on {a.eval_examples} dev examples after
+lr 1e-2), LoRA{" (" + a.flags + ")" if a.flags else ""}, one thread, {length_note}, dev accuracy on {a.eval_examples} dev examples after
 it (the final adapter, not the kept best). {QUANT[a.engine != "torch"]} One seed and a short budget: differences of a few points are within the run-to-run
 spread of this protocol (benchmarks/results/accuracy_protocol.md: +- 3.1 over five seeds).
 Load average when this table was written: {load:.1f} (a run measured before and kept in

@@ -330,6 +330,9 @@ class Scheme:
     scale_bytes: int = 0  # bytes per scale (0: the run's dtype's)
     # the embedding table and the output head (tied: one table) stored as int8 rows
     tables: bool = True
+    # rounds the activations at every call: in a layer a zeroth-order perturbation reaches,
+    # the replicas' losses then differ by rounding more than by eps x the gradient
+    rounds_activations: bool = False
 
     def nbytes(self, out_features: int, in_features: int, bpe: int) -> int:
         """Bytes of an (out, in) Linear weight stored in this scheme (`bpe`: bytes of the run's
@@ -350,7 +353,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int8", 8, "int8 weights per channel, float activations (torchao)",
            _torchao(_int8_weight_only)),
     Scheme("int8-dynamic", 8, "int8 weights, int8 activations per token (torchao)",
-           _torchao(_int8_dynamic)),
+           _torchao(_int8_dynamic), rounds_activations=True),
     Scheme("int4", 4, "4-bit weights per group of 128, packed (aten's CPU int4 kernel)", _int4,
            scales=lambda in_features: 2 * in_features / int4_group(in_features), scale_bytes=2),
 )}

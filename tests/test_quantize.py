@@ -165,6 +165,23 @@ def test_refused_where_it_makes_no_sense(argv, says, tmp_path, data_dir, capsys)
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_zeroth_order_run_is_warned_off_a_base_that_rounds_its_activations(tmp_path,
+                                                                           capsys):
+    """torch's int8-dynamic rounds every layer's activations, the perturbed ones too: the run
+    goes on, with one warning naming the schemes that keep the estimate. A weight-only scheme,
+    or an engine that builds int8-dynamic into its programs (rounding below the adapter only),
+    gets none."""
+    from pocketllm.cli import main
+    from tests.test_cli import FAST
+    for scheme, warned in (("int8-dynamic", True), ("int8", False)):
+        assert main(["train", *FAST, "--iters", "1", "--method", "zo-sgd", "--steps-per-eval",
+                     "0", "--quantize-base", scheme, "--adapter-path",
+                     str(tmp_path / scheme)]) == 0
+        err = capsys.readouterr().err
+        assert ("rounds the activations of every layer" in err) == warned
+        assert ("Use int8 or int4" in err) == warned
+
+
 def test_memory_estimate_counts_the_quantized_base():
     from pocketllm.memory_estimate import estimate
     from pocketllm.models import load_config

@@ -22,6 +22,7 @@ different settings (`ZOSGDConfig`, `PRGEConfig`).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from .. import engines
 from ..config import opt
 from ..finite import NonFiniteError
+from ..quantize import SCHEMES
 from ..schedules import SHAPES
 from ..zo import estimators, noise, optim, perturbations
 from ..zo import log as zolog
@@ -125,9 +127,16 @@ class ZOMethod(Method):
                                  f"and at the current weights, and --zo-perturbation "
                                  f"{pert.name} draws z from the weights (or from state they "
                                  f"move): use --zo-perturbation {' or '.join(fit)}")
-            cls.load_scheme(run, cfg)  # a --quantize-base the engine cannot build
+            scheme = cls.load_scheme(run, cfg)  # a --quantize-base the engine cannot build
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        if SCHEMES[scheme].rounds_activations:  # (the torch model, quantized as it loads)
+            print(f"warning: --quantize-base {scheme} rounds the activations of every layer, "
+                  "those a perturbation reaches too: the zeroth-order differences are then "
+                  "mostly rounding (benchmarks/results/fd_agreement_L4.md: 57x the float "
+                  "base's, uncorrelated with them). Use int8 or int4 here, or --engine "
+                  "onnxruntime, whose programs round them below the adapter only",
+                  file=sys.stderr, flush=True)
         if est.anchor_every and run.trainable == "full":
             raise SystemExit(f"error: --estimator {cfg.estimator} keeps a copy of the trainable "
                              "tensors at its anchor: with --trainable full that is a second copy "
