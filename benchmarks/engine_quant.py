@@ -116,7 +116,9 @@ def main() -> None:
                      f"{max(peaks[pair]):.0f}", loaded, run, first])
     end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     layers = f", LoRA on the last {a.lora_layers} layers" if a.lora_layers else ""
-    write_table(a.out, f"A quantized base inside the engine programs, default model{layers}",
+    what = ("A quantized base inside the engine programs" if any(
+        not p.endswith(":none") for p in a.pairs) else "The engine programs against torch")
+    write_table(a.out, f"{what}, default model{layers}",
                 "python benchmarks/engine_quant.py " + " ".join(sys.argv[1:]),
                 f"{where}; at end: {end}",
                 ["engine", "--quantize-base", "program MiB",
