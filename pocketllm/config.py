@@ -198,6 +198,9 @@ class TrainArgs(ModelArgs, DataArgs, QuantArgs):
     lora_layers: str = opt("", "LoRA on these layers only: N (the last N), or indices and "
                            "start:stop ranges, e.g. 0,11 or 8: (empty: every layer); fewer "
                            "perturbed coordinates for zeroth-order")
+    norm_layers: str = opt("", "--trainable norm: the final norm plus these layers' norms "
+                           "only: N (the last N; 0: the final norm alone), or indices and "
+                           "start:stop ranges (empty: every norm)")
     num_virtual_tokens: int = opt(8, "--trainable prefix: learned virtual tokens before every "
                                   "input (prompt tuning)", ge=1)
     iters: int = opt(200, "training steps", ge=1)

@@ -164,12 +164,21 @@ def select_layers(model: nn.Module, targets: list[str], text: str) -> list[int] 
     if not have:
         raise ValueError(f"--lora-layers {text}: the --lora-targets {targets} sit in no "
                          "numbered layer of this model")
+    return pick_layers(text, have, "--lora-layers", f"--lora-targets {targets} module")
+
+
+def pick_layers(text: str, have: list[int], flag: str, what: str, least: int = 1
+                ) -> list[int]:
+    """The layers of `have` (sorted indices) that `flag text` names: N, the last N (N >=
+    `least`); or a comma list of indices and start:stop ranges (Python's: -1 is the last
+    layer). A ValueError names what is wrong and what exists; `what` says what a layer
+    must hold."""
     n = have[-1] + 1
     try:
         if text.isdigit():  # N: the last N layers
-            if not 1 <= int(text) <= len(have):
+            if not least <= int(text) <= len(have):
                 raise ValueError(f"asks for the last {text} of {len(have)} layers")
-            return have[-int(text):]
+            return have[len(have) - int(text):]
         picked: set[int] = set()
         for part in filter(None, (p.strip() for p in text.split(","))):
             if ":" in part:
@@ -178,15 +187,15 @@ def select_layers(model: nn.Module, targets: list[str], text: str) -> list[int] 
             else:
                 picked.add(range(n)[int(part)])
     except (ValueError, IndexError) as e:
-        raise ValueError(f"--lora-layers {text!r}: {e}; give N (the last N layers) or indices "
+        raise ValueError(f"{flag} {text!r}: {e}; give N (the last N layers) or indices "
                          f"and start:stop ranges of layers 0..{n - 1}, e.g. 0,{n - 1} or "
                          f"{max(0, n - 2)}:") from None
     if not picked:
-        raise ValueError(f"--lora-layers {text!r} selects no layer")
+        raise ValueError(f"{flag} {text!r} selects no layer")
     missing = sorted(picked - set(have))
     if missing:
-        raise ValueError(f"--lora-layers {text!r}: layers {missing} hold no --lora-targets "
-                         f"{targets} module (they sit in layers {have})")
+        raise ValueError(f"{flag} {text!r}: layers {missing} hold no {what} "
+                         f"(they sit in layers {have})")
     return sorted(picked)
 
 

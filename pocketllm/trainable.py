@@ -26,7 +26,9 @@ import torch
 import torch.nn as nn
 
 from . import adapter
-from .lora import LoraSpec, apply_lora, default_targets, lora_parameters, select_layers
+from .lora import (LoraSpec, apply_lora, default_targets, layer_of, lora_parameters, pick_layers,
+                   select_layers)
+from .loss import decoder_layers
 from .prompt import PromptSpec, add_virtual_tokens
 
 
@@ -97,12 +99,48 @@ class NormSpec:
         return len(norm_layers(model))
 
 
+def final_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the normalisation layers that read the last decoder layer's output:
+    the norms beside the layer list (llama's `model.norm`, gpt2's `ln_f`, opt's
+    `final_layer_norm`). An embedding's norm (BERT's) sits elsewhere and is not one."""
+    layers = decoder_layers(model)
+    for name, mod in model.named_modules():
+        if any(child is layers for child in mod.children()):
+            return [(f"{name}.{n}" if name else n, c) for n, c in mod.named_children()
+                    if is_norm(c)]
+    return []
+
+
+def select_norms(model: nn.Module, params: list[tuple[str, nn.Parameter]], text: str
+                 ) -> list[tuple[str, nn.Parameter]]:
+    """The norm tensors `--norm-layers text` keeps: the final norm's and those of the layers
+    it names (`lora.pick_layers`; "0": the final norm alone). Empty text: all of `params`.
+    A ValueError says what is wrong."""
+    text = str(text).strip()
+    if not text:
+        return params
+    have = sorted({i for i in (layer_of(n) for n, _ in params) if i is not None})
+    after = tuple(f"{n}." for n, _ in final_norms(model))
+    if not have or not after:
+        raise ValueError(f"--norm-layers {text}: this model has no "
+                         f"{'numbered layer norms' if not have else 'final norm'}")
+    chosen = set(pick_layers(text, have, "--norm-layers", "norm", least=0))
+    return [(n, p) for n, p in params
+            if n.startswith(after) or layer_of(n) in chosen]
+
+
 def norm(model, args):
-    """The normalisation layers' scales (and biases, where they have them)."""
+    """The normalisation layers' scales (and biases, where they have them); with
+    --norm-layers, the final norm's and those of the layers it names only (a zeroth-order
+    estimate's variance grows with the coordinates it perturbs)."""
     params = norm_parameters(model)
     if not params:
         raise SystemExit(f"--trainable norm: {args.model} has no normalisation layer with "
                          "weights")
+    try:
+        params = select_norms(model, params, getattr(args, "norm_layers", ""))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return NormSpec(), params

@@ -43,10 +43,39 @@ def test_norm_trains_the_normalisation_scales_and_biases_only(name):
     assert not any(p.requires_grad for n, p in model.named_parameters() if n not in names)
 
 
+@pytest.mark.parametrize("text,layers", [("0", set()), ("1", {1}), ("0:1", {0}), ("-2", {0})])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
+def test_norm_layers_keep_the_final_norm_and_the_named_layers(name, text, layers):
+    from pocketllm.lora import layer_of
+    from pocketllm.trainable import final_norms
+    model, _ = load_model(name)
+    _, params = setup_trainable(model, TrainArgs(model=name, trainable="norm",
+                                                 norm_layers=text))
+    names = [n for n, _ in params]
+    final = [n for n in names if layer_of(n) is None]
+    (norm_name, norm), = final_norms(model)
+    assert final == [f"{norm_name}.{a}" for a, _ in norm.named_parameters()]
+    assert {layer_of(n) for n in names} - {None} == layers
+    full = setup_trainable(load_model(name)[0], TrainArgs(model=name, trainable="norm"))[1]
+    assert len(names) == len(final) + len(layers) * (len(full) - len(final)) // 2
+
+
+@pytest.mark.parametrize("model,text,match", [
+    ("tiny-llama", "3", r"--norm-layers '3': asks for the last 3 of 2 layers"),
+    ("tiny-llama", "x", r"--norm-layers 'x': .*layers 0\.\.1"),
+    ("tiny-roberta", "0", r"--norm-layers 0: this model has no final norm"),
+])
+def test_norm_layers_errors_are_one_line(model, text, match):
+    m, _ = load_model(model)
+    with pytest.raises(SystemExit, match=match):
+        setup_trainable(m, TrainArgs(model=model, trainable="norm", norm_layers=text))
+
+
 # LoRA sized for zeroth-order: on fewer layers (--lora-layers), LoRA-FA, rank 1
 LORA_VARIANTS = [{"lora_layers": "1"}, {"lora_layers": "0:1", "lora_fa": True},
                  {"lora_layers": "-1", "lora_rank": 1, "lora_fa": True}]
-SETS = [(k, {}) for k in sorted(SAVED)] + [("lora", v) for v in LORA_VARIANTS]
+SETS = ([(k, {}) for k in sorted(SAVED)] + [("lora", v) for v in LORA_VARIANTS]
+        + [("norm", {"norm_layers": "0"})])
 
 
 def _ids(case) -> str:

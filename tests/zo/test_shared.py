@@ -67,6 +67,32 @@ def test_shared_layers_give_the_losses_of_the_repeated_batch(model_name, objecti
     assert shared.tolist() == pytest.approx(whole.tolist(), rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.parametrize("objective_name", sorted(SAMPLES))
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-gemma"])
+def test_a_final_norm_alone_shares_every_layer(model_name, objective_name):
+    """--norm-layers 0: every decoder layer runs once on the batch; the replicas begin at the
+    final norm, and their losses are the repeated batch's."""
+    model, params, objective, batch = _setup(model_name, objective_name, trainable="norm",
+                                             norm_layers="0")
+    with torch.no_grad():  # a scale of ones would hide a perturbation applied to the wrong rows
+        for _, p in params:
+            p.add_(torch.linspace(-0.2, 0.2, p.numel()).view_as(p))
+    layers = decoder_layers(model)
+    engine = TorchEngine(model, params, objective.stats, dist="rademacher")
+    assert engine.first == len(layers)
+    rows = []
+    h = layers[-1].register_forward_hook(
+        lambda _m, _a, out: rows.append((out[0] if isinstance(out, tuple) else out).shape[0]))
+    shared = _losses(engine, batch, params)
+    h.remove()
+    assert rows == [batch["input_ids"].shape[0]]  # the top layer too saw the batch once
+
+    engine.first = None
+    whole = _losses(engine, batch, params)
+    assert len(set(whole.tolist())) > 2
+    assert shared.tolist() == pytest.approx(whole.tolist(), rel=1e-6, abs=1e-7)
+
+
 def test_one_replica_a_pass_shares_nothing():
     model, params, objective, batch = _setup("tiny-llama", "lm", lora_layers="1")
     engine = TorchEngine(model, params, objective.stats)
@@ -81,7 +107,9 @@ def test_one_replica_a_pass_shares_nothing():
 @pytest.mark.parametrize("kw,first", [
     ({"lora_layers": "1"}, 1),
     ({}, None),                        # LoRA on layer 0 too: nothing below it
-    ({"trainable": "norm"}, None),     # the final norm sits outside the numbered layers
+    ({"trainable": "norm"}, None),     # layer 0's norms too: nothing below them
+    ({"trainable": "norm", "norm_layers": "1"}, 1),  # layer 1's norms and the final norm
+    ({"trainable": "norm", "norm_layers": "0"}, 2),  # the final norm alone: both layers shared
     ({"trainable": "prefix"}, None),   # virtual tokens enter before every layer
     ({"trainable": "full"}, None),     # the embedding is trained
 ])
