@@ -12,9 +12,10 @@ its own perturbed adapter: one forward reads the frozen base once for all 2q los
 layer applying the replicas' adapters in one batched matmul (`LoRALinear.forward_groups`).
 `--parallel none|inner|outer` computes the same estimate with more, smaller forwards (to
 measure the speedup against itself), `--max-replicas R` caps the replicas per forward (memory),
-`--lora-fa` perturbs and trains B only. `--trainable norm` (torch engine) gives each replica its
-own copy of the norm scales instead; with `--norm-layers 0` only the final norm's. The step, the optimizers and the log are zo-sgd's
-(`methods/zo.py`): P-RGE is the same estimator with q queries and a parallel plan.
+`--lora-fa` perturbs and trains B only. `--trainable norm` (torch engine) gives each replica
+its own copy of the norm scales instead; with `--norm-layers 0` only the final norm's. The
+step, the optimizers and the log are zo-sgd's (`methods/zo.py`): P-RGE is the same estimator
+with q queries and a parallel plan.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """Frozen bottom layers run once for all replicas of a zeroth-order pass.
 
-A batched ZO pass repeats the batch once per replica (prge: q + 1 copies with FZOO's estimate,
-2q with SPSA's) and each replica sees its own perturbation of the trainable tensors. Below the first layer that holds a
-trainable tensor every replica computes exactly the same thing, so those layers can run on the
-batch once and their output be repeated per replica at the first trainable layer. With LoRA
-on the last L of N layers (`--lora-layers L`) a pass then costs about (N - L) / N of a forward
-of the batch plus L / N of a forward of all replicas, instead of a forward of all replicas:
-at q = 8, batch 2 (18 rows) and L = 4 of 30 layers, a quarter.
+A batched ZO pass repeats the batch once per replica (prge: q + 1 copies with FZOO's
+estimate, 2q with SPSA's) and each replica sees its own perturbation of the trainable tensors.
+Below the first layer that holds a trainable tensor every replica computes exactly the same
+thing, so those layers can run on the batch once and their output be repeated per replica at
+the first trainable layer. With LoRA on the last L of N layers (`--lora-layers L`) a pass then
+costs about (N - L) / N of a forward of the batch plus L / N of a forward of all replicas,
+instead of a forward of all replicas: at q = 8, batch 2 (18 rows) and L = 4 of 30 layers, a
+quarter.
 
-`first_trained_layer` says where the shared part ends: N (every layer shared) when all
-that is trained is the final norm after the N layers (`--trainable norm --norm-layers 0`), None
+`first_trained_layer` says where the shared part ends: N (every layer shared) when all that
+is trained is the final norm after the N layers (`--trainable norm --norm-layers 0`), None
 when nothing can be shared (a trainable embedding or prefix: it comes before every layer);
-`shared_prefix` runs a forward that way. The replicas' losses are those of the repeated batch up to the float
-rounding of matmuls over fewer rows (`tests/zo/test_shared.py`)."""
+`shared_prefix` runs a forward that way. The replicas' losses are those of the repeated batch
+up to the float rounding of matmuls over fewer rows (`tests/zo/test_shared.py`)."""
 
 from __future__ import annotations
 
