@@ -57,7 +57,8 @@ def test_norm_layers_keep_the_final_norm_and_the_named_layers(name, text, layers
     assert final == [f"{norm_name}.{a}" for a, _ in norm.named_parameters()]
     assert {layer_of(n) for n in names} - {None} == layers
     full = setup_trainable(load_model(name)[0], TrainArgs(model=name, trainable="norm"))[1]
-    assert len(names) == len(final) + len(layers) * (len(full) - len(final)) // 2
+    per_layer = (len(full) - len(final)) // model.config.num_hidden_layers
+    assert len(names) == len(final) + len(layers) * per_layer
 
 
 @pytest.mark.parametrize("model,text,match", [
