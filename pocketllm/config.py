@@ -201,6 +201,8 @@ class TrainArgs(ModelArgs, DataArgs, QuantArgs):
     norm_layers: str = opt("", "--trainable norm: the final norm plus these layers' norms "
                            "only: N (the last N; 0: the final norm alone), or indices and "
                            "start:stop ranges (empty: every norm)")
+    head_tokens: str = opt("", "--trainable head: the token ids whose output-head rows train, "
+                           "comma-separated (empty: every token the training split scores)")
     num_virtual_tokens: int = opt(8, "--trainable prefix: learned virtual tokens before every "
                                   "input (prompt tuning)", ge=1)
     iters: int = opt(200, "training steps", ge=1)

@@ -124,10 +124,13 @@ class PlainHead:
         `quantize.Int8Head`: each chunk dequantized as it is read)."""
         table = getattr(self.head, "table", None)  # int8 rows: read a block at a time
         w, b = (table if table is not None else self.head.weight), getattr(self.head, "bias", None)
+        patch = getattr(self.head, "patch_chunk", None)  # trained rows (head_rows.RowsHead)
         for v0 in range(0, w.shape[0], VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, w.shape[0])
             bc = None if b is None else b[v0:v1]
             wc = w[v0:v1] if table is None else table.block(v0, v1)
+            if patch is not None:
+                wc = patch(v0, v1, wc)
             yield v0, v1, [wc] * groups, [bc] * groups
 
     def rows(self, ids: torch.Tensor, groups: int
@@ -136,6 +139,9 @@ class PlainHead:
         b = getattr(self.head, "bias", None)
         table = getattr(self.head, "table", None)
         w = self.head.weight[ids] if table is None else table.rows(ids)
+        patch = getattr(self.head, "patch_rows", None)  # trained rows (head_rows.RowsHead)
+        if patch is not None:
+            w = patch(ids, w)
         return [w] * groups, [None if b is None else b[ids]] * groups
 
 
@@ -173,51 +179,74 @@ def stream_head(h: torch.Tensor, targets: torch.Tensor, chunks: Iterable[HeadChu
     # runs in place: no per-chunk allocation of (rows x chunk) temporaries, which fragmented
     # the heap (the peak of identical bf16 runs varied by 200 MB with 2 threads).
     inplace = not torch.is_grad_enabled()
-    bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    bufs: list[torch.Tensor] = []
+    rows_of: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fold(v0: int, v1: int, w: torch.Tensor, b: torch.Tensor | None, gs: list[int]) -> None:
+        """Fold chunk v0..v1 (rows `w`, bias `b`) into the running figures of groups `gs`."""
+        nonlocal run_max, run_sum, tgt_logit, acc
+        key = tuple(gs)
+        if key not in rows_of:  # the groups' rows, gathered once per run of groups
+            sel = idx[gs[0]] if len(gs) == 1 else torch.cat([idx[g] for g in gs])
+            rows_of[key] = (sel, hs[gs[0]] if len(gs) == 1 else h[sel])
+        sel, hg = rows_of[key]
+        w = w.to(hg.dtype)
+        if inplace:
+            n = hg.shape[0] * w.shape[0]
+            if not bufs or bufs[0].numel() < n:
+                bufs[:] = [hg.new_empty(n), hg.new_empty(0 if hg.dtype == torch.float32 else n,
+                                                         dtype=torch.float32)]
+            raw = bufs[0][:n].view(hg.shape[0], w.shape[0])
+            torch.mm(hg, w.T, out=raw)
+            if b is not None:
+                raw.add_(b)
+            logits = raw if raw.dtype == torch.float32 else bufs[1][:n].view_as(raw).copy_(raw)
+            if softcap:
+                logits.div_(softcap).tanh_().mul_(softcap)
+        else:
+            logits = hg @ w.T
+            if b is not None:
+                logits = logits + b
+            logits = logits.float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+        # Online log-sum-exp: rescale the running sum when a larger max appears.
+        cmax = logits.max(dim=1).values
+        m_old = run_max[sel]
+        m_new = torch.maximum(m_old, cmax)
+        t = targets[sel]
+        inside = (t >= v0) & (t < v1)
+        picked = logits.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+        tgt_logit = tgt_logit.index_put((sel,), torch.where(inside, picked, tgt_logit[sel]))
+        if inplace:  # (picked is a copy: the logits may now be overwritten)
+            p = logits.sub_(m_new[:, None]).exp_()
+        else:
+            p = torch.exp(logits - m_new[:, None])
+        scale = torch.exp(m_old - m_new)
+        s = run_sum[sel] * scale + p.sum(1)
+        if acc is not None:  # the same rescaling for the weighted sum of rows
+            acc = acc.index_put((sel,), acc[sel] * scale[:, None] + p @ w.float())
+        run_max = run_max.index_put((sel,), m_new)
+        run_sum = run_sum.index_put((sel,), s)
+
     for v0, v1, ws, bs in chunks:
+        # Consecutive groups that read the same rows (a frozen head; rows no group perturbs)
+        # share one matmul: a (rows x H) by (H x chunk) product is bound by reading the
+        # chunk, so G groups of a few rows each cost ~1/G of G products. A group's own copy
+        # is read (and, for a lazy view, built) only when its turn comes: one alive at a time.
+        run: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
         for g in range(groups):
             if idx[g].numel() == 0:
                 continue
-            hg = hs[g]
-            w = ws[g].to(hg.dtype)
-            if inplace:
-                n = hg.shape[0] * w.shape[0]
-                if g not in bufs or bufs[g][0].numel() < n:
-                    bufs[g] = (hg.new_empty(n), hg.new_empty(0 if hg.dtype == torch.float32
-                                                             else n, dtype=torch.float32))
-                raw = bufs[g][0][:n].view(hg.shape[0], w.shape[0])
-                torch.mm(hg, w.T, out=raw)
-                if bs[g] is not None:
-                    raw.add_(bs[g])
-                logits = raw if raw.dtype == torch.float32 else \
-                    bufs[g][1][:n].view_as(raw).copy_(raw)
-                if softcap:
-                    logits.div_(softcap).tanh_().mul_(softcap)
-            else:
-                logits = hg @ w.T
-                if bs[g] is not None:
-                    logits = logits + bs[g]
-                logits = logits.float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-            # Online log-sum-exp: rescale the running sum when a larger max appears.
-            cmax = logits.max(dim=1).values
-            m_old = run_max[idx[g]]
-            m_new = torch.maximum(m_old, cmax)
-            t = targets[idx[g]]
-            inside = (t >= v0) & (t < v1)
-            picked = logits.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-            tgt_logit = tgt_logit.index_put((idx[g],), torch.where(inside, picked, tgt_logit[idx[g]]))
-            if inplace:  # (picked is a copy: the logits may now be overwritten)
-                p = logits.sub_(m_new[:, None]).exp_()
-            else:
-                p = torch.exp(logits - m_new[:, None])
-            scale = torch.exp(m_old - m_new)
-            s = run_sum[idx[g]] * scale + p.sum(1)
-            if acc is not None:  # the same rescaling for the weighted sum of rows
-                acc = acc.index_put((idx[g],), acc[idx[g]] * scale[:, None] + p @ w.float())
-            run_max = run_max.index_put((idx[g],), m_new)
-            run_sum = run_sum.index_put((idx[g],), s)
+            w, b = ws[g], bs[g]
+            if run is not None and w is run[0] and b is run[1]:
+                run[2].append(g)
+                continue
+            if run is not None:
+                fold(v0, v1, *run)
+            run = (w, b, [g])
+        if run is not None:
+            fold(v0, v1, *run)
     return HeadPass(lse=run_max + torch.log(run_sum), target=tgt_logit, top=run_max,
                     mean_row=None if acc is None else acc / run_sum[:, None])
 

@@ -32,6 +32,7 @@ from .methods import Method, StepResult, get_method
 from .models import load_model
 from .report import Reporter
 from .schedules import budget_spent, eps_at, lr_at
+from .trainable import complete
 
 BEST_DIR = "best"
 
@@ -53,7 +54,6 @@ def train(args: TrainArgs, settings: dict | None = None) -> dict:
     out = Path(args.adapter_path)
     out.mkdir(parents=True, exist_ok=True)
     memory.tune_allocator()  # (the threads: the CLI's, threads.configure)
-    save_yaml({**dataclasses.asdict(args), **dataclasses.asdict(cfg)}, out / "config.yaml")
 
     # Data first: a malformed file must fail before minutes of model loading.
     data = load_run_data(args)
@@ -61,6 +61,8 @@ def train(args: TrainArgs, settings: dict | None = None) -> dict:
     enc = data.encode(tok, is_masked_lm(model), args.max_seq_length, args.mask_prompt)
     for w in data.warnings:
         print(f"warning: {w}", flush=True)
+    complete(args, enc["train"].items)  # what the trainable set takes from the data
+    save_yaml({**dataclasses.asdict(args), **dataclasses.asdict(cfg)}, out / "config.yaml")
     objective = data.objective(tok)  # chosen once, from the data
     spec, params = method_cls.trainable(model, args)
     method = method_cls(model, params, cfg, args, objective)

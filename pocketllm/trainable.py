@@ -5,9 +5,11 @@
     full    every weight of the model
     norm    the normalisation layers' scales and biases only (tens of thousands of numbers)
     prefix  prompt tuning: --num-virtual-tokens learned embeddings before every input
+    head    offsets to the output head's rows of the answer tokens (--head-tokens; default:
+            the tokens the training data scores): a linear probe on the frozen model
 
 A zeroth-order estimate's variance grows with the number of coordinates it perturbs, so the
-small sets (norm, prefix, LoRA at rank 1-2 or LoRA-FA on few layers) are the ones it trains
+small sets (head, norm, prefix, LoRA at rank 1-2 or LoRA-FA on few layers) are the ones it trains
 best. A set is one function in `TRAINABLE`: (model, run settings) -> (spec or None,
 [(name, parameter)]). A spec (None: `full`, saved as a whole model) saves its set beside the
 run and rebuilds it on a fresh model: `spec.save(model, dir, base_model, metadata)`,
@@ -29,6 +31,7 @@ from . import adapter
 from .lora import (LoraSpec, apply_lora, default_targets, layer_of, lora_parameters, pick_layers,
                    select_layers)
 from .loss import decoder_layers
+from .head_rows import HeadSpec, add_rows_head, parse_ids, target_tokens
 from .prompt import PromptSpec, add_virtual_tokens
 
 
@@ -154,9 +157,43 @@ def prefix(model, args):
     return PromptSpec(num_virtual_tokens=vt.n), [(name, vt.embeddings)]
 
 
-TRAINABLE = {"lora": lora, "full": full, "norm": norm, "prefix": prefix}
+# ---- head: offsets to the answer tokens' rows of the output head ---------------------------
+def head(model, args):
+    """Offsets to the output head's rows --head-tokens (default: the tokens the training data
+    scores, `complete`): a linear probe on the frozen model (pocketllm/head_rows.py)."""
+    try:
+        ids = parse_ids(getattr(args, "head_tokens", ""))
+        if not ids:
+            raise ValueError("--trainable head: no rows to train: give --head-tokens (token ids)")
+        rows = add_rows_head(model, ids)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows.delta.requires_grad_(True)
+    name = next(n for n, p in model.named_parameters() if p is rows.delta)
+    return HeadSpec(token_ids=ids), [(name, rows.delta)]
+
+
+def _head_from_data(args, items) -> None:
+    if not str(getattr(args, "head_tokens", "")).strip():
+        args.head_tokens = ",".join(str(t) for t in target_tokens(items))
+
+
+TRAINABLE = {"lora": lora, "full": full, "norm": norm, "prefix": prefix, "head": head}
 # the saved form of each set but `full`: its spec class, by kind
-SAVED = {cls.kind: cls for cls in (LoraSpec, NormSpec, PromptSpec)}
+SAVED = {cls.kind: cls for cls in (LoraSpec, NormSpec, PromptSpec, HeadSpec)}
+# settings a set takes from the training data when the run does not give them
+FROM_DATA = {"head": _head_from_data}
+
+
+def complete(args, items) -> None:
+    """Fill in `args` what its trainable set takes from the training split's encoded `items`
+    when not given (`--trainable head`: the rows it scores), before the run's config is saved:
+    a resumed or replayed run rebuilds the same set from the config alone."""
+    fill = FROM_DATA.get(args.trainable)
+    if fill is not None:
+        fill(args, items)
 
 
 def setup_trainable(model, args):

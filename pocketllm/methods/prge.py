@@ -49,7 +49,7 @@ class PRGEConfig(ZOConfig):
 @register("prge")
 class PRGE(ZOMethod):
     Config = PRGEConfig
-    trainable_kinds = ("lora", "norm")
+    trainable_kinds = ("lora", "norm", "head")
     # FZOO's normalised step (estimators/fzoo.py): lr is a step length, the same for the
     # demo's completion loss and a task's label loss. Its length does not shrink as the
     # gradient does, so on a task it decays linearly to 0 by the run's end (--iters or
@@ -61,7 +61,9 @@ class PRGE(ZOMethod):
     defaults = {"lora": {"learning_rate": 1e-2, "eps": 1e-3, "perturbation": "rademacher"},
                 "lora:task": {"learning_rate": 1e-2, "lr_schedule": "linear"},
                 "norm": {"learning_rate": 1e-2, "eps": 1e-3, "perturbation": "rademacher"},
-                "norm:task": {"learning_rate": 1e-2, "lr_schedule": "linear"}}
+                "norm:task": {"learning_rate": 1e-2, "lr_schedule": "linear"},
+                "head": {"learning_rate": 1e-2, "eps": 1e-3, "perturbation": "rademacher"},
+                "head:task": {"learning_rate": 1e-2, "lr_schedule": "linear"}}
     defaults_from = ("benchmarks/results/accuracy_protocol_10min.md (SST-2 k=16, five seeds, "
                      "10 CPU-minutes: 76.1% decaying linearly against 72.7% at a constant lr, "
                      "zo-sgd's 69.4% and lora-adam's 78.8%; lr 2e-2 over-fits, seed 42) and "

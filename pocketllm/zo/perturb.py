@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..lora import LoRALinear
 from .. import loss
+from ..head_rows import PatchedGroups
 from ..loss import HeadChunk, output_head
 from .perturbations import Perturbation
 from .perturbations.dense import Dense
@@ -146,6 +147,12 @@ class Perturber:
         """The output head's rows in chunks, perturbed per group when the head is trained."""
         idx = self._head_index()
         bias_idx = self._head_bias_index()
+        rows = self._head_rows_index()
+        if rows is not None:  # trained rows over a frozen head: each group's offset copy
+            deltas = self.copies(rows, fresh=True)
+            for v0, v1, ws, bs in loss.PlainHead(self.head.base).chunks(groups):
+                yield v0, v1, PatchedGroups(self.head, v0, v1, ws, deltas), bs
+            return
         if idx is None and bias_idx is None:  # not trained: read as the plain loss reads it
             yield from loss.PlainHead(self.head).chunks(groups)  # (an int8 head: dequantized)
             return
@@ -171,6 +178,10 @@ class Perturber:
         G = len(self.signs)
         idx = self._head_index()
         bias_idx = self._head_bias_index()
+        rows = self._head_rows_index()
+        if rows is not None:  # trained rows over a frozen head: each group's offset copy
+            (w,), bs = loss.PlainHead(self.head.base).rows(ids, 1)
+            return [self.head.patch_rows(ids, w, d) for d in self.copies(rows, fresh=True)], bs * G
         if idx is None and bias_idx is None:  # not trained: read as the plain loss reads it
             return loss.PlainHead(self.head).rows(ids, G)
         w, b = self.head.weight, getattr(self.head, "bias", None)
@@ -189,6 +200,10 @@ class Perturber:
         else:
             bs = [None if b is None else b[ids]] * G
         return ws, bs
+
+    def _head_rows_index(self) -> int | None:
+        """The trained tensor index of the head's row offset (`head_rows`; None: none)."""
+        return next((i for a, i in self.owners.get(self.head, ()) if a == "delta"), None)
 
     def _head_bias_index(self) -> int | None:
         """The trained tensor index of the head's bias (None: not trained)."""

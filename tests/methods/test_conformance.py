@@ -28,6 +28,7 @@ from pocketllm.config import TrainArgs
 from pocketllm.loss import group_losses
 from pocketllm.methods import REGISTRY, build, get_method
 from pocketllm.models import load_model
+from pocketllm.trainable import complete
 from tests.helpers import TEXTS, score, tiny_batch, write_data
 
 # (method, trainable) -> (learning rate, steps, the method's settings): a short run that lowers
@@ -110,11 +111,12 @@ def test_a_short_run_lowers_the_loss_of_a_fixed_batch(name, trainable, request, 
     settings = {**settings, **_server_settings(request, name)}
     cls = get_method(name)
     model, tok = load_model("tiny-llama")
+    b = tiny_batch(tok, TEXTS)
     run = TrainArgs(model="tiny-llama", method=name, trainable=trainable, seed=3, lora_rank=4,
                     learning_rate=lr)
+    complete(run, list(zip(b["input_ids"].tolist(), [0] * len(TEXTS))))  # head: the batch's
     _, params = cls.trainable(model, run)
     m = build(name, model, params, run, **settings)
-    b = tiny_batch(tok, TEXTS)
 
     def loss() -> float:
         with m.evaluating(), torch.no_grad():
