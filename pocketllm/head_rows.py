@@ -135,12 +135,16 @@ def parse_ids(text: str) -> list[int]:
 
 def target_tokens(items) -> list[int]:
     """Every token a training split scores, the rows `--trainable head` trains by default:
-    a classification task's label words, else the label positions' tokens (completions and
-    their EOS). `items`: encoded (ids, n_prompt) or (ids, n_prompt, meta) items."""
+    a classification task's label words, a multiple-choice task's candidate continuations,
+    else the label positions' tokens (completions and their EOS). `items`: encoded
+    (ids, n_prompt) or (ids, n_prompt, meta) items."""
     seen: set[int] = set()
     for ids, n_prompt, *meta in items:
-        if meta and "label_ids" in meta[0]:
-            seen.update(int(t) for t in meta[0]["label_ids"])
+        meta = meta[0] if meta else {}
+        if "label_ids" in meta:
+            seen.update(int(t) for t in meta["label_ids"])
+        elif "candidates" in meta:
+            seen.update(target_tokens(meta["candidates"]))
         else:
             seen.update(int(t) for t in ids[max(int(n_prompt), 1):])
     return sorted(seen)

@@ -2,7 +2,8 @@
 trainable tensor builds its perturbed copies just in time (`zo.perturb.Perturber`), one per
 replica, and a forward over the batch repeated once per replica runs all of a pass's replicas
 (LoRA layers in one batched matmul); layers below the first trainable one run once for all of
-them (`zo.shared`). The SGD update is deferred into the next step's
+them (`zo.shared`), and with nothing in the backbone trained (`--trainable head`) each row's
+hidden states are computed once and reused (`zo.feature_cache`). The SGD update is deferred into the next step's
 perturbation kernel (z generated twice a step, not four times). Any `--zo-perturbation`:
 the dense one through the fused kernel, the others through their own code."""
 
@@ -15,6 +16,7 @@ import torch
 from ..loss import group_losses
 from ..zo.perturb import Perturber
 from ..zo.plan import Plan
+from ..zo.feature_cache import FeatureCache, backbone_is_frozen
 from ..zo.shared import first_trained_layer, shared_prefix
 from .base import Engine, register
 
@@ -26,6 +28,8 @@ class TorchEngine(Engine):
         self.pert = Perturber(model, params, dist=dist, perturbation=perturbation)
         # every replica computes the same layers below this one (None: no such layer)
         self.first = first_trained_layer(model, [n for n, _ in params])
+        # nothing in the backbone trains (--trainable head): each row's hidden states once
+        self.features = FeatureCache() if backbone_is_frozen(model, params) else None
 
     def losses(self, batch, plan: Plan) -> torch.Tensor:
         out = torch.empty(len(plan.replicas), dtype=torch.float64)
@@ -41,8 +45,12 @@ class TorchEngine(Engine):
             n = len(self.params)
             keys = [plan.keys[r.query] if r.query >= 0 else [0] * n for r in reps]
             point = self.at_anchor() if reps[0].anchor else nullcontext()
-            share = (shared_prefix(self.model, self.first, G)
-                     if G > 1 and self.first is not None else nullcontext())
+            if self.features is not None:
+                share = self.features.serving(self.model, G)
+            elif G > 1 and self.first is not None:
+                share = shared_prefix(self.model, self.first, G)
+            else:
+                share = nullcontext()
             with point, share, self.pert.active(keys, plan.eps, [r.sign for r in reps],
                                          rows=rep["input_ids"].shape[0]) as head:
                 losses = group_losses(self.stats(self.model, rep, G, head), G).tolist()

@@ -16,6 +16,8 @@ class LoRAAdam(FirstOrderAdamW):
     # (benchmarks/results/sst2.md)
     # norm, prefix (not yet measured on a task): AdamW rates of LN tuning (1e-3) and of
     # prompt tuning (PEFT's examples: 3e-2; Lester et al. use 0.3 with Adafactor)
+    # head (the answer rows' offsets, a linear probe): the demo's valid split, lr 1e-2
+    # (benchmarks/results/demo.md)
     defaults = {"lora": {"learning_rate": 1e-4}, "norm": {"learning_rate": 1e-3},
-                "prefix": {"learning_rate": 3e-2}}
-    trainable_kinds = ("lora", "norm", "prefix")
+                "prefix": {"learning_rate": 3e-2}, "head": {"learning_rate": 1e-2}}
+    trainable_kinds = ("lora", "norm", "prefix", "head")
