@@ -2,8 +2,8 @@
 
 A linear probe on the frozen model's last hidden state is the smallest trainable set that can
 still move every answer: on the demo's notes, logistic regression over the six label words'
-rows scores 97-100% on the test split (benchmarks/results/demo.md), where the zero-shot rows
-score 38%. For zeroth-order training that size is the point: the estimate's variance grows with
+rows scores 94-96% on valid and 97-100% on test, where the zero-shot rows score 37-38%
+(benchmarks/results/head_probe.md). For zeroth-order training that size is the point: the estimate's variance grows with
 the coordinates perturbed, and rows x hidden (7 x 576 on the demo) is a few thousand, against
 LoRA's hundreds of thousands; and with nothing trained below the head, the whole backbone runs
 once for all replicas of a pass (`zo.shared`).
