@@ -87,9 +87,12 @@ SAVED_PER_LAYER: dict[tuple[str, str, str], tuple[float, float, float]] = {
 # The small trainable sets without a measured profile of their own (pocketllm.trainable): each is
 # estimated as a float32 adapter of its size (the norms' scales; `VIRTUAL_TOKENS` embeddings)
 # whose backward saves what the measured set named here saves (norm: the norms' inputs as well,
-# as full fine-tuning does; prefix: activations only, as LoRA). Rough: never measured.
-ROUGH_SETS = {"norm": "full", "prefix": "lora"}
+# as full fine-tuning does; prefix: activations only, as LoRA; head: `HEAD_ROWS` rows of the
+# output head, as LoRA, which over-counts a backward that needs nothing below the head).
+# Rough: never measured.
+ROUGH_SETS = {"norm": "full", "prefix": "lora", "head": "lora"}
 VIRTUAL_TOKENS = 8  # --num-virtual-tokens' default
+HEAD_ROWS = 8  # --trainable head: a few answer tokens (the demo's: 7)
 
 # architecture family by model_type: gated MLP (3 ffn matrices), ReLU/GELU MLP, encoder (MLM)
 FAMILY = {"llama": "gated", "mistral": "gated", "qwen2": "gated", "qwen3": "gated",
@@ -561,7 +564,7 @@ def _sized_as_adapter(s: Shape, trainable: str) -> Shape:
     """`s` with its adapter figures those of the `ROUGH_SETS` set `trainable`."""
     if trainable == "norm":
         return dataclasses.replace(s, lora_params=s.norm_params, lora_largest=s.norm_largest)
-    n = VIRTUAL_TOKENS * s.hidden
+    n = (HEAD_ROWS if trainable == "head" else VIRTUAL_TOKENS) * s.hidden
     return dataclasses.replace(s, lora_params=n, lora_largest=n)
 
 
