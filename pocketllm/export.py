@@ -12,7 +12,8 @@ no KV cache in this first version (a prompt plus its continuation fits in L toke
 not is cut, and said so).
 
 The trained set is merged into the float base first (LoRA folded into the weights; norm scales
-are the model's own); a prompt-tuning prefix cannot be merged and is refused. The output head is
+are the model's own; the answer rows' offsets of `--trainable head` stay beside the tied table,
+added to their logits); a prompt-tuning prefix cannot be merged and is refused. The output head is
 computed as mm(W, h^T) on the weight as stored: with tied embeddings the table is one constant,
 stored once (`lm_head(h)` would make XNNPACK pack a second, transposed copy: the .pte doubled
 by the table). A file `FILE.json` beside the program says what it is (model, its tokenizer's
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .head_rows import rows_head
 from .loss import backbone, is_masked_lm, output_head
 
 SIDECAR = ".json"  # FILE + this: what the program is
@@ -46,12 +48,21 @@ class NextToken(nn.Module):
         super().__init__()
         self.model = model
         self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma's
+        # trained answer rows (--trainable head) stay an offset beside the tied table: their
+        # logits added through a (rows x vocab) one-hot, matmuls only (every engine has them)
+        self.rows = rows_head(model)
+        if self.rows is not None:
+            vocab = self.rows.weight.shape[0]
+            self.register_buffer("row_select", torch.nn.functional.one_hot(
+                self.rows.ids, vocab).float(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         h = backbone(self.model, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})
         last = h.index_select(1, length - 1)[:, 0]  # (1, H)
         head = output_head(self.model)
         logits = torch.mm(head.weight, last.t()).t()  # W as stored (see the module docstring)
+        if self.rows is not None:
+            logits = logits + torch.mm(torch.mm(last, self.rows.delta.t()), self.row_select)
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias
         if self.softcap:
@@ -144,7 +155,8 @@ def merged_model(name: str, adapter_path: str = "", dtype: str = "float32"):
             raise ExportError(f"error: --adapter-path {adapter_path}: a prompt-tuning prefix "
                               "cannot be merged into the weights; export supports LoRA and "
                               "norm")
-        spec.merge(model)
+        if not getattr(spec, "exported_unmerged", False):
+            spec.merge(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), tok

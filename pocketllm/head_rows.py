@@ -158,6 +158,8 @@ class HeadSpec:
 
     kind: ClassVar[str] = "head"
     peft_type: ClassVar[str | None] = None
+    # `export` keeps the offset beside the tied table (one copy of it), not merged
+    exported_unmerged: ClassVar[bool] = True
 
     def save(self, model: nn.Module, path: str | os.PathLike, base_model: str,
              metadata: dict[str, str] | None = None) -> Path:

@@ -195,3 +195,35 @@ def test_prge_trains_the_answer_rows_end_to_end(tmp_path, capsys):
                  "--adapter-path", str(out)]) == 0
     assert main(["generate", "--model", "tiny-llama", "--prompt", "Note:", "--max-tokens", "3",
                  "--adapter-path", str(out)]) == 0
+
+
+@pytest.mark.parametrize("fmt,engine", [("onnx", "onnxruntime"), ("pte", "executorch")])
+def test_export_keeps_one_table_and_the_rows_logits(tmp_path, fmt, engine):
+    """`export` of a head adapter: the program's logits are the model's with its offset rows,
+    and the tied table is stored once (the offset rides beside it)."""
+    pytest.importorskip(engine, reason=f"the {fmt} extra is not installed")
+    from pocketllm.export import NextToken, load_runner, merged_model
+    model, tok, spec, _ = _head_model()
+    spec.save(model, tmp_path / "rows", base_model="tiny-llama")
+    out = tmp_path / f"m.{fmt}"
+    assert main(["export", "--model", "tiny-llama", "--adapter-path", str(tmp_path / "rows"),
+                 "--format", fmt, "--out", str(out), "--max-len", "16"]) == 0
+    runner, meta = load_runner(engine, str(out))
+    wrapper = NextToken(merged_model("tiny-llama", str(tmp_path / "rows"))[0]).eval()
+    ids = tok("Note: tea")["input_ids"]
+    buf = torch.zeros(1, 16, dtype=torch.long)
+    buf[0, :len(ids)] = torch.tensor(ids)
+    n = torch.tensor([len(ids)])
+    with torch.no_grad():
+        ref = wrapper(buf, n)
+        direct = model(input_ids=buf[:, :len(ids)]).logits[:, -1]
+    torch.testing.assert_close(ref, direct, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runner(buf, n), ref, rtol=1e-4, atol=1e-4)
+    emb = model.get_input_embeddings().weight
+    if fmt == "onnx":
+        import onnx
+        shapes = [list(i.dims) for i in onnx.load(str(out)).graph.initializer]
+        assert sum(s in (list(emb.shape), list(emb.shape)[::-1]) for s in shapes) == 1
+    else:  # a second copy of the table would not fit beside the rest
+        params = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+        assert out.stat().st_size < params + emb.numel() * emb.element_size()
