@@ -3,17 +3,18 @@
 A linear probe on the frozen model's last hidden state is the smallest trainable set that can
 still move every answer: on the demo's notes, logistic regression over the six label words'
 rows scores 94-96% on valid and 97-100% on test, where the zero-shot rows score 37-38%
-(benchmarks/results/head_probe.md). For zeroth-order training that size is the point: the estimate's variance grows with
-the coordinates perturbed, and rows x hidden (7 x 576 on the demo) is a few thousand, against
-LoRA's hundreds of thousands; and with nothing trained below the head, the whole backbone runs
-once for all replicas of a pass (`zo.shared`).
+(benchmarks/results/head_probe.md). For zeroth-order training that size is the point: the
+estimate's variance grows with the coordinates perturbed, and rows x hidden (7 x 576 on the
+demo) is a few thousand, against LoRA's hundreds of thousands; and with nothing trained below
+the head, each row's hidden states are computed once for the whole run (`zo.feature_cache`).
 
 The offset is its own tensor, not an edit of the head: the head of most small models is tied to
 the input embedding, and the rows must change what the model says without changing what it
-reads. `RowsHead` wraps the head: its forward (generation) adds `x @ delta.T` to the rows' logits,
-and the streamed losses read the head through `patch_chunk` / `patch_rows` (`loss.PlainHead`,
-`zo.perturb.Perturber`), which add the offset, or a replica's perturbed copy of it, to the
-rows they read. `HeadSpec` saves the token ids and the offset; `merge` unties the head.
+reads. `RowsHead` wraps the head: its forward (generation) adds `x @ delta.T` to the rows'
+logits, and the streamed losses read the head through `patch_chunk` / `patch_rows`
+(`loss.PlainHead`, `zo.perturb.Perturber`), which add the offset, or a replica's perturbed copy
+of it, to the rows they read. `HeadSpec` saves the token ids and the offset; `merge` unties the
+head (`fuse`); `export` keeps the offset beside the tied table (`export.NextToken`).
 """
 
 from __future__ import annotations

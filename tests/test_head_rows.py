@@ -184,8 +184,9 @@ def test_prge_trains_the_answer_rows_end_to_end(tmp_path, capsys):
     want = sorted({t for _, c in recs for t in tok(c, add_special_tokens=False).input_ids}
                   | {tok.eos_token_id})
     assert json.loads((out / ADAPTER_CONFIG).read_text())["token_ids"] == want
-    before, after = (float(x) for x in
-                     __import__("re").search(r"held-out loss\s+([\d.]+) -> ([\d.]+)", text).groups())
+    import re
+    found = re.search(r"held-out loss\s+([\d.]+) -> ([\d.]+)", text)
+    before, after = (float(x) for x in found.groups())
     assert after < before - 0.05
     rebuilt = tmp_path / "rebuilt"
     assert main(["replay", "--adapter-path", str(out), "--save-path", str(rebuilt)]) == 0

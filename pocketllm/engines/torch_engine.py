@@ -3,9 +3,10 @@ trainable tensor builds its perturbed copies just in time (`zo.perturb.Perturber
 replica, and a forward over the batch repeated once per replica runs all of a pass's replicas
 (LoRA layers in one batched matmul); layers below the first trainable one run once for all of
 them (`zo.shared`), and with nothing in the backbone trained (`--trainable head`) each row's
-hidden states are computed once and reused (`zo.feature_cache`). The SGD update is deferred into the next step's
-perturbation kernel (z generated twice a step, not four times). Any `--zo-perturbation`:
-the dense one through the fused kernel, the others through their own code."""
+hidden states are computed once and reused (`zo.feature_cache`). The SGD update is deferred
+into the next step's perturbation kernel (z generated twice a step, not four times). Any
+`--zo-perturbation`: the dense one through the fused kernel, the others through their own
+code."""
 
 from __future__ import annotations
 

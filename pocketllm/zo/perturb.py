@@ -181,7 +181,8 @@ class Perturber:
         rows = self._head_rows_index()
         if rows is not None:  # trained rows over a frozen head: each group's offset copy
             (w,), bs = loss.PlainHead(self.head.base).rows(ids, 1)
-            return [self.head.patch_rows(ids, w, d) for d in self.copies(rows, fresh=True)], bs * G
+            deltas = self.copies(rows, fresh=True)
+            return [self.head.patch_rows(ids, w, d) for d in deltas], bs * G
         if idx is None and bias_idx is None:  # not trained: read as the plain loss reads it
             return loss.PlainHead(self.head).rows(ids, G)
         w, b = self.head.weight, getattr(self.head, "bias", None)
