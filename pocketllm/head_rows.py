@@ -64,12 +64,18 @@ class RowsHead(nn.Module):
         logits = self.base(x)
         return logits.index_add(-1, self.ids, (x @ self.delta.to(x.dtype).T).to(logits.dtype))
 
+    def rows_in(self, v0: int, v1: int) -> torch.Tensor:
+        """Which of the trained rows lie in v0..v1-1 (indices into `ids`)."""
+        return ((self.ids >= v0) & (self.ids < v1)).nonzero().flatten()
+
     def patch_chunk(self, v0: int, v1: int, w: torch.Tensor,
-                    delta: torch.Tensor | None = None) -> torch.Tensor:
+                    delta: torch.Tensor | None = None,
+                    sel: torch.Tensor | None = None) -> torch.Tensor:
         """Rows v0..v1-1 of the head `w` with the offset `delta` (default: the trained one)
-        added to those of them that are trained; `w` itself when none is."""
+        added to those of them that are trained (`sel`: `rows_in(v0, v1)`, if known); `w`
+        itself when none is."""
         delta = self.delta if delta is None else delta
-        sel = ((self.ids >= v0) & (self.ids < v1)).nonzero().flatten()
+        sel = self.rows_in(v0, v1) if sel is None else sel
         if sel.numel() == 0:
             return w
         return w.index_add(0, self.ids[sel] - v0, delta[sel].to(w.dtype))
@@ -89,12 +95,13 @@ class PatchedGroups(Sequence):
     def __init__(self, head: RowsHead, v0: int, v1: int, ws: Sequence[torch.Tensor],
                  deltas: Sequence[torch.Tensor]):
         self.head, self.v0, self.v1, self.ws, self.deltas = head, v0, v1, ws, deltas
+        self.sel = head.rows_in(v0, v1)  # the same for every group: found once a chunk
 
     def __len__(self) -> int:
         return len(self.deltas)
 
     def __getitem__(self, g):
-        return self.head.patch_chunk(self.v0, self.v1, self.ws[g], self.deltas[g])
+        return self.head.patch_chunk(self.v0, self.v1, self.ws[g], self.deltas[g], self.sel)
 
 
 def rows_head(model: nn.Module) -> RowsHead | None:

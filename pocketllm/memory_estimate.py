@@ -93,6 +93,8 @@ SAVED_PER_LAYER: dict[tuple[str, str, str], tuple[float, float, float]] = {
 ROUGH_SETS = {"norm": "full", "prefix": "lora", "head": "lora"}
 VIRTUAL_TOKENS = 8  # --num-virtual-tokens' default
 HEAD_ROWS = 8  # --trainable head: a few answer tokens (the demo's: 7)
+# the vectors of `hidden` numbers a set sized by count holds
+ROUGH_VECTORS = {"prefix": VIRTUAL_TOKENS, "head": HEAD_ROWS}
 
 # architecture family by model_type: gated MLP (3 ffn matrices), ReLU/GELU MLP, encoder (MLM)
 FAMILY = {"llama": "gated", "mistral": "gated", "qwen2": "gated", "qwen3": "gated",
@@ -564,7 +566,7 @@ def _sized_as_adapter(s: Shape, trainable: str) -> Shape:
     """`s` with its adapter figures those of the `ROUGH_SETS` set `trainable`."""
     if trainable == "norm":
         return dataclasses.replace(s, lora_params=s.norm_params, lora_largest=s.norm_largest)
-    n = (HEAD_ROWS if trainable == "head" else VIRTUAL_TOKENS) * s.hidden
+    n = ROUGH_VECTORS[trainable] * s.hidden
     return dataclasses.replace(s, lora_params=n, lora_largest=n)
 
 

@@ -97,18 +97,16 @@ def test_each_replica_sees_its_own_perturbed_offset_and_nothing_else_moves():
 
 
 def test_a_batched_pass_equals_the_replicas_one_by_one():
-    """The losses of one forward over 3 groups (the backbone shared: nothing below the head
-    trains) equal each replica's alone."""
+    """The losses of one forward over 3 groups (the backbone's hidden states from the feature
+    cache: nothing below the head trains) equal each replica's alone, run whole."""
     from pocketllm.loss import group_losses
-    from pocketllm.zo.shared import first_trained_layer, shared_prefix
+    from pocketllm.zo.feature_cache import FeatureCache
     model, tok, _, params = _head_model()
-    assert first_trained_layer(model, [n for n, _ in params]) == model.config.num_hidden_layers
     pert = Perturber(model, params, dist="rademacher")
     b = tiny_batch(tok, TEXTS[:2], [" health", " work"])
     keys, signs = [[1], [1], [2]], [1.0, -1.0, 1.0]
     rep = {k: v.repeat(3, 1) for k, v in b.items()}
-    with shared_prefix(model, model.config.num_hidden_layers, 3), \
-            pert.active(keys, 1e-2, signs, rows=6) as view:
+    with FeatureCache().serving(model, 3), pert.active(keys, 1e-2, signs, rows=6) as view:
         batched = group_losses(score(model, rep, 3, view), 3)
     alone = []
     for k, s in zip(keys, signs):

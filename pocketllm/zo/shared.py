@@ -10,8 +10,7 @@ instead of a forward of all replicas: at q = 8, batch 2 (18 rows) and L = 4 of 3
 quarter.
 
 `first_trained_layer` says where the shared part ends: N (every layer shared) when all that
-is trained is the final norm after the N layers (`--trainable norm --norm-layers 0`) or the
-output head's rows (`--trainable head`), None
+is trained is the final norm after the N layers (`--trainable norm --norm-layers 0`), None
 when nothing can be shared (a trainable embedding or prefix: it comes before every layer);
 `shared_prefix` runs a forward that way. The replicas' losses are those of the repeated batch
 up to the float rounding of matmuls over fewer rows (`tests/zo/test_shared.py`)."""
@@ -38,10 +37,7 @@ def first_trained_layer(model: nn.Module, names: Sequence[str]) -> int | None:
         n = len(decoder_layers(model))
     except ValueError:
         return None
-    # the final norm's tensors and the output head's (`--trainable head`): after the layers
-    head = model.get_output_embeddings()
-    after = tuple(f"{name}." for name, _ in final_norms(model)) + tuple(
-        f"{name}." for name, m in model.named_modules() if head is not None and m is head)
+    after = tuple(f"{name}." for name, _ in final_norms(model))
     layers = [n if i is None and name.startswith(after) else i
               for name, i in ((name, layer_of(name)) for name in names)]
     if not layers or any(i is None for i in layers):
