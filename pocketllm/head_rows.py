@@ -103,6 +103,25 @@ class PatchedGroups(Sequence):
     def __getitem__(self, g):
         return self.head.patch_chunk(self.v0, self.v1, self.ws[g], self.deltas[g], self.sel)
 
+    # the same chunk as a shared base plus each group's offsets to a few of its rows, for a
+    # reader that multiplies the base once (`loss.stream_head` when the groups' rows agree)
+    @property
+    def base(self) -> torch.Tensor:
+        return self.ws[0]
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """The trained rows' positions in the chunk."""
+        return self.head.ids[self.sel] - self.v0
+
+    @property
+    def offsets(self) -> torch.Tensor | None:
+        """(groups, len(cols), H): each group's offsets to `cols`; None when the groups'
+        base rows differ (then only `__getitem__` reads them)."""
+        if any(w is not self.ws[0] for w in self.ws):
+            return None
+        return torch.stack([d[self.sel] for d in self.deltas])
+
 
 def rows_head(model: nn.Module) -> RowsHead | None:
     """The model's `RowsHead` (None: its head has no trained rows)."""

@@ -236,7 +236,7 @@ class Run:
         args = self.args
         r = evaluate(self.model, self.enc[split].items, args.eval_batch_size, self.pad_id,
                      args.val_batches if split == "valid" else -1, objective=self.objective,
-                     stats=self.method.scorer())
+                     stats=self.method.scorer(repeated=split == "valid"))
         p = "eval" if split == "valid" else split
         self.report.say(f"step {step} | {tag} | {p}_{r.line().replace(' | ', f' | {p}_')}")
         self.report.record({"step": step, "wall": self.clock,

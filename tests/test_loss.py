@@ -19,7 +19,7 @@ def test_in_place_chunk_buffers_match_the_autograd_path(dtype, monkeypatch):
     import pocketllm.loss as L
     monkeypatch.setattr(L, "VOCAB_CHUNK", 100)
     model, tok = load_model("tiny-gemma", dtype=dtype)
-    b = tiny_batch(tok, TEXTS[:2] * 2)
+    b = tiny_batch(tok, TEXTS[:4])  # (groups of other rows: the same rows share one pass)
     with torch.no_grad():
         fast = LanguageModeling().stats(model, b, groups=2)
     with torch.enable_grad():
@@ -63,6 +63,51 @@ def test_stream_head_equals_full_logits_per_group(grad, monkeypatch):
     assert torch.allclose(p.mean_row, mean, atol=1e-6)
     with pytest.raises(ValueError, match="uncapped"):
         stream_head(h, t, PlainHead.of(ws[0]).chunks(1), softcap=30.0, mean_row=True)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_groups_of_the_same_rows_read_the_head_once(softcap, monkeypatch):
+    """When every group scores the same hidden states (a frozen backbone under the feature
+    cache), a chunk all groups share, or share but for their own offsets to a few rows
+    (`head_rows.PatchedGroups`), is multiplied once for one group's rows: the figures are
+    those of each group's full logits."""
+    import pocketllm.loss as L
+    from pocketllm.head_rows import PatchedGroups, RowsHead
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 300)  # 1000 = 3 x 300 + 100
+    torch.manual_seed(0)
+    G, H = 3, 8
+    head = RowsHead(torch.nn.Linear(H, 1000, bias=False), torch.tensor([5, 299, 300, 640]))
+    table, b = head.base.weight.detach(), torch.randn(1000)
+    deltas = [torch.randn(4, H) for _ in range(G)]
+    h1 = torch.randn(4, H)
+    t1 = torch.tensor([299, 7, 640, 950])  # targets on trained rows and off them
+    h, t = h1.repeat(G, 1), t1.repeat(G)
+    group_of = torch.arange(G).repeat_interleave(4)
+    products = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__",
+                        lambda a, c: (products.append(a.shape[0]), real_mm(a, c))[1])
+
+    def chunks(groups):
+        for v0 in range(0, 1000, L.VOCAB_CHUNK):
+            v1 = min(v0 + L.VOCAB_CHUNK, 1000)
+            ws = [table[v0:v1]] * groups
+            yield v0, v1, PatchedGroups(head, v0, v1, ws, deltas), [b[v0:v1]] * groups
+
+    with torch.no_grad():
+        p = stream_head(h, t, chunks(G), group_of, G, softcap=softcap)
+    assert products and set(products) == {4}  # one group's rows, each chunk once
+    assert len(products) == 4 + 3  # 4 chunks, and 3 of them hold trained rows
+    full = []
+    for g in range(G):
+        w = table.index_add(0, head.ids, deltas[g])
+        lg = real_mm(h1, w.T) + b
+        full.append(torch.tanh(lg / softcap) * softcap if softcap else lg)
+    full = torch.cat(full)
+    nll = torch.nn.functional.cross_entropy(full, t, reduction="none")
+    assert torch.allclose(p.nll, nll, atol=1e-5)
+    assert torch.allclose(p.top, full.amax(1))
+    assert torch.equal(p.correct, (full.argmax(1) == t).float())
 
 
 @pytest.mark.parametrize("softcap,train_head", [(None, True), (5.0, True), (None, False),

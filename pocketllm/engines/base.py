@@ -82,9 +82,11 @@ class Engine(ABC):
                              f"--quantize-base {scheme}: use --engine torch for it")
         return "none"
 
-    def scorer(self):
+    def scorer(self, repeated: bool = False):
         """What evaluation scores a batch with at the current weights, `(batch) ->
-        TokenStats`, when not the objective's `stats` on the torch model (None)."""
+        TokenStats`, when not the objective's `stats` on the torch model (None).
+        `repeated`: the split is scored again and again (valid, during training), so what the
+        engine computes of it may be kept."""
         return None
 
     def release_model(self) -> None:

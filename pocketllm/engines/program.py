@@ -730,7 +730,7 @@ class ProgramEngine(Engine):
         self.sync()
         return self._evaluate(batch, [[0] * len(self.params)], [0.0])[0]
 
-    def scorer(self):
+    def scorer(self, repeated: bool = False):
         return self.eval_stats
 
     def eval_stats(self, batch) -> TokenStats:

@@ -64,6 +64,18 @@ class TorchEngine(Engine):
         with torch.no_grad():
             return group_losses(self.stats(self.model, batch), 1).item()
 
+    def scorer(self, repeated: bool = False):
+        """A split scored again and again (valid) over a frozen backbone: each row's hidden
+        states from the feature cache (computed once, alone), the head applied at the current
+        weights. A split scored once (the final test) runs whole, kept out of the cache."""
+        if self.features is None or not repeated:
+            return None
+
+        def score(batch):
+            with self.features.serving(self.model, 1):
+                return self.stats(self.model, batch)
+        return score
+
     def apply(self, updates) -> None:
         self.pert.schedule_updates(updates)
 

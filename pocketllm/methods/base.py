@@ -185,9 +185,10 @@ class Method(ABC):
         """Bring the model's weights up to date (methods may defer work); called before
         evaluation and saving."""
 
-    def scorer(self):
+    def scorer(self, repeated: bool = False):
         """What evaluation scores a batch with, `(batch) -> TokenStats`, when not the
-        objective's `stats` on the model (an engine's program: `Engine.scorer`); None."""
+        objective's `stats` on the model (an engine's program, or a frozen backbone's cached
+        rows for a `repeated` split: `Engine.scorer`); None."""
         return None
 
     def evaluating(self):

@@ -295,8 +295,8 @@ class ZOMethod(Method):
     def sync(self):
         self.engine.sync()
 
-    def scorer(self):
-        return self.engine.scorer()
+    def scorer(self, repeated: bool = False):
+        return self.engine.scorer(repeated)
 
     # the step log (zo/log.py): reproducibility and resume
     def header(self) -> dict:

@@ -11,6 +11,8 @@ the head: on the demo's notes at batch 8, the backbone was ~90% of a step.
 a batch repeated `groups` times, returns the cached hidden states of its rows (right padding:
 the positions past a row's length are zeros, which no loss reads). Rows are keyed by their
 tokens; the cache holds at most `limit_mb` and computes rows past that afresh each time.
+The valid split, scored every `--steps-per-eval` steps, reads its rows from the same cache
+(`TorchEngine.scorer`); the final test split, scored once, runs whole.
 """
 
 from __future__ import annotations

@@ -54,3 +54,37 @@ def test_a_trained_backbone_is_not_cached():
     from pocketllm.engines.torch_engine import TorchEngine
     from pocketllm.objectives import LanguageModeling
     assert TorchEngine(model, params, LanguageModeling().stats).features is None
+
+
+@pytest.mark.parametrize("objective_name", sorted(SAMPLES))
+def test_the_valid_split_reads_its_rows_from_the_cache(objective_name):
+    """Evaluation of a split scored again and again (valid) through the engine's scorer: the
+    figures of the plain evaluation, each distinct row computed once over both evaluations;
+    a split scored once is left to the plain evaluation."""
+    from pocketllm.evaluate import evaluate
+    from pocketllm.models import load_model
+    model_name = "tiny-llama"
+    _, tok = load_model(model_name)
+    items, _ = SAMPLES[objective_name](tok)
+    model, params, objective, batch = _setup(model_name, objective_name, trainable="head",
+                                         head_tokens=",".join(map(str, target_tokens(items))))
+    with torch.no_grad():
+        for _, p in params:
+            p.add_(torch.linspace(-0.3, 0.3, p.numel()).view_as(p))
+    engine = TorchEngine(model, params, objective.stats, dist="rademacher")
+    assert engine.scorer() is None and engine.scorer(repeated=False) is None
+    calls = []
+    hook = decoder_layers(model)[0].register_forward_hook(lambda m, a, out: calls.append(1))
+    plain = evaluate(model, items, 2, tok.pad_token_id, objective=objective)
+    n_plain = len(calls)
+    calls.clear()
+    score = engine.scorer(repeated=True)
+    cached = [evaluate(model, items, 2, tok.pad_token_id, objective=objective, stats=score)
+              for _ in range(2)]
+    hook.remove()
+    distinct = len({tuple(r) for r in batch["input_ids"].tolist()})
+    assert len(calls) == distinct and n_plain < distinct  # once each, alone; then never
+    for r in cached:
+        assert r.loss == pytest.approx(plain.loss, rel=1e-5)
+        assert (r.exact_match, r.token_accuracy, r.accuracy) == \
+            (plain.exact_match, plain.token_accuracy, plain.accuracy)
