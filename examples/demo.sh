@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: a real zeroth-order LoRA fine-tune of the default model on a personal dataset,
+# The main job: a real zeroth-order fine-tune of the default model on a personal dataset,
 # then the held-out test split and a generation, each with and without the adapter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
