@@ -576,6 +576,17 @@ class ProgramEngine(Engine):
     def versions() -> dict[str, str]:
         """The versions a cached program depends on."""
 
+    @classmethod
+    def code_digest(cls) -> str:
+        """The source that builds the programs (this module and the backend's): a cached
+        program exported by other code is stale, so it is part of the key."""
+        import inspect
+        import sys
+        h = hashlib.sha256()
+        for mod in (sys.modules[__name__], sys.modules[cls.__module__]):
+            h.update(Path(inspect.getfile(mod)).read_bytes())
+        return h.hexdigest()[:16]
+
     # ---- programs ------------------------------------------------------------------------------
     def shapes(self, batch) -> Shapes:
         b, t = batch["input_ids"].shape
@@ -589,10 +600,11 @@ class ProgramEngine(Engine):
             key = {"model": self.model_key, "shapes": asdict(shapes), "dist": self.dist,
                    "trained": [(n, list(p.shape)) for n, p in self.params],
                    "fixed": [list(p.shape) for p in self.fixed_params],
-                   "torch": torch.__version__, "engine": self.name, **self.versions()}
-            if kind != "step":  # (a step program's key is as it was: its cache stays valid)
+                   "torch": torch.__version__, "engine": self.name, **self.versions(),
+                   "code": self.code_digest()}
+            if kind != "step":  # (a step program: no kind in its key)
                 key["kind"] = kind
-            if self.first:  # (programs that replicate every layer keep their keys)
+            if self.first:  # (programs that replicate every layer: none)
                 key["shared"] = self.first
             if self.quantize != "none":
                 key["quantize"] = self.quantize

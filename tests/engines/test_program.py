@@ -151,6 +151,14 @@ def test_an_engine_program_corrupted_on_disk_is_rebuilt_and_right(tmp_path):
                            program_cache=str(tmp_path))
     assert torch.equal(third.losses(batch, plan), first)
     assert third.export_seconds > 0
+    # a program exported by other code (pocketllm upgraded, program.py changed): stale
+    cls = REGISTRY[name]
+    assert cls.code_digest() == cls.code_digest()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cls, "code_digest", classmethod(lambda c: "other code"))
+        fourth = cls(model, params, obj.stats, dist="rademacher", program_cache=str(tmp_path))
+        assert torch.equal(fourth.losses(batch, plan), first)
+        assert fourth.export_seconds > 0
 
 
 def test_lora_fa_perturbs_b_alone(tmp_path):
