@@ -151,10 +151,9 @@ def merged_model(name: str, adapter_path: str = "", dtype: str = "float32"):
             spec = load_saved(model, adapter_path)
         except (OSError, ValueError) as e:
             raise ExportError(f"error: --adapter-path {adapter_path}: {e}") from None
-        if spec.kind == "prefix":
-            raise ExportError(f"error: --adapter-path {adapter_path}: a prompt-tuning prefix "
-                              "cannot be merged into the weights; export supports LoRA and "
-                              "norm")
+        refused = getattr(spec, "export_refused", "")  # a set the export cannot hold
+        if refused:
+            raise ExportError(f"error: --adapter-path {adapter_path}: {refused}")
         if not getattr(spec, "exported_unmerged", False):
             spec.merge(model)
     for p in model.parameters():

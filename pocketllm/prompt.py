@@ -137,6 +137,9 @@ class PromptSpec:
 
     kind: ClassVar[str] = "prefix"
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    # `export` writes a model that reads token ids: it has no input for these
+    export_refused: ClassVar[str] = ("a prompt-tuning prefix cannot be merged into the "
+                                     "weights; export supports LoRA, norm and head")
 
     def save(self, model: nn.Module, path: str | os.PathLike, base_model: str,
              metadata: dict[str, str] | None = None) -> Path:

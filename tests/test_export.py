@@ -161,3 +161,18 @@ def test_trained_in_executorch_exported_and_generated(tmp_path):
     # (deterministic: seeded training; -5.11 against the base's -5.38 nats when written)
     assert (got.log_softmax(-1)[0, target] > plain.log_softmax(-1)[0, target] + 0.1), \
         (got.log_softmax(-1)[0, target].item(), plain.log_softmax(-1)[0, target].item())
+
+
+def test_a_prompt_tuning_prefix_is_refused_in_one_line(tmp_path):
+    """A set the exported program cannot hold (virtual tokens are inputs, not weights) is
+    refused by its spec's `export_refused`, naming the flag."""
+    from pocketllm.export import ExportError
+    from pocketllm.models import load_model
+    from pocketllm.prompt import PromptSpec, add_virtual_tokens
+    model, _ = load_model("tiny-llama")
+    add_virtual_tokens(model, 2)
+    PromptSpec(num_virtual_tokens=2).save(model, tmp_path / "prefix", "tiny-llama")
+    with pytest.raises(ExportError, match=r"--adapter-path .*prefix: a prompt-tuning prefix "
+                       r"cannot be merged.*LoRA, norm and head") as e:
+        merged_model("tiny-llama", str(tmp_path / "prefix"))
+    assert "\n" not in str(e.value)
